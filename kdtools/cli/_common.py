@@ -1,0 +1,149 @@
+"""What every command shares: error handling and exit codes, progress bars, stdin/stdout rules."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..errors import KdError, KdUsageError
+from ..progress import ProgressEvent
+
+stderr = Console(stderr=True)
+
+# set by the --debug option of each command; read by run_app when an error escapes
+DEBUG = {"on": False}
+
+
+def debug_option(value: bool) -> bool:
+    DEBUG["on"] = value
+    return value
+
+
+DebugOption = typer.Option(False, "--debug", help="Show full tracebacks on errors.", callback=debug_option, is_eager=True)
+
+
+def make_app(help: str) -> typer.Typer:
+    return typer.Typer(help=help, add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+                       context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one line on stderr and exit with ``code``."""
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise SystemExit(code)
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def info(message: str) -> None:
+    stderr.print(message, highlight=False, soft_wrap=True)
+
+
+def run_app(app: typer.Typer, prog_name: str) -> None:
+    """Run a typer app with kdtools' exit-code contract: 0 ok, 1 data/runtime error, 2 usage error."""
+    try:
+        app(prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Exit as e:  # --help and explicit typer.Exit
+        raise SystemExit(e.exit_code)
+    except click.exceptions.Abort:
+        fail("aborted", 130)
+    except click.ClickException as e:  # bad flags: usage error
+        e.show(file=sys.stderr)
+        raise SystemExit(2)
+    except KdError as e:
+        if DEBUG["on"]:
+            traceback.print_exc()
+        fail(str(e), e.exit_code)
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): that is not our error; silence Python's own report
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except Exception as e:  # anything else is a bug or an environment problem: still one line
+        if DEBUG["on"]:
+            traceback.print_exc()
+        fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", 1)
+
+
+def binary_stdout():
+    """The binary stdout, refusing a terminal: a stream of tensors would only garble it."""
+    if sys.stdout.isatty():
+        raise KdUsageError("refusing to write a binary stream to a terminal; redirect it to a file or pipe it "
+                           "into another kd- command (or use -o FILE)")
+    return sys.stdout.buffer
+
+
+def binary_stdin():
+    if sys.stdin is None or sys.stdin.isatty():
+        raise KdUsageError("expected a stream on standard input, but it is a terminal; pipe data in or name a file")
+    return sys.stdin.buffer
+
+
+@contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[Callable[[ProgressEvent], None]]:
+    """A progress callback drawing rich bars on stderr, one per task name."""
+    if not enabled:
+        yield lambda event: None
+        return
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                        console=stderr, transient=False, disable=not stderr.is_terminal and not os.environ.get("KD_PROGRESS"))
+    tasks: dict[str, int] = {}
+
+    def callback(event: ProgressEvent) -> None:
+        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in event.info.items())
+        if event.task not in tasks:
+            tasks[event.task] = progress.add_task(event.task, total=event.total, info=text)
+        progress.update(tasks[event.task], completed=event.completed, total=event.total, info=text)
+        if event.done:
+            progress.update(tasks[event.task], visible=True)
+
+    with progress:
+        yield callback
+
+
+def device_option_help() -> str:
+    return "auto | cpu | cuda | cuda:N"
+
+
+DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+DataRootOption = typer.Option(None, "--data-root", help="Root of torchvision datasets (default: $KD_DATA/vision).")
+
+
+def data_root(option: str | None):
+    """The image data root: --data-root, else $KD_DATA/vision. Only the CLI reads the environment."""
+    from ..data import data_root_from
+
+    return data_root_from(option, os.environ.get("KD_DATA"))
+
+
+def open_sink(header, output: str | None):
+    """A SampleSink on stdout ('-' or None; never a terminal) or on a file."""
+    from ..sources import SampleSink
+
+    if output is None or output == "-":
+        return SampleSink(header, out=binary_stdout())
+    return SampleSink(header, path=output)
+
+
+def stdin_if(path: str | None):
+    return binary_stdin() if path is None or path == "-" else None
+
+
+def not_yet(command: str, issue: int, what: str) -> None:
+    """For commands another issue will add: say so and fail, never pretend to work."""
+    raise KdError(f"{command}: {what} is not implemented yet (issue #{issue} adds it)")

@@ -1,0 +1,190 @@
+"""kd-distill: train a classifier from a labelled dataset (how victims are made) or from an oracle's
+answers (a query log, a stream on stdin): the student / substitute."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+
+from .. import __version__
+from ..data import load_dataset
+from ..device import resolve_device
+from ..errors import KdError, KdUsageError
+from ..models import ImageClassifier, count_parameters
+from ..sources import read_all
+from ..train import TrainConfig, data_normalization, load_checkpoint, targets_from, train
+from ..weights import load_model, save_model
+from ._common import DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, progress_bars, run_app, stdin_if
+
+app = make_app("Train a student from a query log / stream (default: stdin) or a classifier from --data.")
+
+
+def _normalization(spec: str, x: torch.Tensor, channels: int):
+    if spec == "auto":
+        return data_normalization(x)
+    if spec == "none":
+        return [0.0] * channels, [1.0] * channels
+    try:
+        m, s = (float(v) for v in spec.split(","))
+    except ValueError:
+        raise KdUsageError(f"--normalize {spec!r}: expected auto, none or MEAN,STD") from None
+    return [m] * channels, [s] * channels
+
+
+def _distributed(device_opt: str):
+    """(rank, world_size, device) under torchrun, else (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, resolve_device(device_opt)
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_opt)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+@app.command()
+def distill(
+    input: Optional[str] = typer.Argument(None, help="Query log (.h5) or stream file; '-' or nothing = stdin. Not with --data."),
+    output: str = typer.Option(..., "-o", "--output", help="Weights file to write (.safetensors)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Train on a labelled dataset instead: digits | mnist | fashion-mnist | cifar10 | ..."),
+    split: str = typer.Option("train", "--split"),
+    arch: str = typer.Option("lenet5", "--arch", help="mlp | lenet5 | lenet5-half | alexnet | vgg11/13/16/19 | resnet18/34 | torchvision:NAME"),
+    arch_args: str = typer.Option("{}", "--arch-args", help="JSON architecture arguments, e.g. '{\"hidden\": [512]}'."),
+    epochs: int = typer.Option(10, "--epochs"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(0.01, "--lr"),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd | adam | adamw | rmsprop"),
+    momentum: float = typer.Option(0.9, "--momentum"),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay"),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine | step | constant"),
+    loss: str = typer.Option("auto", "--loss", help="auto | ce | kl | l1 (auto: ce for labels, kl for soft answers)"),
+    temperature: float = typer.Option(1.0, "--temperature", "-T"),
+    augment: bool = typer.Option(False, "--augment", help="Random rotation/scale/shift of training images."),
+    hflip: bool = typer.Option(False, "--hflip", help="Also mirror images when augmenting."),
+    normalize: str = typer.Option("auto", "--normalize", help="Input normalisation: auto (from the data) | none | MEAN,STD"),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled dataset to test on after every epoch."),
+    eval_split: str = typer.Option("test", "--eval-split"),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from these weights (architecture taken from the file)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue from a checkpoint (FILE.ckpt, or the weights file beside one)."),
+    data_root_opt: Optional[str] = DataRootOption,
+    download: bool = typer.Option(False, "--download"),
+    image_size: Optional[int] = typer.Option(None, "--image-size"),
+    channels: Optional[int] = typer.Option(None, "--channels"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = DeviceOption,
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    debug: bool = DebugOption,
+):
+    rank, world, dev = _distributed(device)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+                      weight_decay=weight_decay, schedule=schedule, loss=loss, temperature=temperature,
+                      augment=augment, hflip=hflip, seed=seed)
+    cfg.validate()
+    try:
+        args = json.loads(arch_args)
+    except ValueError:
+        raise KdUsageError(f"--arch-args is not JSON: {arch_args!r}") from None
+    root = data_root(data_root_opt)
+
+    # 1. training data
+    if data is not None:
+        if input is not None:
+            raise KdUsageError("give either an INPUT file/stream or --data, not both")
+        ds = load_dataset(data, split, root, download, image_size, channels)
+        if ds.y is None:
+            raise KdError(f"{data}: no labels to train on")
+        x, targets, num_classes, source = ds.x, targets_from({"label": ds.y}, ds.num_classes), ds.num_classes, f"{data}:{split}"
+    else:
+        if world > 1 and (input is None or input == "-"):
+            raise KdUsageError("under torchrun every rank reads the data: give a file, not stdin")
+        header, batch = read_all(input, stdin_if(input))
+        if header.num_classes is None:
+            raise KdError(f"{input or 'stdin'}: the samples carry no answers to learn from (pipe queries through kd-query first)")
+        x, num_classes, source = batch["x"], header.num_classes, input or "stdin"
+        targets = targets_from(batch, num_classes)
+        if image_size or channels:
+            from ..data import ImageSet, adapt_images
+            x = adapt_images(ImageSet("input", "", x, None, num_classes), image_size, channels).x
+    if x.shape[0] == 0:
+        raise KdError(f"{source}: no training samples")
+    input_shape = tuple(x.shape[1:])
+
+    # 2. model: fresh, from --init weights, or from a checkpoint
+    ckpt_path = Path(output + ".ckpt")
+    resume_state = None
+    if resume:
+        rp = Path(resume)
+        cp = rp if rp.suffix == ".ckpt" else Path(resume + ".ckpt")
+        if cp.is_file():
+            resume_state = load_checkpoint(cp)
+            weights_src = Path(str(cp)[:-5])
+            if not weights_src.is_file():
+                raise KdError(f"{cp}: checkpoint without its weights file {weights_src}")
+            init = str(weights_src)
+        elif rp.is_file():
+            init = resume  # weights without training state: continue from them with a fresh optimiser
+        else:
+            raise KdError(f"{resume}: no such checkpoint or weights file")
+    if init:
+        loaded = load_model(init)
+        model = loaded.module
+        if not isinstance(model, ImageClassifier):
+            raise KdError(f"{init}: only kdtools weights files can be trained further")
+        if tuple(model.input_shape) != input_shape or model.num_classes != num_classes:
+            raise KdError(f"{init}: model takes {model.input_shape} with {model.num_classes} classes; data are {input_shape} with {num_classes}")
+    else:
+        mean, std = _normalization(normalize, x, input_shape[0])
+        model = ImageClassifier(arch, input_shape, num_classes, args, mean, std)
+
+    eval_set = None
+    if eval_data and rank == 0:
+        eds = load_dataset(eval_data, eval_split, root, download, image_size or input_shape[1], channels or input_shape[0])
+        eval_set = (eds.x, eds.y)
+    if rank == 0 and not quiet:
+        info(f"kd-distill: {model.arch} ({count_parameters(model):,} parameters) on {x.shape[0]} samples from {source}, "
+             f"{num_classes} classes, device {dev}" + (f", {world} processes" if world > 1 else ""))
+
+    options = {"source": source, "arch": model.arch, "arch_args": model.arch_args, **cfg.__dict__,
+               "eval_data": eval_data, "init": init, "resume": resume, "world_size": world, "kdtools": __version__}
+
+    def save(m, record):
+        extra = {"epochs_done": record.epoch, "train_loss": record.loss}
+        if record.eval_accuracy is not None:
+            extra["eval_accuracy"] = record.eval_accuracy
+        save_model(m, output, options, extra)
+
+    with progress_bars(rank == 0 and not quiet) as progress:
+        result = train(model, x, targets, cfg, dev, eval_set, progress, ckpt_path if rank == 0 else None,
+                       resume_state, rank, world, on_epoch_end=save)
+    if rank == 0:
+        if not result.history:  # zero epochs (or resumed at the end): still write the weights
+            save_model(model, output, options)
+        last = result.last
+        line = f"kd-distill: wrote {output} in {result.seconds:.1f} s"
+        if last is not None:
+            line += f"; epoch {last.epoch} loss {last.loss:.4f} train acc {100 * last.train_accuracy:.2f} %"
+            if last.eval_accuracy is not None:
+                line += f", test acc {100 * last.eval_accuracy:.2f} %"
+        info(line)
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    run_app(app, "kd-distill")
+
+
+if __name__ == "__main__":
+    main()

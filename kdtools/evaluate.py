@@ -1,0 +1,54 @@
+"""kd-eval's measures on classifiers: accuracy on a labelled split and fidelity to a reference model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .data import ImageSet
+from .errors import KdError
+from .train import predict
+
+
+@dataclass
+class AccuracyReport:
+    model: str
+    data: str
+    samples: int
+    accuracy: float
+    reference: Optional[str] = None
+    reference_accuracy: Optional[float] = None
+    fidelity: Optional[float] = None  # fraction of inputs where model and reference agree
+
+    def rows(self) -> list[tuple[str, str]]:
+        rows = [("model", self.model), ("data", self.data), ("samples", str(self.samples)),
+                ("accuracy", f"{100 * self.accuracy:.2f} %")]
+        if self.reference is not None:
+            rows += [("reference", self.reference), ("reference accuracy", f"{100 * self.reference_accuracy:.2f} %"),
+                     ("fidelity (agreement)", f"{100 * self.fidelity:.2f} %")]
+        return rows
+
+
+def check_input(shape: tuple, data: ImageSet, who: str) -> None:
+    if tuple(data.shape) != tuple(shape):
+        raise KdError(f"{who} takes {'x'.join(map(str, shape))} images but {data.name} has {'x'.join(map(str, data.shape))} "
+                      "(use --image-size / --channels)")
+
+
+def evaluate_accuracy(model: torch.nn.Module, model_name: str, input_shape: tuple, data: ImageSet, device: torch.device,
+                      reference: Optional[torch.nn.Module] = None, reference_name: Optional[str] = None,
+                      reference_shape: Optional[tuple] = None) -> AccuracyReport:
+    if data.y is None:
+        raise KdError(f"{data.name}: no labels to measure accuracy against")
+    check_input(input_shape, data, model_name)
+    pred = predict(model, data.x, device).argmax(1)
+    report = AccuracyReport(model_name, f"{data.name} ({data.split})", len(data), (pred == data.y).float().mean().item())
+    if reference is not None:
+        check_input(reference_shape or input_shape, data, reference_name or "reference")
+        ref = predict(reference, data.x, device).argmax(1)
+        report.reference = reference_name
+        report.reference_accuracy = (ref == data.y).float().mean().item()
+        report.fidelity = (ref == pred).float().mean().item()
+    return report

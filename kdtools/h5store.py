@@ -1,0 +1,231 @@
+"""HDF5 sample sets and query logs: the one module that owns their layout.
+
+A sample file holds rows of queries and, where known, their answers. A query log is the same layout
+written by ``kd-query`` (or any attack) with the oracle's identity and budget accounting added.
+
+  /x              (N, C, H, W)  uint8 for 8-bit images (0..255 meaning [0, 1]), else float32
+  /label          (N,)          int64         hard labels              } whichever the response
+  /probs          (N, K)        float32       probabilities            } mode produced; a labelled
+  /logits         (N, K)        float32       logits                   } dataset has /label
+  /topk_index     (N, k)        int64, /topk_value (N, k) float32
+  /batch_start    (M,)          int64         first row of each appended batch
+  /batch_rows     (M,)          int64         rows in it
+  /batch_time     (M,)          float64       unix time it was written
+  attributes: kdtools.format ("samples"), kdtools.schema, kdtools.version, kind ("queries"|"samples"),
+  fields (JSON, per-row dtype/shape), num_classes, value_range, mode, extra (JSON: resolved options),
+  oracle (identity: "sha256:..." of a model file or a URL), budget (-1 when unlimited) and spent (oracle
+  calls paid for, probes included; always >= rows).
+
+Datasets are chunked and resizable; every append is flushed, so a killed writer loses at most the batch
+in flight. Budget accounting is persisted *before* the oracle is called (``reserve``), so a crash can waste
+queries but never overspend.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import h5py
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import KdError
+from .fileio import sniff
+from .stream import DTYPES, StreamHeader, dtype_name
+
+H5_SCHEMA = "1"
+READ_CHUNK = 4096
+
+
+def _check_ours(f: h5py.File, path) -> None:
+    if f.attrs.get("kdtools.format") != "samples":
+        raise KdError(f"{path}: an HDF5 file, but not a kdtools sample set or query log")
+    if str(f.attrs.get("kdtools.schema")) != H5_SCHEMA:
+        raise KdError(f"{path}: HDF5 schema {f.attrs.get('kdtools.schema')} (kdtools {f.attrs.get('kdtools.version')}) "
+                      f"is not supported by kdtools {__version__}")
+
+
+def _open(path, mode: str) -> h5py.File:
+    path = Path(path)
+    if mode == "r" and not path.is_file():
+        raise KdError(f"{path}: no such file")
+    if path.exists() and sniff(path) != "hdf5":
+        raise KdError(f"{path}: not an HDF5 file")
+    try:
+        return h5py.File(path, mode)
+    except OSError as e:
+        raise KdError(f"{path}: unreadable HDF5 file ({str(e).splitlines()[0]})") from None
+
+
+def read_header(path) -> StreamHeader:
+    with _open(path, "r") as f:
+        _check_ours(f, path)
+        return _header_from_attrs(f)
+
+
+def _header_from_attrs(f: h5py.File) -> StreamHeader:
+    a = f.attrs
+    return StreamHeader(kind=str(a["kind"]), fields=json.loads(a["fields"]),
+                        num_classes=int(a["num_classes"]) if int(a["num_classes"]) >= 0 else None,
+                        value_range=tuple(json.loads(a["value_range"])), mode=str(a["mode"]),
+                        extra=json.loads(a["extra"]), version=str(a["kdtools.version"]))
+
+
+def log_info(path) -> dict:
+    """Accounting of a sample file or query log: rows, spent, budget, oracle, mode."""
+    with _open(path, "r") as f:
+        _check_ours(f, path)
+        return {"rows": int(f["x"].shape[0]), "spent": int(f.attrs["spent"]), "budget": int(f.attrs["budget"]),
+                "oracle": str(f.attrs["oracle"]), "mode": str(f.attrs["mode"]), "batches": int(f["batch_start"].shape[0]),
+                "kdtools_version": str(f.attrs["kdtools.version"])}
+
+
+def iter_batches(path, batch_size: int = READ_CHUNK, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
+    """Rows of a sample file as dicts of tensors, ``batch_size`` rows at a time."""
+    with _open(path, "r") as f:
+        _check_ours(f, path)
+        header = _header_from_attrs(f)
+        n = f["x"].shape[0] if stop is None else min(stop, f["x"].shape[0])
+        for name in header.fields:
+            if name not in f or f[name].shape[0] < n:
+                raise KdError(f"{path}: field {name!r} is missing or shorter than x (damaged file)")
+        for i in range(start, n, batch_size):
+            j = min(i + batch_size, n)
+            yield {name: torch.from_numpy(np.ascontiguousarray(f[name][i:j])) for name in header.fields}
+
+
+class SampleWriter:
+    """Appends batches to a new or existing sample file / query log, flushing each one.
+
+    ``resume=True`` reopens an existing file (same fields required) and continues its accounting.
+    """
+
+    def __init__(self, path, header: StreamHeader, oracle: str = "", budget: Optional[int] = None, resume: bool = True):
+        self.path = Path(path)
+        exists = self.path.exists() and self.path.stat().st_size > 0
+        if exists and not resume:
+            raise KdError(f"{self.path}: exists; remove it or resume it")
+        self.f = _open(self.path, "a" if exists else "w")
+        try:
+            if exists:
+                _check_ours(self.f, self.path)
+                old = _header_from_attrs(self.f)
+                if old.fields != header.fields:
+                    raise KdError(f"{self.path}: the log holds {_describe(old.fields)}, this run produces {_describe(header.fields)}; use a new log")
+                if old.mode != header.mode:
+                    raise KdError(f"{self.path}: the log was recorded in mode {old.mode!r}, this run asks {header.mode!r}; use a new log")
+                if oracle and self.f.attrs["oracle"] and str(self.f.attrs["oracle"]) != oracle:
+                    raise KdError(f"{self.path}: the log was recorded from another oracle ({self.f.attrs['oracle']}); use a new log")
+                self.header = old
+            else:
+                self._create(header, oracle)
+                self.header = header
+            if budget is not None:
+                if budget < self.spent:
+                    raise KdError(f"--budget {budget} is smaller than the {self.spent} queries {self.path} already spent")
+                self.f.attrs["budget"] = int(budget)
+            self.f.flush()
+        except BaseException:
+            self.f.close()
+            raise
+
+    def _create(self, header: StreamHeader, oracle: str) -> None:
+        f = self.f
+        for name, spec in header.fields.items():
+            shape = tuple(spec["shape"])
+            row_bytes = int(np.prod(shape, dtype=np.int64)) * torch.tensor([], dtype=DTYPES[spec["dtype"]]).element_size()
+            chunk_rows = int(max(1, min(1024, (1 << 20) // max(1, row_bytes))))
+            f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), chunks=(chunk_rows, *shape),
+                             dtype=np.dtype(spec["dtype"]))
+        f.create_dataset("batch_start", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
+        f.create_dataset("batch_rows", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
+        f.create_dataset("batch_time", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(1024,))
+        a = f.attrs
+        a["kdtools.format"] = "samples"
+        a["kdtools.schema"] = H5_SCHEMA
+        a["kdtools.version"] = __version__
+        a["kind"] = header.kind
+        a["fields"] = json.dumps(header.fields)
+        a["num_classes"] = -1 if header.num_classes is None else int(header.num_classes)
+        a["value_range"] = json.dumps(list(header.value_range))
+        a["mode"] = header.mode
+        a["extra"] = json.dumps(header.extra, default=str)
+        a["oracle"] = oracle
+        a["budget"] = -1
+        a["spent"] = 0
+
+    @property
+    def rows(self) -> int:
+        return int(self.f["x"].shape[0])
+
+    @property
+    def spent(self) -> int:
+        return int(self.f.attrs["spent"])
+
+    @property
+    def budget(self) -> Optional[int]:
+        b = int(self.f.attrs["budget"])
+        return None if b < 0 else b
+
+    def reserve(self, n: int) -> None:
+        """Record ``n`` oracle calls as spent, durably, before they are made."""
+        self.f.attrs["spent"] = self.spent + int(n)
+        self.f.flush()
+
+    def append(self, batch: dict) -> None:
+        n = None
+        for name, spec in self.header.fields.items():
+            t = batch[name]
+            if dtype_name(t.dtype) != spec["dtype"] or list(t.shape[1:]) != list(spec["shape"]):
+                raise KdError(f"{self.path}: batch field {name!r} does not match the log")
+            n = t.shape[0] if n is None else n
+        start = self.rows
+        for name in self.header.fields:
+            d = self.f[name]
+            d.resize(start + n, axis=0)
+            d[start:start + n] = batch[name].detach().cpu().numpy()
+        m = self.f["batch_start"].shape[0]
+        for name, value in (("batch_start", start), ("batch_rows", n), ("batch_time", time.time())):
+            self.f[name].resize(m + 1, axis=0)
+            self.f[name][m] = value
+        self.f.flush()
+
+    def set_attr(self, key: str, value) -> None:
+        self.f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value, default=str)
+        self.f.flush()
+
+    def read_rows(self, start: int, stop: int) -> dict:
+        return {name: torch.from_numpy(np.ascontiguousarray(self.f[name][start:stop])) for name in self.header.fields}
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.flush()
+            self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _describe(fields: dict) -> str:
+    return ", ".join(f"{k}:{v['dtype']}{v['shape']}" for k, v in fields.items())
+
+
+def write_samples(path, header: StreamHeader, batches, oracle: str = "") -> int:
+    """Write a whole sample set atomically (temporary file + rename). Returns the row count."""
+    from .fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.unlink()  # h5py must create the file itself
+        with SampleWriter(tmp, header, oracle=oracle, resume=False) as w:
+            for b in batches:
+                w.append(b)
+            rows = w.rows
+            w.f.attrs["spent"] = rows if header.kind == "samples" and oracle else 0
+    return rows

@@ -1,0 +1,146 @@
+"""Where rows of samples come from: a kdtools stream (stdin or file) or an HDF5 sample file.
+
+Every command that reads a stream also reads the same data from an HDF5 path, and vice versa, through
+``open_samples``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import BinaryIO, Iterator, Optional
+
+import torch
+
+from . import h5store
+from .errors import KdError
+from .fileio import sniff
+from .stream import StreamHeader, StreamReader
+
+
+class SampleSource:
+    """A header plus an iterator of batches (dicts of tensors). ``end`` is the stream's end record."""
+
+    def __init__(self, header: StreamHeader, batches: Iterator[dict], where: str, reader: Optional[StreamReader] = None):
+        self.header = header
+        self._batches = batches
+        self.where = where
+        self.reader = reader
+
+    def __iter__(self):
+        return iter(self._batches)
+
+    @property
+    def end(self) -> Optional[dict]:
+        return self.reader.end if self.reader else {"status": "complete", "message": ""}
+
+
+def open_samples(path: Optional[str | Path], stdin: Optional[BinaryIO] = None, batch_size: int = h5store.READ_CHUNK) -> SampleSource:
+    """Open ``path`` (HDF5 or stream file), or the binary ``stdin`` when path is None or '-'."""
+    if path is None or str(path) == "-":
+        if stdin is None:
+            raise KdError("no input: name a file or pipe a stream in")
+        reader = StreamReader(stdin, "stdin")
+        return SampleSource(reader.header, iter(reader), "stdin", reader)
+    p = Path(path)
+    if not p.is_file():
+        raise KdError(f"{p}: no such file")
+    kind = sniff(p)
+    if kind == "hdf5":
+        header = h5store.read_header(p)
+        return SampleSource(header, h5store.iter_batches(p, batch_size), str(p))
+    if kind == "safetensors":
+        f = open(p, "rb")
+        reader = StreamReader(f, str(p))
+        return SampleSource(reader.header, _closing(iter(reader), f), str(p), reader)
+    raise KdError(f"{p}: neither a kdtools stream nor an HDF5 sample file")
+
+
+def _closing(it, f):
+    try:
+        yield from it
+    finally:
+        f.close()
+
+
+def read_all(path: Optional[str | Path], stdin: Optional[BinaryIO] = None) -> tuple[StreamHeader, dict]:
+    """All rows of a source concatenated into one dict of tensors."""
+    src = open_samples(path, stdin)
+    parts: dict[str, list] = {name: [] for name in src.header.fields}
+    for batch in src:
+        for name in parts:
+            parts[name].append(batch[name])
+    if not parts.get("x"):
+        return src.header, {name: torch.empty((0, *spec["shape"]), dtype=getattr(torch, spec["dtype"]))
+                            for name, spec in src.header.fields.items()}
+    return src.header, {name: torch.cat(v) for name, v in parts.items()}
+
+
+class SampleSink:
+    """Where rows go: a stream on a binary file object, or a file (HDF5 by .h5/.hdf5 suffix, else a
+    stream file), written under a temporary name and renamed into place by ``close`` so a failed run
+    never leaves a half-written file behind."""
+
+    def __init__(self, header: StreamHeader, out: Optional[BinaryIO] = None, path: Optional[str | Path] = None):
+        from .stream import StreamWriter
+
+        self.header = header
+        self.path = Path(path) if path is not None else None
+        self.rows = 0
+        self._h5 = None
+        self._file = None
+        if self.path is None:
+            self._stream = StreamWriter(out, header)
+            return
+        import os
+        import tempfile
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        if self.path.suffix.lower() in (".h5", ".hdf5"):
+            self._tmp.unlink()
+            self._h5 = h5store.SampleWriter(self._tmp, header, resume=False)
+            self._stream = None
+        else:
+            self._file = open(self._tmp, "wb")
+            self._stream = StreamWriter(self._file, header)
+
+    def write(self, batch: dict) -> None:
+        if self._h5 is not None:
+            self._h5.append(batch)
+        else:
+            self._stream.write(batch)
+        self.rows += next(iter(batch.values())).shape[0]
+
+    def close(self, status: str = "complete", message: str = "") -> None:
+        """Finish the output. For files, ``status`` other than complete still keeps what was written
+        (the end record says why it stopped)."""
+        import os
+
+        if self._stream is not None:
+            self._stream.close(status, message)
+        if self.path is None:
+            return
+        if self._h5 is not None:
+            self._h5.close()
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop a file output (the previous file, if any, stays as it was); end a stream as failed."""
+        if self.path is None:
+            try:
+                self._stream.close("error", "the writer failed")
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+            return
+        if self._h5 is not None:
+            self._h5.close()
+        if self._file is not None:
+            self._file.close()
+        if self._tmp.exists():
+            self._tmp.unlink()

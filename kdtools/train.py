@@ -1,0 +1,278 @@
+"""Training a classifier from labelled data or from an oracle's answers (kd-distill).
+
+Targets come from whatever the data holds, and the loss follows them unless told otherwise:
+  label               -> ce  (cross-entropy on hard labels)
+  probs / logits      -> kl  (Hinton: T^2 * KL(teacher_T || student_T), temperature T)
+  topk_index/value    -> kl  on the teacher distribution completed by spreading the unseen mass
+                              evenly over the classes outside the top k
+``l1`` (L1 between probability vectors) and ``ce`` on the argmax are available for soft targets too.
+
+Runs unchanged under torchrun: the caller passes ``rank``/``world_size`` after initialising the process
+group; each rank trains on its shard of every epoch's permutation and gradients are averaged by
+DistributedDataParallel. Only rank 0 evaluates, reports progress and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import to_float
+from .errors import KdError, KdUsageError
+from .fileio import atomic_path
+from .progress import ProgressCallback, ProgressEvent, no_progress
+from .queries import random_affine
+
+LOSSES = ("auto", "ce", "kl", "l1")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_size: int = 30  # epochs between x0.1 decays for schedule "step"
+    loss: str = "auto"
+    temperature: float = 1.0
+    augment: bool = False
+    hflip: bool = False  # mirror images in augmentation (not for digits/letters)
+    seed: int = 0
+    eval_batch_size: int = 1024
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise KdUsageError(f"--loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise KdUsageError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise KdUsageError(f"--schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        if self.epochs < 0 or self.batch_size <= 0 or self.lr <= 0 or self.temperature <= 0:
+            raise KdUsageError("epochs must be >= 0, batch size, learning rate and temperature > 0")
+
+
+@dataclass
+class Targets:
+    """What the student learns from: hard labels and/or a teacher distribution."""
+
+    labels: torch.Tensor  # (N,) int64, always present (argmax of soft targets if needed)
+    probs: Optional[torch.Tensor] = None  # (N, K) float32 teacher probabilities at temperature 1
+    logits: Optional[torch.Tensor] = None  # (N, K) when the teacher gave logits
+
+    @property
+    def soft(self) -> bool:
+        return self.probs is not None or self.logits is not None
+
+
+def targets_from(batch: dict, num_classes: int) -> Targets:
+    """Build targets from the answer fields of a sample set (see kdtools.oracle)."""
+    if "logits" in batch:
+        logits = batch["logits"].float()
+        return Targets(logits.argmax(1), torch.softmax(logits, 1), logits)
+    if "probs" in batch:
+        p = batch["probs"].float()
+        return Targets(p.argmax(1), p)
+    if "topk_index" in batch:
+        idx, val = batch["topk_index"].long(), batch["topk_value"].float()
+        k = idx.shape[1]
+        rest = (1 - val.sum(1, keepdim=True)).clamp_min(0) / max(1, num_classes - k)
+        p = rest.expand(-1, num_classes).clone()
+        p.scatter_(1, idx, val)
+        return Targets(idx[:, 0], p / p.sum(1, keepdim=True))
+    if "label" in batch:
+        y = batch["label"].long()
+        if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+            raise KdError(f"labels outside 0..{num_classes - 1} in the training data")
+        return Targets(y)
+    raise KdError("the training data has no labels or answers (fields label, probs, logits or topk_*)")
+
+
+def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, probs: Optional[torch.Tensor],
+                      teacher_logits: Optional[torch.Tensor], loss: str, temperature: float) -> torch.Tensor:
+    """The training loss for one batch (see module docstring)."""
+    if loss == "ce":
+        return F.cross_entropy(student_logits, labels)
+    if probs is None:
+        raise KdUsageError(f"--loss {loss} needs soft targets (probs/logits), but the data has hard labels only")
+    if loss == "l1":
+        return (torch.softmax(student_logits, 1) - probs).abs().sum(1).mean()
+    # kl: teacher distribution at temperature T. From logits directly; from probabilities p, p^(1/T)
+    # renormalised equals softmax(log p / T), the same thing.
+    t = temperature
+    if teacher_logits is not None:
+        teacher_log = torch.log_softmax(teacher_logits / t, 1)
+    else:
+        teacher_log = torch.log_softmax(torch.log(probs.clamp_min(1e-12)) / t, 1)
+    student_log = torch.log_softmax(student_logits / t, 1)
+    return F.kl_div(student_log, teacher_log, log_target=True, reduction="batchmean") * t * t
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    loss: float
+    train_accuracy: float
+    seconds: float
+    lr: float
+    eval_accuracy: Optional[float] = None
+
+
+@dataclass
+class TrainResult:
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def last(self) -> Optional[EpochRecord]:
+        return self.history[-1] if self.history else None
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig, epoch: int) -> float:
+    """Learning-rate multiplier for ``epoch`` (0-based), set at the start of each epoch."""
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / max(1, cfg.epochs)))
+    if cfg.schedule == "step":
+        return 0.1 ** (epoch // max(1, cfg.step_size))
+    return 1.0
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of ``model`` for images ``x`` (uint8 or float), on the CPU."""
+    model.eval()
+    outs = [model(to_float(x[i:i + batch_size]).to(device)).float().cpu() for i in range(0, x.shape[0], batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 1024) -> float:
+    if x.shape[0] == 0:
+        return float("nan")
+    return (predict(model, x, device, batch_size).argmax(1) == y).float().mean().item()
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: list, cfg: TrainConfig) -> None:
+    """Training state to continue from (plain tensors and strings only, so it loads with weights_only=True)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "history": json.dumps([asdict(h) for h in history]), "config": json.dumps(asdict(cfg)),
+             "torch_rng": torch.get_rng_state()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise KdError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig, device: torch.device,
+          eval_set: Optional[tuple] = None, progress: ProgressCallback = no_progress,
+          checkpoint: Optional[Path] = None, resume: Optional[dict] = None, rank: int = 0, world_size: int = 1,
+          on_epoch_end: Optional[Callable[[nn.Module, EpochRecord], None]] = None) -> TrainResult:
+    """Train ``model`` (an ImageClassifier) on images ``x`` with ``targets``; see the module docstring.
+
+    ``eval_set`` is (x_test, y_test) evaluated after every epoch. ``checkpoint`` is written after every
+    epoch (rank 0), ``resume`` is a loaded checkpoint to continue from.
+    """
+    cfg.validate()
+    loss_name = cfg.loss if cfg.loss != "auto" else ("kl" if targets.soft else "ce")
+    if loss_name in ("kl", "l1") and not targets.soft:
+        raise KdUsageError(f"--loss {loss_name} needs soft targets (probs/logits/topk answers); these data have hard labels only")
+    if x.shape[0] != targets.labels.shape[0]:
+        raise KdError(f"{x.shape[0]} images but {targets.labels.shape[0]} targets")
+    if x.shape[0] == 0:
+        raise KdError("no training data")
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    net: nn.Module = model
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = make_optimizer(model.parameters(), cfg)
+    start_epoch, history = 0, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start_epoch = int(resume["epoch"])
+        history = [EpochRecord(**h) for h in json.loads(resume["history"])]
+        torch.set_rng_state(resume["torch_rng"])
+    g = torch.Generator().manual_seed(cfg.seed)
+    labels, probs, logits = targets.labels, targets.probs, targets.logits
+    n = x.shape[0]
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        lr = cfg.lr * lr_factor(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # the same permutation on every rank (seeded by epoch), each rank taking its own stride
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))[rank::world_size]
+        steps = math.ceil(perm.numel() / cfg.batch_size)
+        net.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for step in range(steps):
+            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            xb = to_float(x[idx])
+            if cfg.augment:
+                xb = random_affine(xb, g, hflip=cfg.hflip).clamp_(0, 1)
+            xb = xb.to(device, non_blocking=True)
+            yb = labels[idx].to(device)
+            pb = probs[idx].to(device) if probs is not None else None
+            lb = logits[idx].to(device) if logits is not None else None
+            out = net(xb)
+            loss = distillation_loss(out, yb, pb, lb, loss_name, cfg.temperature)
+            if not torch.isfinite(loss):
+                raise KdError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * idx.numel()
+            correct += (out.argmax(1) == yb).sum().item()
+            seen += idx.numel()
+            if rank == 0 and (step % 10 == 0 or step == steps - 1):
+                progress(ProgressEvent(f"epoch {epoch + 1}/{cfg.epochs}", step + 1, steps, {"loss": loss_sum / seen}))
+        record = EpochRecord(epoch + 1, loss_sum / max(1, seen), correct / max(1, seen), time.perf_counter() - t0, lr)
+        if rank == 0:
+            if eval_set is not None:
+                record.eval_accuracy = accuracy(model, eval_set[0], eval_set[1], device, cfg.eval_batch_size)
+            history.append(record)
+            info = {"loss": record.loss, "train acc": record.train_accuracy}
+            if record.eval_accuracy is not None:
+                info["test acc"] = record.eval_accuracy
+            progress(ProgressEvent(f"epoch {epoch + 1}/{cfg.epochs}", steps, steps, info, done=True))
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, model, optimizer, epoch + 1, history, cfg)
+            if on_epoch_end is not None:
+                on_epoch_end(model, record)
+    return TrainResult(history, time.perf_counter() - t_start)
+
+
+def data_normalization(x: torch.Tensor, sample: int = 10000) -> tuple[list, list]:
+    """Per-channel mean and std of images (a sample of them), for a new model's input normalisation."""
+    xs = to_float(x[:sample])
+    mean = xs.mean(dim=(0, 2, 3))
+    std = xs.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return mean.tolist(), std.tolist()

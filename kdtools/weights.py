@@ -1,0 +1,209 @@
+"""The weights file format: safetensors with everything needed to rebuild the model in its metadata.
+
+A kdtools weights file is a plain safetensors file whose ``__metadata__`` holds (all values are strings,
+JSON where structured):
+
+  kdtools.format   "weights"            kdtools.schema   "1"
+  kdtools.version  the package version  arch             e.g. "lenet5"
+  arch_args        JSON dict            input_shape      JSON [C, H, W]
+  num_classes      e.g. "10"            normalization    JSON {"mean": [...], "std": [...]}
+  options          JSON of the resolved options of the run that made it
+  (and free-form extras such as "train_accuracy")
+
+so ``load_model(path)`` needs nothing else. Foreign victims are imported too: TorchScript archives
+(``torch.jit.save``, usually ``.pt``) and ``torch.export`` programs (``.pt2``). Plain pickles (``torch.save``
+of a module) can run arbitrary code when loaded, so they are refused unless the caller passes
+``trust_pickle=True``; a pickled *state dict* is loaded with ``weights_only=True`` (safe) when an
+architecture is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import KdError, KdUsageError
+from .fileio import atomic_path, sniff
+from .models import ImageClassifier
+
+WEIGHTS_SCHEMA = "1"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_model(model: ImageClassifier, path: str | Path, options: dict | None = None, extra: dict | None = None) -> None:
+    """Write ``model`` atomically as a self-describing safetensors file."""
+    model = unwrap(model)
+    if not isinstance(model, ImageClassifier):
+        raise KdError("only kdtools ImageClassifier models can be saved as weights files")
+    spec = model.spec()
+    meta = {
+        "kdtools.format": "weights",
+        "kdtools.schema": WEIGHTS_SCHEMA,
+        "kdtools.version": __version__,
+        "arch": spec["arch"],
+        "arch_args": json.dumps(spec["arch_args"]),
+        "input_shape": json.dumps(spec["input_shape"]),
+        "num_classes": str(spec["num_classes"]),
+        "normalization": json.dumps({"mean": spec["mean"], "std": spec["std"]}),
+        "options": json.dumps(options or {}, default=str),
+    }
+    for k, v in (extra or {}).items():
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
+    # safetensors refuses shared storage; contiguous clones keep tied or viewed tensors safe
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.net.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata of a kdtools weights file (raises KdError if it is not one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdError(f"{path}: no such file")
+    if sniff(path) != "safetensors":
+        raise KdError(f"{path}: not a safetensors weights file")
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KdError(f"{path}: unreadable safetensors file ({e})") from None
+    if meta.get("kdtools.format") != "weights":
+        raise KdError(f"{path}: safetensors file without kdtools model metadata (arch, input_shape, num_classes)")
+    return meta
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to answer queries, with what is known about it."""
+
+    module: nn.Module
+    input_shape: Optional[tuple]  # (C, H, W) or None when the file does not say
+    num_classes: Optional[int]
+    source: str  # "kdtools", "torchscript", "export", "state_dict", "pickle"
+    identity: str  # "sha256:<hex>" of the file
+    metadata: dict = field(default_factory=dict)
+
+
+def model_from_metadata(meta: dict) -> ImageClassifier:
+    try:
+        norm = json.loads(meta.get("normalization", "{}"))
+        return ImageClassifier(meta["arch"], json.loads(meta["input_shape"]), int(meta["num_classes"]),
+                               json.loads(meta.get("arch_args", "{}")), norm.get("mean"), norm.get("std"))
+    except (KeyError, ValueError, TypeError) as e:
+        raise KdError(f"weights metadata is incomplete or malformed ({e})") from None
+
+
+def load_model(path: str | Path, trust_pickle: bool = False, arch: Optional[str] = None,
+               input_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
+               map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Load any supported model file; see the module docstring for the formats."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdError(f"{path}: no such model file")
+    kind = sniff(path)
+    identity = "sha256:" + file_sha256(path)
+    if kind == "safetensors":
+        meta = read_metadata(path)
+        if meta.get("kdtools.schema", "1") != WEIGHTS_SCHEMA:
+            raise KdError(f"{path}: weights schema {meta.get('kdtools.schema')} is not supported by kdtools {__version__}")
+        model = model_from_metadata(meta)
+        try:
+            state = load_file(str(path))
+            model.net.load_state_dict(state)
+        except (SafetensorError, RuntimeError, OSError) as e:
+            raise KdError(f"{path}: weights do not match architecture {meta.get('arch')!r} ({_short(e)})") from None
+        model.to(map_location).eval()
+        return LoadedModel(model, model.input_shape, model.num_classes, "kdtools", identity, meta)
+    if kind == "zip":
+        names = _zip_names(path)
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            try:
+                module = torch.jit.load(str(path), map_location=map_location)
+            except RuntimeError as e:
+                raise KdError(f"{path}: unreadable TorchScript archive ({_short(e)})") from None
+            return LoadedModel(module.eval(), _shape(input_shape), num_classes, "torchscript", identity)
+        if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names) or path.suffix == ".pt2":
+            try:
+                program = torch.export.load(str(path))
+            except Exception as e:  # torch.export raises many types
+                raise KdError(f"{path}: unreadable torch.export program ({_short(e)})") from None
+            return LoadedModel(program.module(), _shape(input_shape), num_classes, "export", identity)
+        return _load_torch_save(path, kind, trust_pickle, arch, input_shape, num_classes, identity, map_location)
+    if kind == "pickle":
+        return _load_torch_save(path, kind, trust_pickle, arch, input_shape, num_classes, identity, map_location)
+    raise KdError(f"{path}: not a model file kdtools can read (safetensors, TorchScript .pt, torch.export .pt2)")
+
+
+def _load_torch_save(path, kind, trust_pickle, arch, input_shape, num_classes, identity, map_location) -> LoadedModel:
+    # A state dict of plain tensors is safe to read with weights_only=True; try that first.
+    try:
+        obj = torch.load(str(path), map_location=map_location, weights_only=True)
+    except Exception:
+        obj = None
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if not (arch and input_shape and num_classes):
+            raise KdUsageError(f"{path}: a bare state dict; give --arch, --input-shape and --num-classes to rebuild the model")
+        model = ImageClassifier(arch, input_shape, num_classes)
+        try:
+            model.net.load_state_dict(obj)
+        except RuntimeError as e:
+            raise KdError(f"{path}: state dict does not match {arch} ({_short(e)})") from None
+        return LoadedModel(model.eval(), model.input_shape, model.num_classes, "state_dict", identity)
+    if not trust_pickle:
+        raise KdError(f"{path}: a pickled model; loading it can run arbitrary code. Convert it to safetensors, "
+                      "TorchScript or torch.export, or pass --trust-pickle if you trust its origin")
+    # The user vouched for this file with --trust-pickle: a full module pickle needs the unrestricted loader.
+    module = torch.load(str(path), map_location=map_location, weights_only=False)  # noqa: S614 (explicit opt-in)
+    if not isinstance(module, nn.Module):
+        raise KdError(f"{path}: the pickle holds a {type(module).__name__}, not a torch module")
+    return LoadedModel(module.eval(), _shape(input_shape), num_classes, "pickle", identity)
+
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except zipfile.BadZipFile:
+        raise KdError(f"{path}: damaged archive") from None
+
+
+def _shape(s):
+    return tuple(int(v) for v in s) if s else None
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel wrappers."""
+    return model.module if hasattr(model, "module") and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1x28x28' -> (1, 28, 28)."""
+    try:
+        shape = tuple(int(p) for p in text.lower().replace(",", "x").split("x") if p)
+    except ValueError:
+        raise KdUsageError(f"bad shape {text!r}: expected e.g. 1x28x28") from None
+    if len(shape) != 3 or min(shape) <= 0:
+        raise KdUsageError(f"bad shape {text!r}: expected channels x height x width, e.g. 1x28x28")
+    return shape
