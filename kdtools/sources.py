@@ -52,7 +52,7 @@ def open_samples(path: Optional[str | Path], stdin: Optional[BinaryIO] = None, b
         f = open(p, "rb")
         reader = StreamReader(f, str(p))
         return SampleSource(reader.header, _closing(iter(reader), f), str(p), reader)
-    raise KdError(f"{p}: neither a kdtools stream nor an HDF5 sample file")
+    raise KdError(f"{p}: not an HDF5 file nor a kdtools stream")
 
 
 def _closing(it, f):
@@ -128,6 +128,8 @@ class SampleSink:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+        from .fileio import _umask
+        os.chmod(self._tmp, 0o666 & ~_umask())
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:

@@ -219,7 +219,6 @@ def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig,
         start_epoch = int(resume["epoch"])
         history = [EpochRecord(**h) for h in json.loads(resume["history"])]
         torch.set_rng_state(resume["torch_rng"])
-    g = torch.Generator().manual_seed(cfg.seed)
     labels, probs, logits = targets.labels, targets.probs, targets.logits
     n = x.shape[0]
     t_start = time.perf_counter()
@@ -230,6 +229,8 @@ def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig,
             group["lr"] = lr
         # the same permutation on every rank (seeded by epoch), each rank taking its own stride
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))[rank::world_size]
+        # augmentation draws from its own per-epoch, per-rank generator so a resumed run repeats it exactly
+        g = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) * 64 + rank + 1)
         steps = math.ceil(perm.numel() / cfg.batch_size)
         net.train()
         loss_sum, correct, seen = 0.0, 0, 0

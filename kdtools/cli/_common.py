@@ -10,6 +10,11 @@ from typing import Callable, Iterator
 
 import click
 import typer
+
+try:  # typer >= 0.29 bundles its own click; its exceptions are not click's
+    from typer._click import exceptions as _typer_click_exceptions
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _typer_click_exceptions = click.exceptions
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -53,11 +58,11 @@ def run_app(app: typer.Typer, prog_name: str) -> None:
     """Run a typer app with kdtools' exit-code contract: 0 ok, 1 data/runtime error, 2 usage error."""
     try:
         app(prog_name=prog_name, standalone_mode=False)
-    except click.exceptions.Exit as e:  # --help and explicit typer.Exit
+    except (click.exceptions.Exit, typer.Exit) as e:  # --help and explicit typer.Exit
         raise SystemExit(e.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         fail("aborted", 130)
-    except click.ClickException as e:  # bad flags: usage error
+    except (click.ClickException, _typer_click_exceptions.ClickException) as e:  # bad flags: usage error
         e.show(file=sys.stderr)
         raise SystemExit(2)
     except KdError as e:

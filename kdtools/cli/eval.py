@@ -52,6 +52,25 @@ def accuracy(
     Console().print(table)
 
 
+@app.command()
+def log(
+    path: str = typer.Argument(..., help="A query log or sample file (.h5)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of a table."),
+    debug: bool = DebugOption,
+):
+    """Accounting of a query log: rows answered, queries spent (probes included), budget, oracle, mode."""
+    from ..h5store import log_info
+
+    facts = log_info(path)
+    if as_json:
+        sys.stdout.write(json.dumps(facts) + "\n")
+        return
+    table = Table(title=f"kd-eval log {path}", show_header=False)
+    for k, v in facts.items():
+        table.add_row(k.replace("_", " "), "unlimited" if k == "budget" and v < 0 else str(v))
+    Console().print(table)
+
+
 def _later(name: str, issue: int, what: str):
     @app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
     def _cmd(ctx: typer.Context):

@@ -1,0 +1,37 @@
+# kdtools: make install | demo | test | bench | <dataset>-<method> recipes
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# Shared data (MNIST, Fashion-MNIST, crowd sets) is found only through KD_DATA; use ../shared/data when present.
+KD_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+export KD_DATA
+
+.PHONY: install demo test test-all bench help
+help:
+	@echo "make demo     install, then steal a digits classifier through a kd- pipe (no download, ~2 min)"
+	@echo "make test     install, then run the test suite (fast tests; CI runs this)"
+	@echo "make test-all also the slow tests"
+	@echo "make bench    benchmarks/ (minutes to hours; results go in docs/benchmarks.md)"
+	@echo "recipes:      $(RECIPES)"
+
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: install
+	bash recipes/demo.sh
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ''
+
+bench: install
+	$(PY) benchmarks/foundation.py
+
+include recipes/recipes.mk

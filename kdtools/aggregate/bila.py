@@ -1,0 +1,514 @@
+"""BiLA-CM: online label aggregation by variational inference (dissertation chapter 2).
+
+* ``q_alpha(y | l)``: an MLP over the item's worker-label vector ``l`` (length K, the class index
+  given by worker k or -1 when k gave no label), hidden layers 64 and 32 with tanh, softmax output.
+* ``p_beta(l | y = c) = prod_{k in S_i} psi_{ck, l_ik}`` with ``psi_ck = softmax(omega_ck)`` (eq. 2.8-2.9),
+  one C x C confusion matrix per worker.
+* ``p_beta(y)``: the class prior counted from the observed labels (eq. 2.10), fixed (not trained).
+* Loss (eq. 2.11), per mini-batch of M items::
+
+      f = -1/M sum_i [ zeta * sum_c q(c|l_i) log(p(c) / q(c|l_i)) + sum_c q(c|l_i) log p(l_i|c) ]
+
+* Optimiser (Algorithm 2.1, lines 24-29): RMSProp on the gradient with a bias-corrected second
+  moment, element-wise learning rates clipped to ``[eta_l(t), eta_u(t)]`` and divided by sqrt(t)::
+
+      v_t   = gamma v_{t-1} + (1 - gamma) g_t^2
+      mu_t  = mu sqrt(1 - gamma^t)
+      eta_t = clip(mu_t / (sqrt(v_t) + eps), eta_l(t), eta_u(t)) / sqrt(t)
+      theta = theta - eta_t * g_t
+
+  with the dynamic bounds of AdaBound (the paper's choice, its ref. [102]):
+  ``eta_l(t) = final_lr (1 - 1/(bound_gamma t + 1))``, ``eta_u(t) = final_lr (1 + 1/(bound_gamma t))``.
+  ``eps`` (1e-8) only guards the division for parameters that never had a gradient.
+* Initialisation (Algorithm 2.1, line 4): ``omega`` from majority voting on the initial set (the
+  smoothed confusion counts of each worker against the majority label, ``omega = log psi``), then
+  ``q`` is fitted to the posterior of that initial model (``omega`` frozen) before joint training.
+* Inference (Algorithm 2.1, lines 30-31): the label maximising ``log p(l_i | y = c)`` under the
+  learned confusion matrices; the reported probabilities are that likelihood normalised over classes.
+
+The model grows when new workers or classes appear (see :meth:`BilaModel.grow`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..progress import ProgressCallback, ProgressEvent, no_progress
+
+PARAM_ORDER = ("W1", "b1", "W2", "b2", "W3", "b3", "omega")
+
+
+@dataclass
+class BilaConfig:
+    """Hyperparameters of BiLA-CM. Fixed once (docs/kd-aggregate.md); never tuned on gold labels."""
+
+    hidden: tuple = (64, 32)
+    zeta: float = 1.0  # weight of the KL(q || prior) term, eq. 2.11
+    lr: float = 0.01  # mu in Algorithm 2.1
+    gamma: float = 0.9  # decay of the second moment
+    final_lr: float = 0.1  # clip bounds converge to this (AdaBound-style dynamic bounds)
+    bound_gamma: float = 1e-3  # speed at which the bounds close
+    eps: float = 1e-8
+    batch_size: int = 128
+    max_epochs: int = 100
+    min_epochs: int = 3
+    tol: float = 1e-3  # stop when the epoch loss changes by less than tol (relative)
+    init_epochs: int = 20  # epochs fitting q to the majority-vote initial model
+    init_smoothing: float = 1.0  # pseudo-count added to each confusion-count cell at initialisation
+    decision: str = "likelihood"  # "posterior": argmax p(y) p(l|y) (eq. 2.1); "likelihood": argmax p(l|y)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BilaConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "hidden" in known:
+            known["hidden"] = tuple(known["hidden"])
+        return cls(**known)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss and the optimiser, as plain functions (checked against hand-computed values in tests)
+
+
+def bila_loss(log_q: torch.Tensor, log_prior: torch.Tensor, loglik: torch.Tensor, zeta: float) -> torch.Tensor:
+    """Eq. 2.11: ``log_q`` (M, C) log q(c|l_i); ``log_prior`` (C,); ``loglik`` (M, C) log p(l_i|c)."""
+    q = log_q.exp()
+    neg_kl = (q * (log_prior.unsqueeze(0) - log_q)).sum(dim=1)
+    expected_ll = (q * loglik).sum(dim=1)
+    return -(zeta * neg_kl + expected_ll).mean()
+
+
+def clip_bounds(t: int, final_lr: float, bound_gamma: float) -> tuple[float, float]:
+    """Dynamic clip bounds eta_l(t), eta_u(t) (AdaBound form, converging to ``final_lr``)."""
+    lower = final_lr * (1.0 - 1.0 / (bound_gamma * t + 1.0))
+    upper = final_lr * (1.0 + 1.0 / (bound_gamma * t))
+    return lower, upper
+
+
+def rmsclip_step(theta: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, t: int, cfg: BilaConfig) -> torch.Tensor:
+    """One update of Algorithm 2.1 lines 24-29, in place on ``theta`` and ``v``; returns eta_t."""
+    with torch.no_grad():
+        v.mul_(cfg.gamma).addcmul_(grad, grad, value=1.0 - cfg.gamma)
+        mu_t = cfg.lr * math.sqrt(1.0 - cfg.gamma ** t)
+        lower, upper = clip_bounds(t, cfg.final_lr, cfg.bound_gamma)
+        eta = v.sqrt().add_(cfg.eps).reciprocal_().mul_(mu_t).clamp_(lower, upper)
+        theta.addcmul_(eta, grad, value=-1.0 / math.sqrt(t))
+    return eta / math.sqrt(t)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _xavier(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    bound = math.sqrt(6.0 / (rows + cols))
+    return (torch.rand(rows, cols, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).float()
+
+
+@dataclass
+class TrainStats:
+    epochs: int = 0
+    steps: int = 0
+    loss: float = float("nan")
+
+
+@dataclass
+class Triples:
+    """The labels of a set of items as index triples, sorted by item (a CSR layout for batching)."""
+
+    rows: torch.Tensor  # item index (0..n_items-1) per label, non-decreasing
+    workers: torch.Tensor
+    labels: torch.Tensor
+    n_items: int
+
+    @classmethod
+    def build(cls, rows, workers, labels, n_items: int) -> "Triples":
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.int64)
+        workers = torch.as_tensor(np.asarray(workers), dtype=torch.int64)
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        order = torch.argsort(rows, stable=True)
+        return cls(rows[order], workers[order], labels[order], int(n_items))
+
+    @classmethod
+    def from_matrix(cls, L: torch.Tensor) -> "Triples":
+        """From a dense (n_items, K) matrix of class indices with -1 for a missing label."""
+        r, w = (L >= 0).nonzero(as_tuple=True)
+        return cls(r, w, L[r, w], int(L.shape[0]))
+
+    def to_matrix(self, n_workers: int) -> torch.Tensor:
+        L = torch.full((self.n_items, n_workers), -1, dtype=torch.int64)
+        L[self.rows, self.workers] = self.labels
+        return L
+
+    def offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = torch.bincount(self.rows, minlength=self.n_items)
+        starts = torch.cumsum(counts, 0) - counts
+        return starts, counts
+
+    def select(self, items: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> "Triples":
+        """The labels of ``items`` (renumbered 0..len(items)-1 in the given order)."""
+        c = counts[items]
+        total = int(c.sum())
+        base = torch.repeat_interleave(starts[items] - (torch.cumsum(c, 0) - c), c)
+        idx = base + torch.arange(total)
+        new_rows = torch.repeat_interleave(torch.arange(len(items)), c)
+        return Triples(new_rows, self.workers[idx], self.labels[idx], len(items))
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one thread: BiLA's steps are tiny, and threads only add overhead (and fight
+    with other processes for cores). The previous setting is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class BilaModel:
+    """BiLA-CM parameters (MLP ``q`` and worker confusion logits ``omega``), optimiser state and prior.
+
+    All parameters live in one flat vector ``theta`` (``params`` holds views into it) so that one
+    optimiser step is a handful of vector operations. Gradients are computed in closed form
+    (:meth:`loss_and_grad`); tests check them against autograd on :meth:`loss`.
+
+    The input vector of ``q`` is the paper's: ``x_k`` = the class index given by worker k, or -1.
+    Since most entries are -1, the first layer is computed sparsely and exactly as
+    ``W1 x = -W1 1 + sum over labelled k of (l_k + 1) W1[:, k]``.
+    """
+
+    def __init__(self, n_workers: int, n_classes: int, config: Optional[BilaConfig] = None):
+        self.cfg = config or BilaConfig()
+        K, C = int(n_workers), int(n_classes)
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        h1, h2 = self.cfg.hidden
+        params = {
+            "W1": _xavier(h1, K, gen), "b1": torch.zeros(h1),
+            "W2": _xavier(h2, h1, gen), "b2": torch.zeros(h2),
+            "W3": _xavier(C, h2, gen), "b3": torch.zeros(C),
+            "omega": torch.zeros(K, C, C),
+        }
+        self._set(params, {k: torch.zeros_like(p) for k, p in params.items()})
+        self.t = 0  # optimiser steps taken so far (Algorithm 2.1's t is t + 1 at the next step)
+        self.prior_counts = torch.zeros(C, dtype=torch.float64)
+        self.initialised = False
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    def _set(self, params: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> None:
+        self.K, self.C = int(params["omega"].shape[0]), int(params["omega"].shape[1])
+        self.shapes = {k: tuple(params[k].shape) for k in PARAM_ORDER}
+        self.theta = torch.cat([params[k].reshape(-1).float() for k in PARAM_ORDER])
+        self.v = torch.cat([v[k].reshape(-1).float() for k in PARAM_ORDER])
+        self.params = self._views(self.theta)
+        self.v_params = self._views(self.v)
+
+    def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, i = {}, 0
+        for k in PARAM_ORDER:
+            n = math.prod(self.shapes[k])
+            out[k] = flat[i:i + n].view(self.shapes[k])
+            i += n
+        return out
+
+    def log_prior(self) -> torch.Tensor:
+        total = self.prior_counts.sum()
+        if total <= 0:
+            p = torch.full((self.C,), 1.0 / self.C, dtype=torch.float64)
+        else:
+            p = (self.prior_counts / total).clamp_min(1e-6)
+            p = p / p.sum()
+        return p.log().float()
+
+    def confusion(self) -> torch.Tensor:
+        """Per-worker confusion matrices pi[k, c, z] = p(worker k says z | truth c), shape (K, C, C)."""
+        return torch.softmax(self.params["omega"], dim=2)
+
+    # -- growth -------------------------------------------------------------------------------
+
+    def grow(self, n_workers: int, n_classes: int) -> None:
+        """Add workers and/or classes, keeping everything learned.
+
+        New workers start as the average worker (the mean confusion matrix of the known workers)
+        with zero input weights, so ``q`` is unchanged for items they did not label. A new class gets
+        a zero output unit; in every confusion matrix it gets a row shaped like the worker's own
+        (its mean diagonal and off-diagonal log-probabilities) and a column as likely as the
+        worker's average off-diagonal cell. Optimiser moments of new entries start at zero.
+        """
+        K2, C2 = int(n_workers), int(n_classes)
+        if K2 < self.K or C2 < self.C:
+            raise ValueError("a model can only grow")
+        if K2 == self.K and C2 == self.C:
+            return
+        p = {k: t.clone() for k, t in self.params.items()}
+        v = {k: t.clone() for k, t in self.v_params.items()}
+        K, C = self.K, self.C
+        omega = p["omega"]
+        if C2 > C:
+            if C >= 2:
+                ls = torch.log_softmax(omega, dim=2)
+                diag = torch.diagonal(ls, dim1=1, dim2=2)
+                d_logit = diag.mean(1)  # mean diagonal log-probability of each worker
+                off_logit = (ls.sum((1, 2)) - diag.sum(1)) / (C * (C - 1))
+                omega = ls  # logits are only defined up to a shift per row: use log-probabilities
+            else:
+                d_logit = torch.full((K,), math.log(0.7))
+                off_logit = torch.full((K,), math.log(0.3 / max(C2 - 1, 1)))
+            new = off_logit.view(-1, 1, 1).expand(K, C2, C2).clone()
+            new[:, :C, :C] = omega
+            for c in range(C, C2):
+                new[:, c, c] = d_logit
+            omega = new
+            W3 = torch.zeros(C2, p["W3"].shape[1]); W3[:C] = p["W3"]
+            b3 = torch.full((C2,), float(p["b3"].mean()) if C else 0.0); b3[:C] = p["b3"]
+            p["W3"], p["b3"] = W3, b3
+            vo = torch.zeros(K, C2, C2); vo[:, :C, :C] = v["omega"]
+            vW3 = torch.zeros(C2, W3.shape[1]); vW3[:C] = v["W3"]
+            vb3 = torch.zeros(C2); vb3[:C] = v["b3"]
+            v["omega"], v["W3"], v["b3"] = vo, vW3, vb3
+            pc = torch.zeros(C2, dtype=torch.float64); pc[:C] = self.prior_counts
+            self.prior_counts = pc
+            C = C2
+        if K2 > K:
+            if K > 0:
+                avg = torch.softmax(omega, dim=2).mean(0).clamp_min(1e-6).log()
+            else:
+                avg = torch.full((C, C), math.log(0.3 / max(C - 1, 1)))
+                if C > 1:
+                    avg.fill_diagonal_(math.log(0.7))
+                else:
+                    avg.fill_(0.0)
+            new = avg.unsqueeze(0).expand(K2, C, C).clone()
+            new[:K] = omega
+            omega = new
+            W1 = torch.zeros(p["W1"].shape[0], K2); W1[:, :K] = p["W1"]
+            p["W1"] = W1
+            vW1 = torch.zeros_like(W1); vW1[:, :K] = v["W1"]
+            vo = torch.zeros(K2, C, C); vo[:K] = v["omega"]
+            v["W1"], v["omega"] = vW1, vo
+        p["omega"] = omega
+        self._set(p, v)
+
+    # -- loss: autograd reference and closed-form gradient --------------------------------------
+
+    def loss(self, batch: Triples, theta: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Eq. 2.11 on ``batch``, differentiable by autograd (used by tests; training uses loss_and_grad)."""
+        P = self._views(self.theta if theta is None else theta)
+        L = batch.to_matrix(self.K).to(torch.float32)
+        h = torch.tanh(L @ P["W1"].T + P["b1"])
+        h = torch.tanh(h @ P["W2"].T + P["b2"])
+        log_q = torch.log_softmax(h @ P["W3"].T + P["b3"], dim=1)
+        log_psi = torch.log_softmax(P["omega"], dim=2)
+        contrib = log_psi[batch.workers, :, batch.labels]
+        loglik = torch.zeros(batch.n_items, self.C, dtype=contrib.dtype).index_add(0, batch.rows, contrib)
+        return bila_loss(log_q, self.log_prior(), loglik, self.cfg.zeta)
+
+    def _q_forward(self, P: dict, batch: Triples):
+        W1 = P["W1"]
+        z1 = (batch.labels + 1).to(torch.float32).unsqueeze(1)
+        s1 = (P["b1"] - W1.sum(1)).expand(batch.n_items, -1).index_add(0, batch.rows, z1 * W1.T[batch.workers])
+        a1 = torch.tanh(s1)
+        a2 = torch.tanh(torch.addmm(P["b2"], a1, P["W2"].T))
+        log_q = torch.log_softmax(torch.addmm(P["b3"], a2, P["W3"].T), dim=1)
+        return z1, a1, a2, log_q
+
+    def _loglik(self, omega: torch.Tensor, batch: Triples, log_psi: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """log p(l_i | y = c) = sum over the workers who labelled i of log psi[k, c, l_ik] (eq. 2.9)."""
+        log_psi = torch.log_softmax(omega, dim=2) if log_psi is None else log_psi
+        contrib = log_psi[batch.workers, :, batch.labels]  # (n_labels, C)
+        return torch.zeros(batch.n_items, omega.shape[1], dtype=contrib.dtype).index_add_(0, batch.rows, contrib)
+
+    def loss_and_grad(self, batch: Triples, log_prior: torch.Tensor, grad: torch.Tensor,
+                      fit_q_only: bool = False, omega: Optional[torch.Tensor] = None,
+                      local_workers: Optional[torch.Tensor] = None,
+                      grad_omega: Optional[torch.Tensor] = None) -> float:
+        """Eq. 2.11 on ``batch`` and its gradient, in closed form.
+
+        The gradient of the MLP parameters is written into ``grad`` (the flat layout of ``theta``;
+        its omega part too unless ``grad_omega`` is given). ``omega`` / ``local_workers`` /
+        ``grad_omega`` let training work on the confusion matrices of the chunk's workers only
+        (``omega`` then holds those rows and ``local_workers`` indexes them).
+        """
+        P = self.params
+        G = self._grad_views(grad)
+        M, C = batch.n_items, self.C
+        zeta = self.cfg.zeta
+        if omega is None:
+            omega, local_workers, grad_omega = P["omega"], batch.workers, G["omega"]
+        z1, a1, a2, log_q = self._q_forward(P, batch)
+        q = log_q.exp()
+        log_psi = torch.log_softmax(omega, dim=2)
+        contrib = log_psi[local_workers, :, batch.labels]
+        ll = torch.zeros(M, C).index_add_(0, batch.rows, contrib)
+        a = zeta * (log_q - log_prior) - ll  # per item: loss_i = sum_c q_c a_c
+        qa = q * a
+        loss = float(qa.sum()) / M
+        # softmax layer: d loss / d s3_c = q_c (a_c - sum_c' q_c' a_c') / M   (the zeta term cancels)
+        g3 = (qa - q * qa.sum(1, keepdim=True)).div_(M)
+        torch.mm(g3.T, a2, out=G["W3"])
+        torch.sum(g3, 0, out=G["b3"])
+        g2 = (g3 @ P["W3"]).mul_(1 - a2 * a2)
+        torch.mm(g2.T, a1, out=G["W2"])
+        torch.sum(g2, 0, out=G["b2"])
+        g1 = (g2 @ P["W2"]).mul_(1 - a1 * a1)
+        torch.sum(g1, 0, out=G["b1"])
+        gW1T = torch.zeros(self.K, g1.shape[1]).index_add_(0, batch.workers, z1 * g1[batch.rows])
+        G["W1"].copy_(gW1T.T).sub_(G["b1"].unsqueeze(1))
+        if fit_q_only:
+            grad_omega.zero_()
+        else:
+            # d/d omega[k,c,:] of -(1/M) sum_i q_ic log psi[k,c,l_ik] = -(1/M) (A[k,c,:] - N[k,c] psi[k,c,:])
+            k = omega.shape[0]
+            A = torch.zeros(k * C, C).index_add_(0, local_workers * C + batch.labels, q[batch.rows])
+            A = A.view(k, C, C).transpose(1, 2)  # [k, c(truth), z(label)]
+            N = A.sum(2, keepdim=True)
+            torch.sub(A, N * log_psi.exp(), out=grad_omega).mul_(-1.0 / M)
+        return loss
+
+    def _grad_views(self, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        cache = getattr(self, "_gcache", None)
+        if cache is None or cache[0] is not grad:
+            self._gcache = (grad, self._views(grad))
+        return self._gcache[1]
+
+    # -- initialisation, training, inference ----------------------------------------------------
+
+    def init_from_majority(self, batch: Triples, mv_labels: torch.Tensor) -> None:
+        """Set ``omega`` from the confusion counts of each worker against the majority vote (+ smoothing)."""
+        truth = torch.as_tensor(mv_labels, dtype=torch.int64)[batch.rows]
+        counts = torch.zeros(self.K * self.C * self.C, dtype=torch.float64)
+        counts.index_add_(0, (batch.workers * self.C + truth) * self.C + batch.labels,
+                          torch.ones(len(batch.rows), dtype=torch.float64))
+        counts = counts.view(self.K, self.C, self.C) + self.cfg.init_smoothing
+        psi = counts / counts.sum(dim=2, keepdim=True)
+        self.params["omega"].copy_(psi.log())
+        self.initialised = True
+
+    def train_chunk(self, data: Triples, seed: int, fit_q_only: bool = False, max_epochs: Optional[int] = None,
+                    progress: ProgressCallback = no_progress, task: str = "training") -> TrainStats:
+        """Algorithm 2.1 lines 11-29 on one chunk: epochs of mini-batches until the loss settles.
+
+        Only the confusion matrices of the chunk's workers have a gradient; the others are left out
+        of the arithmetic and their second moments decayed by gamma^steps at the end, which is
+        exactly what the full update would have done to them (g = 0: v <- gamma v, theta unchanged).
+        """
+        cfg = self.cfg
+        n = data.n_items
+        stats = TrainStats()
+        if n == 0:
+            return stats
+        gen = torch.Generator().manual_seed(int(seed))
+        bs = max(1, cfg.batch_size)
+        epochs = max_epochs if max_epochs is not None else cfg.max_epochs
+        log_prior = self.log_prior()
+        starts, counts = data.offsets()
+        present, local = torch.unique(data.workers, return_inverse=True)
+        data = Triples(data.rows, data.workers, data.labels, n)
+        n_mlp = self.theta.numel() - self.params["omega"].numel()
+        theta_mlp, v_mlp = self.theta[:n_mlp], self.v[:n_mlp]
+        omega = self.params["omega"][present].clone()
+        v_omega = self.v_params["omega"][present].clone()
+        grad = torch.zeros_like(self.theta)
+        grad_mlp = grad[:n_mlp]
+        grad_omega = torch.zeros_like(omega)
+        whole = (data, local) if n <= bs else None
+        prev = None
+        for epoch in range(epochs):
+            total = 0.0
+            if whole is not None:
+                batches = [whole]
+            else:
+                perm = torch.randperm(n, generator=gen)
+                batches = []
+                for s in range(0, n, bs):
+                    items = perm[s:s + bs]
+                    b = data.select(items, starts, counts)
+                    c = counts[items]
+                    idx = torch.repeat_interleave(starts[items] - (torch.cumsum(c, 0) - c), c) + torch.arange(int(c.sum()))
+                    batches.append((b, local[idx]))
+            for batch, lw in batches:
+                loss = self.loss_and_grad(batch, log_prior, grad, fit_q_only=fit_q_only, omega=omega,
+                                          local_workers=lw, grad_omega=grad_omega)
+                self.t += 1
+                rmsclip_step(theta_mlp, grad_mlp, v_mlp, self.t, cfg)
+                if not fit_q_only:
+                    rmsclip_step(omega, grad_omega, v_omega, self.t, cfg)
+                else:
+                    v_omega.mul_(cfg.gamma)
+                total += loss * batch.n_items
+                stats.steps += 1
+            epoch_loss = total / n
+            stats.epochs = epoch + 1
+            stats.loss = epoch_loss
+            progress(ProgressEvent(task, epoch + 1, epochs, {"loss": epoch_loss}))
+            if prev is not None and epoch + 1 >= cfg.min_epochs and abs(prev - epoch_loss) <= cfg.tol * max(abs(prev), 1e-12):
+                break
+            prev = epoch_loss
+        self.v_params["omega"].mul_(cfg.gamma ** stats.steps)
+        self.v_params["omega"][present] = v_omega
+        self.params["omega"][present] = omega
+        progress(ProgressEvent(task, stats.epochs, stats.epochs, {"loss": stats.loss}, done=True))
+        return stats
+
+    def infer(self, data: Triples) -> tuple[np.ndarray, np.ndarray]:
+        """Labels from the learned confusion matrices (Algorithm 2.1 lines 30-31) and their probabilities.
+
+        ``decision="posterior"``: the generative model's posterior p(y|l) ∝ p(y) p(l|y) (eq. 2.1) with
+        the counted prior (eq. 2.10). ``decision="likelihood"``: the chapter's literal rule, argmax of
+        p(l|y), with probabilities = the likelihood normalised over classes (a uniform prior).
+        """
+        score = self._loglik(self.params["omega"], data).double()
+        if self.cfg.decision == "posterior":
+            score = score + self.log_prior().double().unsqueeze(0)
+        elif self.cfg.decision != "likelihood":
+            raise ValueError(f"unknown decision rule {self.cfg.decision!r}")
+        proba = torch.softmax(score, dim=1)
+        return score.argmax(dim=1).numpy(), proba.numpy()
+
+    def q_proba(self, data: Triples) -> np.ndarray:
+        return self._q_forward(self.params, data)[3].exp().double().numpy()
+
+    # -- (de)serialisation: plain tensors, the file format lives in state.py -------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"bila.param.{k}": t.contiguous().clone() for k, t in self.params.items()}
+        out.update({f"bila.v.{k}": t.contiguous().clone() for k, t in self.v_params.items()})
+        out["bila.prior_counts"] = self.prior_counts.contiguous().clone()
+        out["bila.t"] = torch.tensor([self.t], dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], config: BilaConfig, initialised: bool = True) -> "BilaModel":
+        omega = tensors["bila.param.omega"]
+        if omega.dim() != 3 or omega.shape[1] != omega.shape[2]:
+            raise ValueError("omega must have shape (K, C, C)")
+        K, C = int(omega.shape[0]), int(omega.shape[1])
+        h1, h2 = config.hidden
+        expect = {"W1": (h1, K), "b1": (h1,), "W2": (h2, h1), "b2": (h2,), "W3": (C, h2), "b3": (C,),
+                  "omega": (K, C, C)}
+        for k, shape in expect.items():
+            for prefix in ("bila.param.", "bila.v."):
+                t = tensors[prefix + k]
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{prefix}{k} has shape {tuple(t.shape)}, expected {shape}")
+        m = cls.__new__(cls)
+        m.cfg = config
+        m._set({k: tensors[f"bila.param.{k}"] for k in PARAM_ORDER}, {k: tensors[f"bila.v.{k}"] for k in PARAM_ORDER})
+        m.prior_counts = tensors["bila.prior_counts"].clone().double()
+        if tuple(m.prior_counts.shape) != (C,):
+            raise ValueError("prior counts do not match the class count")
+        m.t = int(tensors["bila.t"][0])
+        m.initialised = initialised
+        return m

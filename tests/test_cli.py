@@ -1,0 +1,192 @@
+"""The commands as a user runs them: real processes, real pipes, exit codes, files left intact."""
+
+import json
+import os
+import pty
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+from conftest import ROOT, kd, kd_cmd, sha
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def test_three_process_pipe_steals_the_victim(victim_path, tmp_path):
+    log, student = tmp_path / "q.h5", tmp_path / "student.safetensors"
+    gen = subprocess.Popen(kd_cmd("kd-gen-queries") + ["dataset", "--data", "digits", "--split", "public", "-n", "3000", "--augment"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    q = subprocess.Popen(kd_cmd("kd-query") + [str(victim_path), "--mode", "probs", "--budget", "3000", "--log", str(log)],
+                         stdin=gen.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    gen.stdout.close()
+    d = subprocess.run(kd_cmd("kd-distill") + ["--arch", "lenet5-half", "--epochs", "4", "--optimizer", "adam", "--lr", "0.003",
+                                               "-o", str(student)], stdin=q.stdout, capture_output=True, env=ENV)
+    q.stdout.close()
+    assert gen.wait() == 0 and q.wait() == 0, q.stderr.read().decode()
+    assert d.returncode == 0, d.stderr.decode()
+    r = kd("kd-eval", "accuracy", student, "--data", "digits", "--reference", victim_path, "--json", check=True)
+    report = json.loads(r.stdout)
+    assert report["fidelity"] > 0.8 and report["accuracy"] > 0.8
+    facts = json.loads(kd("kd-eval", "log", log, "--json", check=True).stdout)
+    assert facts["rows"] == facts["spent"] == 3000 and facts["mode"] == "probs"
+    # the log is itself a training set: the same student trains from it without the pipe
+    kd("kd-distill", log, "--arch", "mlp", "--epochs", "1", "-o", tmp_path / "s2.safetensors", check=True)
+    # and the stream on stdout is all data: messages went to stderr
+    assert b"kd-distill" in d.stderr and d.stdout == b""
+
+
+def test_budget_reached_keeps_answers_and_exits_1(victim_path, queries_path, tmp_path):
+    log = tmp_path / "q.h5"
+    out = tmp_path / "answers.kds"
+    p = kd("kd-query", victim_path, queries_path, "--budget", "150", "--log", log, "-o", out)
+    assert p.returncode == 1 and b"budget of 150 reached" in p.stderr
+    assert b"Traceback" not in p.stderr
+    facts = json.loads(kd("kd-eval", "log", log, "--json").stdout)
+    assert facts["rows"] == 150 == facts["spent"]
+    # what it answered before the budget ran out is a usable, complete stream
+    from kdtools.sources import open_samples
+    src = open_samples(out)
+    assert sum(b["x"].shape[0] for b in src) == 150 and src.end["status"] == "budget_exhausted"
+    # a budget below what the log already spent is refused, log untouched
+    before = sha(log)
+    p = kd("kd-query", victim_path, queries_path, "--budget", "100", "--log", log, "-o", tmp_path / "x.kds")
+    assert p.returncode == 1 and b"smaller than the 150 queries" in p.stderr
+    assert sha(log) == before and not (tmp_path / "x.kds").exists()
+
+
+def test_bad_inputs_give_one_line_and_leave_outputs_intact(victim_path, queries_path, tmp_path):
+    keep = tmp_path / "student.safetensors"
+    shutil.copy(victim_path, keep)
+    before = sha(keep)
+    data = Path(queries_path).read_bytes()
+    truncated = tmp_path / "trunc.kds"
+    truncated.write_bytes(data[: len(data) // 2])
+    text = tmp_path / "notes.h5"
+    text.write_text("hello")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["data"] = [1, 2, 3]
+    nan = tmp_path / "nan.kds"
+    kd("kd-gen-queries", "noise", "--shape", "1x28x28", "-n", "4", "-o", nan, check=True)
+    raw = bytearray(nan.read_bytes())
+    # overwrite the first float of the first batch with NaN (little-endian 0x7fc00000)
+    first = raw.index(b'"x"', 200)
+    n0 = int.from_bytes(raw[:8], "little") + 8
+    h1 = int.from_bytes(raw[n0:n0 + 8], "little")
+    raw[n0 + 8 + h1:n0 + 8 + h1 + 4] = bytes.fromhex("0000c07f")
+    nan.write_bytes(bytes(raw))
+    wrong_shape = tmp_path / "rgb.kds"
+    kd("kd-gen-queries", "noise", "--shape", "3x32x32", "-n", "4", "-o", wrong_shape, check=True)
+
+    cases = [
+        (["kd-distill", truncated, "-o", keep], "truncated kdtools stream"),
+        (["kd-distill", text, "-o", keep], "not an HDF5 file"),
+        (["kd-distill", foreign, "-o", keep], "not a kdtools sample set"),
+        (["kd-query", victim_path, truncated, "-o", keep], "truncated"),
+        (["kd-query", victim_path, nan, "-o", keep], "NaN"),
+        (["kd-query", victim_path, wrong_shape, "-o", keep], "queries are 3x32x32 but the oracle takes 1x28x28"),
+    ]
+    for args, message in cases:
+        p = kd(*args)
+        err = p.stderr.decode()
+        assert p.returncode == 1, (args, err)
+        assert message in err, (args, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert sha(keep) == before, args
+
+
+def test_pickled_victim_is_refused(tmp_path, queries_path):
+    import torch
+    from kdtools.models import ImageClassifier
+
+    p = tmp_path / "victim.pth"
+    torch.save(ImageClassifier("mlp", (1, 28, 28), 10), p)
+    r = kd("kd-query", p, queries_path, "-o", tmp_path / "out.kds")
+    assert r.returncode == 1 and b"--trust-pickle" in r.stderr and not (tmp_path / "out.kds").exists()
+    r = kd("kd-query", p, queries_path, "--trust-pickle", "--input-shape", "1x28x28", "-o", tmp_path / "out.kds")
+    assert r.returncode == 0, r.stderr
+
+
+def test_usage_errors_exit_2(victim_path):
+    assert kd("kd-query", victim_path, "--mode", "soft").returncode == 2
+    assert kd("kd-distill", "--epochs", "x", "-o", "y").returncode == 2
+    assert kd("kd-gen-queries", "noise", "-n", "5").returncode == 2  # no shape
+    assert kd("kd-gen-queries", "tandemgan").returncode == 1  # says which issue adds it
+    assert b"issue #4" in kd("kd-gen-queries", "tandemgan").stderr
+
+
+def test_binary_is_never_written_to_a_terminal(tmp_path):
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run(kd_cmd("kd-gen-queries") + ["noise", "--shape", "1x4x4", "-n", "3"], stdout=slave,
+                           stderr=subprocess.PIPE, env=ENV, timeout=120)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert p.returncode == 2 and b"refusing to write a binary stream to a terminal" in p.stderr
+
+
+def test_sigkill_loses_no_answered_batch_and_resume_respects_the_budget(victim_path, queries_path, tmp_path):
+    """kd-query reads batches from a pipe we control; after it has streamed some answers on, kill -9 it."""
+    log = tmp_path / "q.h5"
+    data = Path(queries_path).read_bytes()  # header + 6 batches of 100 + end record
+    q = subprocess.Popen(kd_cmd("kd-query") + [str(victim_path), "--budget", "500", "--log", str(log), "-q"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    from kdtools.stream import read_record
+    pos = 0
+    # feed the header and the first three batches, then wait for three answered batches downstream
+    offsets = []
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 8], "little")
+        header = json.loads(data[pos + 8:pos + 8 + n])
+        size = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] or [0])
+        offsets.append((pos, pos + 8 + n + size))
+        pos += 8 + n + size
+    import threading
+    # write from a thread: kd-query's answers fill its stdout pipe while we are still feeding its stdin
+    feeder = threading.Thread(target=lambda: (q.stdin.write(data[:offsets[3][1]]), q.stdin.flush()), daemon=True)
+    feeder.start()
+    got = [read_record(q.stdout) for _ in range(4)]  # output header + 3 answered batches
+    assert got[-1][0]["kdtools.record"] == "batch"
+    q.send_signal(signal.SIGKILL)
+    q.wait()
+    with h5py.File(log) as f:
+        rows, spent = f["x"].shape[0], int(f.attrs["spent"])
+    assert rows >= 300 and spent >= rows
+    # rerun the whole query set with the same log: answered rows come from the log, the budget holds
+    p = kd("kd-query", victim_path, queries_path, "--budget", "500", "--log", log, "-o", tmp_path / "out.kds")
+    assert p.returncode == 1 and b"budget of 500 reached" in p.stderr
+    assert f"{rows} from the log".encode() in p.stderr or b"replayed" in p.stderr
+    facts = json.loads(kd("kd-eval", "log", log, "--json").stdout)
+    assert facts["spent"] == 500 and facts["rows"] <= 500
+
+
+def test_torchrun_trains_with_two_gloo_processes(victim_path, queries_path, tmp_path):
+    log = tmp_path / "q.h5"
+    kd("kd-query", victim_path, queries_path, "--mode", "probs", "--log", log, "-o", tmp_path / "a.kds", check=True)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed next to this Python")
+    out = tmp_path / "ddp.safetensors"
+    p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kdtools.cli.distill", str(log),
+                        "--arch", "lenet5-half", "--epochs", "2", "--device", "cpu", "-q", "-o", str(out)],
+                       capture_output=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    from kdtools.weights import load_model, read_metadata
+    assert json.loads(read_metadata(out)["options"])["world_size"] == 2
+    assert load_model(out).num_classes == 10
+
+
+def test_resume_flag_continues_training(tmp_path):
+    out = tmp_path / "v.safetensors"
+    kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", "2", "-q", "-o", out, check=True)
+    assert Path(str(out) + ".ckpt").exists()
+    p = kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", "3", "--resume", out, "-o", out, check=True)
+    from kdtools.weights import read_metadata
+    assert read_metadata(out)["epochs_done"] == "3"

@@ -1,0 +1,99 @@
+import h5py
+import pytest
+import torch
+
+from kdtools.errors import KdError
+from kdtools.h5store import SampleWriter, iter_batches, log_info, read_header, write_samples
+from kdtools.sources import open_samples, read_all
+from kdtools.stream import StreamHeader, fields_of
+
+
+def header(mode="probs"):
+    b = {"x": torch.zeros(1, 1, 4, 4, dtype=torch.uint8), "probs": torch.zeros(1, 3)}
+    return StreamHeader("samples", fields_of(b), num_classes=3, mode=mode, extra={"options": {"k": 1}})
+
+
+def batch(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=g),
+            "probs": torch.softmax(torch.randn(n, 3, generator=g), 1)}
+
+
+def test_round_trip_and_layout(tmp_path):
+    p = tmp_path / "log.h5"
+    with SampleWriter(p, header(), oracle="sha256:abc", budget=100) as w:
+        w.reserve(5)
+        w.append(batch(5, 1))
+        w.reserve(3)
+        w.append(batch(3, 2))
+    got = list(iter_batches(p, batch_size=4))
+    assert [g["x"].shape[0] for g in got] == [4, 4]
+    x = torch.cat([g["x"] for g in got])
+    assert torch.equal(x, torch.cat([batch(5, 1)["x"], batch(3, 2)["x"]]))
+    with h5py.File(p) as f:
+        assert f["x"].dtype == "uint8" and f["probs"].dtype == "float32"
+        assert list(f["batch_start"]) == [0, 5] and list(f["batch_rows"]) == [5, 3]
+        assert f.attrs["kdtools.version"] and f.attrs["oracle"] == "sha256:abc"
+    info = log_info(p)
+    assert info == {**info, "rows": 8, "spent": 8, "budget": 100, "batches": 2}
+    assert read_header(p).extra == {"options": {"k": 1}}
+
+
+def test_reopening_resumes_the_accounting(tmp_path):
+    p = tmp_path / "log.h5"
+    with SampleWriter(p, header(), budget=10) as w:
+        w.reserve(4)
+        w.append(batch(4))
+    with SampleWriter(p, header(), budget=10) as w:
+        assert w.rows == 4 and w.spent == 4
+        w.reserve(2)
+        w.append(batch(2))
+    assert log_info(p)["rows"] == 6
+
+
+def test_budget_below_spent_and_other_mode_are_refused(tmp_path):
+    p = tmp_path / "log.h5"
+    with SampleWriter(p, header(), budget=10) as w:
+        w.reserve(6)
+    with pytest.raises(KdError, match="smaller than the 6 queries"):
+        SampleWriter(p, header(), budget=5)
+    with pytest.raises(KdError, match="mode"):
+        SampleWriter(p, StreamHeader("samples", header().fields, 3, mode="label"))
+
+
+def test_not_hdf5_and_foreign_hdf5(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not an hdf5 file at all")
+    with pytest.raises(KdError, match="not an HDF5"):
+        read_header(bad)
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = [1, 2, 3]
+    with pytest.raises(KdError, match="not a kdtools sample set"):
+        open_samples(foreign)
+    with pytest.raises(KdError, match="not an HDF5"):
+        SampleWriter(bad, header())
+    assert bad.read_bytes() == b"not an hdf5 file at all"
+
+
+def test_truncated_hdf5_is_a_clear_error(tmp_path):
+    p = tmp_path / "log.h5"
+    write_samples(p, header(), [batch(50)])
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(KdError):
+        read_all(p)
+
+
+def test_stream_file_and_hdf5_read_the_same(tmp_path):
+    from kdtools.sources import SampleSink
+
+    h = header()
+    for name in ("a.h5", "a.kds"):
+        sink = SampleSink(h, path=tmp_path / name)
+        sink.write(batch(7, 3))
+        sink.close()
+    ha, a = read_all(tmp_path / "a.h5")
+    hb, b = read_all(tmp_path / "a.kds")
+    assert ha.fields == hb.fields and ha.num_classes == hb.num_classes == 3
+    assert torch.equal(a["x"], b["x"]) and torch.equal(a["probs"], b["probs"])

@@ -1,0 +1,98 @@
+import pickle
+
+import pytest
+import torch
+
+from kdtools.errors import KdError, KdUsageError
+from kdtools.models import ARCHITECTURES, ImageClassifier, count_parameters
+from kdtools.weights import load_model, read_metadata, save_model
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_every_zoo_architecture_takes_grey_and_colour_images(arch, shape):
+    if arch in ("resnet34", "vgg19", "vgg16") and shape[0] == 1:
+        pytest.skip("covered by the colour case; keeps the suite fast")
+    m = ImageClassifier(arch, shape, 7).eval()
+    with torch.no_grad():
+        assert m(torch.rand(2, *shape)).shape == (2, 7)
+
+
+def test_lenet5_half_is_the_halved_lenet5():
+    full = ImageClassifier("lenet5", (1, 28, 28), 10)
+    half = ImageClassifier("lenet5-half", (1, 28, 28), 10)
+    assert full.net.features[0].out_channels == 6 and half.net.features[0].out_channels == 3
+    assert count_parameters(half) < count_parameters(full) / 3
+
+
+def test_torchvision_models_and_unknown_names():
+    m = ImageClassifier("torchvision:resnet18", (1, 32, 32), 5).eval()
+    with torch.no_grad():
+        assert m(torch.rand(1, 1, 32, 32)).shape == (1, 5)
+    with pytest.raises(KdUsageError, match="unknown architecture"):
+        ImageClassifier("lenet7", (1, 28, 28), 10)
+
+
+def test_weights_round_trip_rebuilds_the_model_from_the_file_alone(tmp_path):
+    m = ImageClassifier("vgg11", (3, 32, 32), 4, {}, [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]).eval()
+    p = tmp_path / "m.safetensors"
+    save_model(m, p, {"lr": 0.1}, {"eval_accuracy": 0.5})
+    loaded = load_model(p)
+    assert loaded.input_shape == (3, 32, 32) and loaded.num_classes == 4 and loaded.source == "kdtools"
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(m(x), loaded.module(x))
+    meta = read_metadata(p)
+    assert meta["arch"] == "vgg11" and '"lr": 0.1' in meta["options"] and meta["kdtools.version"]
+    assert loaded.identity.startswith("sha256:")
+
+
+def test_torchscript_and_export_victims_are_imported(tmp_path):
+    m = ImageClassifier("lenet5-half", (1, 28, 28), 10).eval()
+    x = torch.rand(2, 1, 28, 28)
+    ts = tmp_path / "victim.pt"
+    torch.jit.save(torch.jit.trace(m, x), str(ts))
+    loaded = load_model(ts, input_shape=(1, 28, 28))
+    assert loaded.source == "torchscript"
+    ep = tmp_path / "victim.pt2"
+    torch.export.save(torch.export.export(m, (x,)), str(ep))
+    loaded2 = load_model(ep, input_shape=(1, 28, 28))
+    assert loaded2.source == "export"
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x), m(x), atol=1e-5) and torch.allclose(loaded2.module(x), m(x), atol=1e-5)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickles_are_refused_unless_trusted(tmp_path):
+    m = ImageClassifier("mlp", (1, 8, 8), 3).eval()
+    p = tmp_path / "victim.pth"
+    torch.save(m, p)
+    with pytest.raises(KdError, match="pickled model.*--trust-pickle"):
+        load_model(p)
+    assert load_model(p, trust_pickle=True).source == "pickle"
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(KdError, match="--trust-pickle"):
+        load_model(raw)
+
+
+def test_state_dict_needs_an_architecture(tmp_path):
+    m = ImageClassifier("mlp", (1, 8, 8), 3)
+    p = tmp_path / "sd.pt"
+    torch.save(m.net.state_dict(), p)
+    with pytest.raises(KdUsageError, match="--arch"):
+        load_model(p)
+    assert load_model(p, arch="mlp", input_shape=(1, 8, 8), num_classes=3).source == "state_dict"
+
+
+def test_truncated_weights_file(tmp_path):
+    p = tmp_path / "m.safetensors"
+    save_model(ImageClassifier("lenet5", (1, 28, 28), 10), p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) - 100])
+    with pytest.raises(KdError):
+        load_model(p)

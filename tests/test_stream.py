@@ -1,0 +1,81 @@
+import io
+import json
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from kdtools.errors import KdError
+from kdtools.stream import StreamHeader, StreamReader, StreamWriter, fields_of
+
+
+def make_stream(n_batches=3, rows=4, end=True):
+    buf = io.BytesIO()
+    batches = [{"x": torch.randint(0, 256, (rows, 1, 5, 5), dtype=torch.uint8), "label": torch.arange(rows) + i}
+               for i in range(n_batches)]
+    w = StreamWriter(buf, StreamHeader("samples", fields_of(batches[0]), num_classes=10, mode="label", extra={"a": 1}))
+    for b in batches:
+        w.write(b)
+    if end:
+        w.close()
+    return buf.getvalue(), batches
+
+
+def test_round_trip_keeps_every_tensor_and_header_field():
+    data, batches = make_stream()
+    r = StreamReader(io.BytesIO(data))
+    assert r.header.kind == "samples" and r.header.num_classes == 10 and r.header.mode == "label"
+    assert r.header.extra == {"a": 1} and r.header.x_shape == (1, 5, 5)
+    got = list(r)
+    assert len(got) == 3
+    for a, b in zip(got, batches):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["label"], b["label"])
+    assert r.end["status"] == "complete" and r.end["rows"] == "12"
+
+
+def test_every_record_is_a_standalone_safetensors_blob():
+    from safetensors.torch import load
+
+    data, batches = make_stream(n_batches=1)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    assert header["__metadata__"]["kdtools.stream"] == "1"
+    second = data[8 + n:]
+    m = int.from_bytes(second[:8], "little")
+    size = max(v["data_offsets"][1] for k, v in json.loads(second[8:8 + m]).items() if k != "__metadata__")
+    tensors = load(second[:8 + m + size])
+    assert torch.equal(tensors["x"], batches[0]["x"])
+
+
+@pytest.mark.parametrize("cut", [3, 20, -1, -5, -200])
+def test_truncated_stream_is_reported(cut):
+    data, _ = make_stream()
+    with pytest.raises(KdError, match="truncated|not a kdtools|empty"):
+        list(StreamReader(io.BytesIO(data[:cut])))
+
+
+def test_stream_without_end_record_is_truncated():
+    data, _ = make_stream(end=False)
+    r = StreamReader(io.BytesIO(data))
+    with pytest.raises(KdError, match="truncated.*after 12 rows"):
+        list(r)
+
+
+@pytest.mark.parametrize("blob", [b"hello world, this is text\n" * 4, b"\x89HDF\r\n\x1a\n" + b"\0" * 40,
+                                  st_save({"w": torch.zeros(2)}), b""])
+def test_foreign_input_is_refused(blob):
+    with pytest.raises(KdError, match="not a kdtools stream|HDF5|empty"):
+        list(StreamReader(io.BytesIO(blob)))
+
+
+def test_newer_schema_is_refused():
+    h = StreamHeader("queries", {"x": {"dtype": "float32", "shape": [1]}}).metadata()
+    h["kdtools.stream"] = "99"
+    with pytest.raises(KdError, match="schema 99"):
+        StreamReader(io.BytesIO(st_save({}, metadata=h)))
+
+
+def test_writer_refuses_batches_that_do_not_match_the_header():
+    w = StreamWriter(io.BytesIO(), StreamHeader("queries", {"x": {"dtype": "uint8", "shape": [1, 2, 2]}}))
+    with pytest.raises(KdError, match="header says"):
+        w.write({"x": torch.zeros(3, 1, 3, 3, dtype=torch.uint8)})

@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+
+from kdtools.errors import KdUsageError
+from kdtools.models import ImageClassifier
+from kdtools.train import (TrainConfig, distillation_loss, load_checkpoint, lr_factor, targets_from, train)
+
+
+def test_cross_entropy_matches_hand_computation():
+    logits = torch.tensor([[2.0, 0.0, 0.0]])
+    # -log(e^2 / (e^2 + 2))
+    expected = -math.log(math.exp(2) / (math.exp(2) + 2))
+    got = distillation_loss(logits, torch.tensor([0]), None, None, "ce", 1.0)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_with_temperature_matches_hand_computation():
+    s = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[0.8, 0.2]])
+    T = 2.0
+    # teacher at T: p^(1/T) renormalised; student: softmax(s/T); loss = T^2 * sum q log(q/r)
+    q = torch.tensor([0.8 ** 0.5, 0.2 ** 0.5])
+    q = q / q.sum()
+    r = torch.softmax(s[0] / T, 0)
+    expected = T * T * float((q * (q / r).log()).sum())
+    got = distillation_loss(s, p.argmax(1), p, None, "kl", T)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # from logits directly: same value as from the probabilities they give
+    tl = torch.tensor([[0.3, -1.1]])
+    a = distillation_loss(s, tl.argmax(1), torch.softmax(tl, 1), tl, "kl", T)
+    b = distillation_loss(s, tl.argmax(1), torch.softmax(tl, 1), None, "kl", T)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
+def test_l1_on_probabilities():
+    s = torch.tensor([[0.0, 0.0]])  # softmax = [0.5, 0.5]
+    p = torch.tensor([[0.9, 0.1]])
+    assert distillation_loss(s, None, p, None, "l1", 1.0).item() == pytest.approx(0.8)
+
+
+def test_topk_answers_are_completed_evenly():
+    t = targets_from({"topk_index": torch.tensor([[2, 0]]), "topk_value": torch.tensor([[0.6, 0.2]])}, 5)
+    assert torch.allclose(t.probs, torch.tensor([[0.2, 0.2 / 3, 0.6, 0.2 / 3, 0.2 / 3]]))
+    assert t.labels.tolist() == [2]
+
+
+def test_soft_losses_need_soft_targets():
+    m = ImageClassifier("mlp", (1, 2, 2), 2)
+    with pytest.raises(KdUsageError, match="soft targets"):
+        train(m, torch.rand(4, 1, 2, 2), targets_from({"label": torch.tensor([0, 1, 0, 1])}, 2),
+              TrainConfig(loss="kl", epochs=1), torch.device("cpu"))
+
+
+def test_schedules():
+    cfg = TrainConfig(epochs=10, schedule="cosine")
+    assert lr_factor(cfg, 0) == 1.0 and lr_factor(cfg, 5) == pytest.approx(0.5)
+    assert lr_factor(TrainConfig(schedule="step", step_size=3), 7) == pytest.approx(0.01)
+
+
+def blobs(n=400, seed=0):
+    """Two classes of 4x4 images: bright top half vs bright bottom half, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.rand(n, 1, 4, 4, generator=g) * 0.5
+    x[y == 0, :, :2] += 0.5
+    x[y == 1, :, 2:] += 0.5
+    return x, y
+
+
+def test_training_learns_a_simple_task():
+    x, y = blobs()
+    m = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [16]})
+    res = train(m, x, targets_from({"label": y}, 2), TrainConfig(epochs=5, lr=0.1, batch_size=32), torch.device("cpu"),
+                eval_set=blobs(200, 1))
+    assert res.last.eval_accuracy > 0.95
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path):
+    x, y = blobs()
+    t = targets_from({"label": y}, 2)
+    cfg = TrainConfig(epochs=4, lr=0.05, batch_size=32, augment=True)
+    torch.manual_seed(1)
+    a = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [8]})
+    b = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [8]})
+    b.load_state_dict(a.state_dict())
+    train(a, x, t, cfg, torch.device("cpu"))
+    ck = tmp_path / "b.ckpt"
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(model, record):
+        if record.epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):  # the run dies after writing its epoch-2 checkpoint
+        train(b, x, t, cfg, torch.device("cpu"), checkpoint=ck, on_epoch_end=kill_after_two)
+    state = load_checkpoint(ck)
+    assert state["epoch"] == 2
+    c = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [8]})
+    res = train(c, x, t, cfg, torch.device("cpu"), resume=state)
+    assert [h.epoch for h in res.history] == [1, 2, 3, 4]
+    for pa, pc in zip(a.parameters(), c.parameters()):
+        assert torch.allclose(pa, pc, atol=1e-6)
