@@ -130,3 +130,51 @@ class QueryStats:
     budget: Optional[int] = None
     status: str = "complete"
     seconds: float = 0.0
+
+
+class BudgetedOracle:
+    """An oracle behind a hard budget, logging every call: what attacks (TandemGAN, DFME, IDEAL, AEDM) use.
+
+    ``query(x, mode)`` takes float images in [0, 1]. Every row counts against the budget, gradient-
+    estimation probes included. The count is reserved in the log (persisted) *before* the oracle is
+    called, and the answers are appended to the log before they are returned, so a crash can waste
+    queries but never overspend or lose a paid answer. When fewer rows remain than asked for, the
+    rows that fit are answered and logged, then BudgetExhausted is raised (its ``partial`` attribute
+    holds those answers).
+    """
+
+    def __init__(self, oracle: Oracle, mode: str, budget: Optional[int] = None, log=None, store_uint8: bool = False):
+        self.oracle = oracle
+        self.mode = mode
+        self.budget = budget
+        self.log = log  # a kdtools.h5store.SampleWriter or None
+        self.store_uint8 = store_uint8
+        self.spent = log.spent if log is not None else 0
+        if budget is not None and self.spent > budget:
+            raise KdError(f"the log already spent {self.spent} queries, more than the budget of {budget}")
+
+    @property
+    def remaining(self) -> Optional[int]:
+        return None if self.budget is None else max(0, self.budget - self.spent)
+
+    def query(self, x: torch.Tensor, mode: Optional[str] = None) -> dict:
+        from .errors import BudgetExhausted
+
+        mode = mode or self.mode
+        n = x.shape[0]
+        fit = n if self.remaining is None else min(n, self.remaining)
+        answers: dict = {}
+        if fit:
+            xq = x[:fit].detach().float().cpu().clamp(0, 1)
+            if self.log is not None:
+                self.log.reserve(fit)
+            self.spent += fit
+            answers = self.oracle.answer(xq, mode)
+            if self.log is not None:
+                stored = (xq * 255).round().to(torch.uint8) if self.store_uint8 else xq
+                self.log.append({"x": stored, **answers})
+        if fit < n:
+            err = BudgetExhausted(f"query budget of {self.budget} reached ({self.spent} spent); {n - fit} queries of the last batch unanswered")
+            err.partial = answers
+            raise err
+        return answers
