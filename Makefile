@@ -33,5 +33,7 @@ test-all: install
 
 bench: install
 	$(PY) benchmarks/foundation.py
+	$(PY) benchmarks/aggregate.py
 
-include recipes/recipes.mk
+# every recipes/*.mk adds its targets to RECIPES
+include $(sort $(wildcard recipes/*.mk))

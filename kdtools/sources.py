@@ -64,7 +64,11 @@ def _closing(it, f):
 
 def read_all(path: Optional[str | Path], stdin: Optional[BinaryIO] = None) -> tuple[StreamHeader, dict]:
     """All rows of a source concatenated into one dict of tensors."""
-    src = open_samples(path, stdin)
+    return collect(open_samples(path, stdin))
+
+
+def collect(src: SampleSource) -> tuple[StreamHeader, dict]:
+    """All rows of an opened source concatenated into one dict of tensors."""
     parts: dict[str, list] = {name: [] for name in src.header.fields}
     for batch in src:
         for name in parts:

@@ -1,5 +1,5 @@
 # <dataset>-<method> recipes. Each chains kd- commands; outputs go under runs/<recipe>/.
-RECIPES := digits-steal mnist-victim fmnist-victim mnist-steal
+RECIPES += digits-steal mnist-victim fmnist-victim mnist-steal
 RUNS ?= runs
 KD := PATH="$(abspath $(VENV))/bin:$$PATH"
 

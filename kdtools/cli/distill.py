@@ -16,10 +16,10 @@ from ..data import load_dataset
 from ..device import resolve_device
 from ..errors import KdError, KdUsageError
 from ..models import ImageClassifier, count_parameters
-from ..sources import read_all
+from ..sources import collect, open_samples
 from ..train import TrainConfig, data_normalization, load_checkpoint, targets_from, train
 from ..weights import load_model, save_model
-from ._common import DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, progress_bars, run_app, stdin_if
+from ._common import DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, warn, progress_bars, run_app, stdin_if
 
 app = make_app("Train a student from a query log / stream (default: stdin) or a classifier from --data.")
 
@@ -107,7 +107,11 @@ def distill(
     else:
         if world > 1 and (input is None or input == "-"):
             raise KdUsageError("under torchrun every rank reads the data: give a file, not stdin")
-        header, batch = read_all(input, stdin_if(input))
+        src = open_samples(input, stdin_if(input))
+        header, batch = collect(src)
+        if src.end and src.end.get("status", "complete") != "complete":
+            warn(f"{src.where}: the input stopped early ({src.end.get('status')}): {src.end.get('message', '')}; "
+                 "training on the rows it holds")
         if header.num_classes is None:
             raise KdError(f"{input or 'stdin'}: the samples carry no answers to learn from (pipe queries through kd-query first)")
         x, num_classes, source = batch["x"], header.num_classes, input or "stdin"
