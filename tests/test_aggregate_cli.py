@@ -156,6 +156,13 @@ def test_simulate_then_aggregate(tmp_path):
     assert (tmp_path / "gold.csv").read_text() == truth.read_text()
     r = run([tmp_path / "labels.csv", "--method", "mv,bila", "--gold", tmp_path / "gold.csv"])
     assert r.returncode == 0, r.stderr
+    # the earlier (always-wrong, rounded) noise draw is still available; an unknown one is a usage error
+    r = run(["simulate", "--truth", truth, "--workers", 3, "--noise", 1.0, "--missing", 0, "--draw", "rounded"])
+    assert r.returncode == 0, r.stderr
+    gold = {f"i{i}": str(i % 10) for i in range(300)}
+    assert all(row["label"] != gold[row["task"]] for row in read_out(r.stdout))
+    r = run(["simulate", "--truth", truth, "--draw", "uniform"])
+    assert r.returncode == 2 and "--draw" in r.stderr
 
 
 # ------------------------------------------------------------------------------------------------

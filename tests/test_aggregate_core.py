@@ -14,7 +14,7 @@ from kdtools.aggregate import crowdio
 from kdtools.aggregate.baselines import dawid_skene, mace, majority_vote
 from kdtools.aggregate.bila import BilaConfig, BilaModel, Triples, bila_loss, clip_bounds, rmsclip_step
 from kdtools.aggregate.online import Aggregator
-from kdtools.aggregate.simulate import bimodal_wrong_labels, simulate_crowd
+from kdtools.aggregate.simulate import bimodal_pmf, bimodal_wrong_labels, simulate_crowd
 from kdtools.errors import KdError
 
 
@@ -332,9 +332,40 @@ def test_bimodal_wrong_labels():
     assert (wrong7 != 7).all()
 
 
+def test_bimodal_pmf_hand_computed():
+    # C = 2: classes sit at 0 and 9 on the paper's axis; density 0.5 N(x; 3, 1) + 0.5 N(x; 7, 0.5)
+    # (without the common 1/sqrt(2 pi)): at 0: 0.5 e^-4.5 + e^-98 = 0.0055545; at 9: 0.5 e^-18 + e^-8 = 0.00033546
+    d0, d9 = 0.5 * math.exp(-4.5) + math.exp(-98), 0.5 * math.exp(-18) + math.exp(-8)
+    assert bimodal_pmf(2) == pytest.approx([d0 / (d0 + d9), d9 / (d0 + d9)], rel=1e-9)
+    p = bimodal_pmf(10)
+    assert p.sum() == pytest.approx(1.0)
+    # class 7: 0.5 e^-8 + e^0 (mode of the narrow component); class 3: 0.5 + e^-32
+    assert p[7] / p[3] == pytest.approx((0.5 * math.exp(-8) + 1.0) / (0.5 + math.exp(-32)), rel=1e-9)
+    assert p.argmax() == 7 and p[9] < 1e-3
+
+
 def test_simulate_crowd_rates():
-    truth = np.random.default_rng(1).integers(0, 10, 3000)
-    crowd = simulate_crowd(truth, 10, n_workers=10, noise=0.6, missing=0.1, seed=0)
-    assert len(crowd.labels) / (3000 * 10) == pytest.approx(0.9, abs=0.01)
-    wrong = (crowd.labels != truth[crowd.items]).mean()
-    assert wrong == pytest.approx(0.6, abs=0.01)
+    truth = np.repeat(np.arange(10), 300)  # exactly uniform classes
+    for draw, wrong_rate in (("rounded", 0.6), ("pmf", 0.6 * (1 - 0.1))):
+        # pmf: a noisy label hits the truth with probability pmf[truth], 1/10 on average over uniform classes
+        crowd = simulate_crowd(truth, 10, n_workers=10, noise=0.6, missing=0.1, seed=0, draw=draw)
+        assert len(crowd.labels) / (3000 * 10) == pytest.approx(0.9, abs=0.01)
+        wrong = (crowd.labels != truth[crowd.items]).mean()
+        assert wrong == pytest.approx(wrong_rate, abs=0.01), draw
+    # pmf: the noisy labels of items whose truth is 0 follow the pmf (class 7 the most frequent)
+    crowd = simulate_crowd(np.zeros(5000, dtype=int), 10, n_workers=4, noise=1.0, missing=0.0, seed=2)
+    freq = np.bincount(crowd.labels, minlength=10) / len(crowd.labels)
+    assert np.abs(freq - bimodal_pmf(10)).max() < 0.01
+    with pytest.raises(KdError):
+        simulate_crowd(truth, 10, draw="uniform")
+
+
+def test_error_curves_hand_computed():
+    from kdtools.aggregate.online import error_curves
+
+    # chunk 1: t1 (a, a, b -> a, right), t2 (b, b -> b, wrong); chunk 2: t3 (c -> c, right), t4 has no gold
+    chunks = [[("t1", "w1", "a"), ("t1", "w2", "a"), ("t1", "w3", "b"), ("t2", "w1", "b"), ("t2", "w2", "b")],
+              [("t3", "w1", "c"), ("t4", "w2", "a")]]
+    gold = {"t1": "a", "t2": "a", "t3": "c"}
+    curves = error_curves(chunks, gold, methods=("mv",))
+    assert curves == {"mv": [(2, pytest.approx(1 / 2)), (4, pytest.approx(1 / 3))]}

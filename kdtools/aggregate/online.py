@@ -223,3 +223,28 @@ class Aggregator:
         return ChunkResult(tasks=[self.tasks.items[t] for t in tasks], labels=[self.classes.items[c] for c in label],
                            confidence=conf, proba=proba, classes=list(self.classes.items), n_labels=len(items),
                            replaced=0, new_workers=0, new_classes=[])
+
+
+def error_curves(chunks: Sequence[Sequence[Row]], gold: dict[str, str], methods: Sequence[str] = ("bila",),
+                 config: Optional[BilaConfig] = None, seed: int = 0,
+                 progress: ProgressCallback = no_progress) -> dict[str, list[tuple[int, float]]]:
+    """Error rate after each chunk for each method: ``{method: [(tasks seen, error in [0, 1]), ...]}``.
+
+    Each method gets a fresh :class:`Aggregator` fed the same chunks in order; the error after a
+    chunk is that of the last label given to every gold task seen so far (the labels emitted chunk
+    by chunk, as in the dissertation's Figure 2.5a). The input for
+    :func:`kdtools.aggregate.plot.plot_error_curves`.
+    """
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for m in methods:
+        agg = Aggregator(m, config=config or BilaConfig(seed=seed), seed=seed)
+        points = []
+        for i, chunk in enumerate(chunks):
+            agg.process(chunk)
+            err, n = agg.error_rate(gold)
+            if n:
+                points.append((len(agg.tasks), err))
+            progress(ProgressEvent(f"error curve {m}", i + 1, len(chunks), {"error": err}))
+        curves[m] = points
+    progress(ProgressEvent("error curves", len(chunks), len(chunks), {}, done=True))
+    return curves

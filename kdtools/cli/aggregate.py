@@ -30,8 +30,10 @@ app = make_app(
 
 sim_app = make_app(
     "Simulate a crowd as in the dissertation: N workers label every item, a label is missing with "
-    "probability --missing and wrong with probability --noise, wrong labels drawn from a bimodal class "
-    "distribution (centres 3.0 and 7.0, sd 1.0 and 0.5). Writes task,worker,label and task,truth.")
+    "probability --missing and drawn from the noise distribution with probability --noise (the paper's "
+    "mislabelling probability): a bimodal distribution over the classes (centres 3.0 and 7.0, sd 1.0 and "
+    "0.5) that may hit the true class (--draw pmf), or a rounded draw that never does (--draw rounded). "
+    "Writes task,worker,label and task,truth.")
 
 
 def _parse_classes(text: Optional[str]) -> Optional[list[str]]:
@@ -295,7 +297,8 @@ def simulate(
     split: str = typer.Option("train", "--split", help="MNIST split: train | test."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N items."),
     workers: int = typer.Option(10, "--workers", help="Workers per item."),
-    noise: float = typer.Option(0.6, "--noise", help="Probability that a label is wrong."),
+    noise: float = typer.Option(0.6, "--noise", help="Probability that a label comes from the noise distribution."),
+    draw: str = typer.Option("pmf", "--draw", help="Noise draw: pmf (the paper's, may hit the truth) | rounded (always wrong)."),
     missing: float = typer.Option(0.1, "--missing", help="Probability that a label is missing."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     output: str = typer.Option("-", "-o", "--output", help="Labels CSV (task,worker,label); '-' = stdout."),
@@ -314,6 +317,8 @@ def simulate(
         raise KdUsageError("--split must be train or test")
     if not 0 <= noise <= 1 or not 0 <= missing < 1:
         raise KdUsageError("--noise must be in [0, 1] and --missing in [0, 1)")
+    if draw not in ("pmf", "rounded"):
+        raise KdUsageError("--draw must be pmf or rounded")
     if workers < 1 or (limit is not None and limit < 1):
         raise KdUsageError("--workers and --limit must be >= 1")
     if mnist:
@@ -337,7 +342,7 @@ def simulate(
     n_classes = max(len(classes), 2) if not mnist else 10
     if len(classes) < 2:
         raise KdError("the true labels hold a single class; a wrong label needs at least two")
-    crowd = simulate_crowd(np.asarray(idx), n_classes, workers, noise, missing, seed)
+    crowd = simulate_crowd(np.asarray(idx), n_classes, workers, noise, missing, seed, draw=draw)
     rows = ((tasks[i], f"w{w}", classes[c]) for i, w, c in zip(crowd.items.tolist(), crowd.workers.tolist(), crowd.labels.tolist()))
     if output == "-":
         crowdio.write_long(sys.stdout, rows)
