@@ -34,6 +34,7 @@ test-all: install
 bench: install
 	$(PY) benchmarks/foundation.py
 	$(PY) benchmarks/aggregate.py
+	$(PY) benchmarks/http_overhead.py
 
 # every recipes/*.mk adds its targets to RECIPES
 include $(sort $(wildcard recipes/*.mk))

@@ -64,7 +64,10 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
 def ensure_victim(work: Path, data_root: Path, epochs: int) -> tuple[Path, float, float]:
     victim = work / "mnist-lenet5.safetensors"
     t0 = time.perf_counter()
-    if not victim.exists():
+    from kdtools.weights import read_metadata
+
+    # kd-distill rewrites the weights after every epoch: reuse a file only if its run finished
+    if not victim.exists() or int(read_metadata(victim).get("epochs_done", 0)) < epochs:
         run(tool("kd-distill") + ["--data", "mnist", "--data-root", str(data_root), "--arch", "lenet5", "--epochs", str(epochs),
                                   "--optimizer", "adam", "--lr", "0.001", "--batch-size", "128", "--augment", "-q", "-o", str(victim)])
     secs = time.perf_counter() - t0

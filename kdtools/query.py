@@ -6,6 +6,9 @@ Order of operations per batch (why: a kill at any point must neither lose a paid
   2. the new rows are cut to what the budget still allows, and that count is *reserved* in the log
      (persisted) before the oracle is called;
   3. the answers are appended to the log and flushed, and only then written downstream.
+An oracle that fails part-way through a batch (an HTTP oracle whose second request fails, a server
+that rejects a query) raises a KdError carrying the answers it did get (``partial``): those are logged
+and written downstream before the error propagates.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from .data import to_float
 from .errors import BudgetExhausted, KdError
 from .h5store import SampleWriter
-from .oracle import Oracle, QueryStats, response_fields
+from .oracle import Oracle, QueryStats, answer_rows, response_fields
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .sources import SampleSource
 from .stream import StreamHeader
@@ -86,7 +89,21 @@ def run_queries(source: SampleSource, oracle: Oracle, mode: str, budget: Optiona
                 log.reserve(paid_rows)
             spent += paid_rows
             stats.paid += paid_rows
-            answer = oracle.answer(to_float(xq), mode)
+            try:
+                answer = oracle.answer(to_float(xq), mode)
+            except KdError as e:
+                # a remote oracle that failed part-way (or a query defence) hands back what it answered
+                # before the failure: those rows were paid for, so they are logged and passed on first
+                partial = getattr(e, "partial", None)
+                if partial and answer_rows(partial):
+                    got = {"x": xq[:answer_rows(partial)], **partial}
+                    if log:
+                        log.append(got)
+                    answered.append(got)
+                if answered and emit:  # rows replayed from the log and the partial answers
+                    emit({k: torch.cat([a[k] for a in answered]) for k in answered[0]})
+                stats.answered += sum(a["x"].shape[0] for a in answered)
+                raise
             new = {"x": xq, **answer}
             if log:
                 log.append(new)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -10,21 +11,32 @@ import typer
 from ..device import resolve_device
 from ..errors import BudgetExhausted, KdUsageError
 from ..h5store import SampleWriter
-from ..oracle import open_oracle, parse_mode
+from ..oracle import RemoteOptions, open_oracle, parse_mode, safe_spec
 from ..query import output_header, run_queries
 from ..sources import open_samples
 from ..weights import parse_shape
-from ._common import DebugOption, DeviceOption, info, make_app, open_sink, progress_bars, run_app, stdin_if
+from ._common import DebugOption, DeviceOption, info, make_app, open_sink, progress_bars, run_app, stdin_if, warn
 
-app = make_app("Answer queries with an oracle (a model file) under a hard budget.\n\n"
+app = make_app("Answer queries with an oracle under a hard budget: a model file, http(s)://HOST:PORT (e.g. kd-serve), "
+               "exec:CMD (a subprocess speaking kdtools streams) or replay:LOG.h5 (answers from a recorded log).\n\n"
                "Reads a query stream on stdin (or INPUT: stream file or HDF5), writes queries + answers as a stream "
                "on stdout (or -o FILE), and appends everything to --log. Rerunning with the same --log resumes: "
                "queries it already answered are replayed from the log, never paid twice.")
 
 
+# Options for remote oracles (http(s)://, exec:), shared with the attack commands (kd-gen-queries).
+ApiKeyEnvOption = typer.Option("KD_API_KEY", "--api-key-env", help="Environment variable holding the HTTP oracle's API key (never logged).")
+TimeoutOption = typer.Option(60.0, "--timeout", help="Seconds to wait for each HTTP answer (or exec: read).")
+RetriesOption = typer.Option(3, "--retries", help="Retries after HTTP 5xx, timeouts and connection errors (exponential backoff).")
+RateLimitOption = typer.Option(None, "--rate-limit", help="At most this many queries per second to an HTTP oracle.")
+WireOption = typer.Option("json", "--wire", help="HTTP body: json (base64 arrays) or stream (binary kdtools stream).")
+OnRejectedOption = typer.Option("error", "--on-rejected", help="Queries a server's defence rejects: error (stop) or flag (log them as label -1 and go on).")
+
+
+
 @app.command()
 def query(
-    oracle: str = typer.Argument(..., help="The victim: kdtools weights (.safetensors), TorchScript (.pt), torch.export (.pt2)."),
+    oracle: str = typer.Argument(..., help="The victim: a model file (.safetensors, TorchScript .pt, torch.export .pt2), http(s)://HOST:PORT, exec:CMD or replay:LOG.h5."),
     input: Optional[str] = typer.Argument(None, help="Queries: stream file or HDF5; default '-' (stdin)."),
     mode: str = typer.Option("label", "--mode", help="label | probs | logits | topk:K"),
     budget: Optional[int] = typer.Option(None, "--budget", help="Hard cap on oracle calls, counting those the log already spent."),
@@ -32,6 +44,12 @@ def query(
     output: str = typer.Option("-", "-o", "--output", help="Where queries + answers go; '-' = stdout."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="CxHxW, for model files that do not record it."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled model file (runs code from it!)."),
+    api_key_env: str = ApiKeyEnvOption,
+    timeout: float = TimeoutOption,
+    retries: int = RetriesOption,
+    rate_limit: Optional[float] = RateLimitOption,
+    wire: str = WireOption,
+    on_rejected: str = OnRejectedOption,
     device: str = DeviceOption,
     no_progress: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     debug: bool = DebugOption,
@@ -39,9 +57,19 @@ def query(
     parse_mode(mode)
     if budget is not None and budget < 0:
         raise KdUsageError("--budget must be >= 0")
-    orc = open_oracle(oracle, resolve_device(device), trust_pickle, parse_shape(input_shape) if input_shape else None)
+    remote = remote_options(api_key_env, timeout, retries, rate_limit, wire, on_rejected)
+    orc = open_oracle(oracle, resolve_device(device), trust_pickle, parse_shape(input_shape) if input_shape else None, remote=remote)
+    try:
+        _run(orc, oracle, input, mode, budget, log, output, remote, no_progress)
+    finally:
+        orc.close()
+
+
+def _run(orc, oracle: str, input, mode, budget, log, output, remote: RemoteOptions, no_progress: bool) -> None:
     source = open_samples(input, stdin_if(input))
-    options = {"oracle": oracle, "mode": mode, "budget": budget, "log": log}
+    options = {"oracle": safe_spec(oracle), "mode": mode, "budget": budget, "log": log}
+    if orc.kind in ("http", "exec"):
+        options["remote"] = remote.public()  # never the key itself
     header = output_header(source.header, orc, mode, options)
     # With a log and a terminal on stdout the answers live in the log alone; without a log they must go somewhere.
     to_stdout = output == "-"
@@ -73,6 +101,30 @@ def query(
         sink.close(status, message)
     info(f"kd-query: answered {stats.answered} queries ({stats.paid} paid, {stats.replayed} replayed from the log) "
          f"in {stats.seconds:.1f} s; spent {stats.spent_total}" + (f" of {budget}" if budget is not None else ""))
+    report_remote(orc)
+
+
+def remote_options(api_key_env: str, timeout: float, retries: int, rate_limit: Optional[float], wire: str, on_rejected: str) -> RemoteOptions:
+    """RemoteOptions from the command line; the API key's value comes from the environment (CLI only)."""
+    if timeout <= 0:
+        raise KdUsageError("--timeout must be positive")
+    if retries < 0:
+        raise KdUsageError("--retries must be >= 0")
+    if rate_limit is not None and rate_limit <= 0:
+        raise KdUsageError("--rate-limit must be positive")
+    if not api_key_env or not api_key_env.replace("_", "").isalnum():
+        raise KdUsageError("--api-key-env takes the NAME of an environment variable, not the key")
+    return RemoteOptions(api_key=os.environ.get(api_key_env) or None, timeout=timeout, retries=retries,
+                         rate_limit=rate_limit, wire=wire, on_rejected=on_rejected)
+
+
+def report_remote(orc) -> None:
+    """What a remote oracle did beyond answering: retries and rejected queries (on stderr)."""
+    if getattr(orc, "retried_rows", 0):
+        warn(f"{orc.identity}: {orc.retried_rows} query rows were re-sent after transient errors "
+             "(counted once in the budget; a server that bills failed requests may have charged them)")
+    if getattr(orc, "rejected_total", 0):
+        warn(f"{orc.identity}: the server's defence rejected {orc.rejected_total} queries (logged with label -1 / empty scores)")
 
 
 def main() -> None:

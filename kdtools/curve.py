@@ -1,0 +1,150 @@
+"""kd-eval curve: substitute accuracy (and fidelity to the victim) against queries spent.
+
+An attack run saves its substitute every so often as ``DIR/checkpoints/substitute-<queries>.safetensors``:
+a kdtools weights file whose metadata key ``queries_spent`` says how many oracle calls had been paid
+when it was saved (the number in the file name is the fallback). ``find_checkpoints`` accepts
+
+  DIR          its checkpoints/ sub-directory if there is one, else the *.safetensors files in DIR
+  LOG.h5       a query log: the checkpoints directory its run recorded (extra "checkpoints"), else
+               the checkpoints/ directory beside the log
+  FILE         one weights file
+
+and ``evaluate_curve`` measures each on a labelled split, with the reference's predictions computed once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import __version__
+from .data import ImageSet
+from .errors import KdError
+from .evaluate import check_input
+from .fileio import atomic_path, sniff
+from .progress import ProgressCallback, ProgressEvent, no_progress
+from .train import predict
+from .weights import load_model, read_metadata
+
+QUERIES_IN_NAME = re.compile(r"-(\d+)\.safetensors$")
+
+
+@dataclass
+class CurvePoint:
+    queries: int
+    accuracy: float
+    fidelity: Optional[float]
+    path: str
+
+
+def queries_of(path: Path) -> int:
+    """The queries a checkpoint was saved at: metadata ``queries_spent``, else ``-<n>.safetensors``."""
+    meta = read_metadata(path)
+    if "queries_spent" in meta:
+        try:
+            return int(json.loads(meta["queries_spent"]))
+        except (ValueError, TypeError):
+            raise KdError(f"{path}: metadata queries_spent={meta['queries_spent']!r} is not a whole number") from None
+    m = QUERIES_IN_NAME.search(path.name)
+    if m:
+        return int(m.group(1))
+    raise KdError(f"{path}: a weights file without queries_spent in its metadata (and no -<queries> in its name)")
+
+
+def _checkpoint_dir_of_log(log: Path) -> Path:
+    from .h5store import read_header
+
+    extra = read_header(log).extra
+    recorded = extra.get("checkpoints") if isinstance(extra, dict) else None
+    if recorded:
+        d = Path(recorded)
+        return d if d.is_absolute() else log.parent / d
+    return log.parent / "checkpoints"
+
+
+def find_checkpoints(inputs: Sequence[str]) -> list[tuple[int, Path]]:
+    """(queries, path) of every checkpoint named by ``inputs``, sorted by queries."""
+    found: list[tuple[int, Path]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+            files = sorted(d.glob("*.safetensors"))
+            if not files:
+                raise KdError(f"{p}: no checkpoints (*.safetensors) in {d}")
+        elif p.is_file() and sniff(p) == "hdf5":
+            d = _checkpoint_dir_of_log(p)
+            files = sorted(d.glob("*.safetensors")) if d.is_dir() else []
+            if not files:
+                raise KdError(f"{p}: a query log, but no checkpoints in {d} (did the run save any?)")
+        elif p.is_file():
+            files = [p]
+        else:
+            raise KdError(f"{p}: no such file or directory")
+        found += [(queries_of(f), f) for f in files]
+    found.sort(key=lambda qp: (qp[0], str(qp[1])))
+    return found
+
+
+def evaluate_curve(checkpoints: Sequence[tuple[int, Path]], data: ImageSet, device: torch.device,
+                   reference: Optional[torch.nn.Module] = None, reference_shape: Optional[tuple] = None,
+                   progress: ProgressCallback = no_progress) -> tuple[list[CurvePoint], Optional[float]]:
+    """Accuracy (and fidelity to ``reference``) of each checkpoint on ``data``; also the reference's accuracy."""
+    if data.y is None:
+        raise KdError(f"{data.name}: no labels to measure accuracy against")
+    ref_pred, ref_acc = None, None
+    if reference is not None:
+        if reference_shape is not None:
+            check_input(reference_shape, data, "the reference")
+        ref_pred = predict(reference.to(device), data.x, device).argmax(1)
+        ref_acc = (ref_pred == data.y).float().mean().item()
+    points = []
+    for i, (queries, path) in enumerate(checkpoints):
+        m = load_model(path)
+        check_input(m.input_shape, data, str(path))
+        pred = predict(m.module.to(device), data.x, device).argmax(1)
+        fid = (pred == ref_pred).float().mean().item() if ref_pred is not None else None
+        points.append(CurvePoint(queries, (pred == data.y).float().mean().item(), fid, str(path)))
+        progress(ProgressEvent("checkpoints", i + 1, len(checkpoints), {"queries": queries}))
+    progress(ProgressEvent("checkpoints", len(checkpoints), len(checkpoints), done=True))
+    return points, ref_acc
+
+
+def curve_json(points: list[CurvePoint], data_name: str, reference: Optional[str], reference_accuracy: Optional[float],
+               options: dict) -> dict:
+    return {"kdtools.version": __version__, "data": data_name, "reference": reference,
+            "reference_accuracy": reference_accuracy, "points": [asdict(p) for p in points], "options": options}
+
+
+def plot_curve(points: list[CurvePoint], path, title: str = "", reference_accuracy: Optional[float] = None,
+               options: Optional[dict] = None) -> None:
+    """Accuracy (and fidelity) against queries as a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; works on servers
+    import matplotlib.pyplot as plt
+
+    q = [p.queries for p in points]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(q, [100 * p.accuracy for p in points], marker="o", label="substitute accuracy")
+    if points and points[0].fidelity is not None:
+        ax.plot(q, [100 * p.fidelity for p in points], marker="s", linestyle="--", label="fidelity to the victim")
+    if reference_accuracy is not None:
+        ax.axhline(100 * reference_accuracy, color="grey", linestyle=":", label="victim accuracy")
+    if q and max(q) > 0 and min(q) > 0 and max(q) / min(q) >= 100:
+        ax.set_xscale("log")  # budgets span orders of magnitude
+    ax.set_xlabel("queries spent")
+    ax.set_ylabel("%")
+    ax.set_title(title or "accuracy vs queries")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    meta = {"Software": f"kdtools {__version__}", "Description": json.dumps(options or {}, default=str)}
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata=meta)
+    plt.close(fig)

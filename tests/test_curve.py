@@ -1,0 +1,73 @@
+"""kd-eval curve: accuracy against queries from the checkpoints an attack run saved."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import kd
+from kdtools.curve import evaluate_curve, find_checkpoints, plot_curve, queries_of
+from kdtools.data import load_dataset
+from kdtools.errors import KdError
+from kdtools.evaluate import evaluate_accuracy
+from kdtools.models import ImageClassifier
+from kdtools.weights import load_model, save_model
+
+
+@pytest.fixture
+def run_dir(victim_path, tmp_path):
+    """A run directory as an attack saves it: an untrained substitute at 100 queries, the victim's
+    weights standing in for a good one at 5000, and one named only by its file name (2000)."""
+    ck = tmp_path / "run" / "checkpoints"
+    ck.mkdir(parents=True)
+    torch.manual_seed(0)
+    save_model(ImageClassifier("lenet5", (1, 28, 28), 10), ck / "substitute-100.safetensors", {}, {"queries_spent": 100})
+    good = load_model(victim_path).module
+    save_model(good, ck / "substitute-5000.safetensors", {}, {"queries_spent": 5000})
+    save_model(good, ck / "substitute-2000.safetensors")  # no metadata: the name says 2000
+    return tmp_path / "run"
+
+
+def test_checkpoints_are_found_and_sorted_by_queries(run_dir, tmp_path):
+    found = find_checkpoints([str(run_dir)])
+    assert [q for q, _ in found] == [100, 2000, 5000]
+    assert find_checkpoints([str(run_dir / "checkpoints")]) == found
+    # a query log finds the checkpoints/ beside it
+    from kdtools.h5store import SampleWriter
+    from kdtools.stream import StreamHeader
+
+    header = StreamHeader("samples", {"x": {"dtype": "uint8", "shape": [1, 28, 28]}, "label": {"dtype": "int64", "shape": []}}, 10, mode="label")
+    SampleWriter(run_dir / "q.h5", header, "test").close()
+    assert find_checkpoints([str(run_dir / "q.h5")]) == found
+    bad = tmp_path / "nameless.safetensors"
+    save_model(ImageClassifier("mlp", (1, 28, 28), 10), bad)
+    with pytest.raises(KdError, match="without queries_spent"):
+        queries_of(bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KdError, match="no checkpoints"):
+        find_checkpoints([str(tmp_path / "empty")])
+
+
+def test_curve_values_equal_kd_eval_accuracy(run_dir, victim_path, tmp_path):
+    ds = load_dataset("digits", "test")
+    victim = load_model(victim_path)
+    points, ref_acc = evaluate_curve(find_checkpoints([str(run_dir)]), ds, torch.device("cpu"), victim.module, victim.input_shape)
+    for p in points:
+        m = load_model(p.path)
+        r = evaluate_accuracy(m.module, p.path, m.input_shape, ds, torch.device("cpu"), victim.module, "victim")
+        assert p.accuracy == pytest.approx(r.accuracy) and p.fidelity == pytest.approx(r.fidelity)
+    assert points[-1].fidelity == 1.0 and points[-1].accuracy == pytest.approx(ref_acc)
+    assert points[0].accuracy < 0.5  # untrained
+    plot_curve(points, tmp_path / "c.png", "test", ref_acc, {"x": 1})
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kd_eval_curve_command(run_dir, victim_path, tmp_path):
+    png = tmp_path / "curve.png"
+    p = kd("kd-eval", "curve", run_dir, "--data", "digits", "--reference", victim_path, "--plot", png, "--json", check=True)
+    doc = json.loads(p.stdout)
+    assert [pt["queries"] for pt in doc["points"]] == [100, 2000, 5000]
+    assert doc["points"][2]["fidelity"] == 1.0 and doc["kdtools.version"]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    p = kd("kd-eval", "curve", tmp_path / "nowhere", "--data", "digits")
+    assert p.returncode == 1 and b"no such file or directory" in p.stderr and b"Traceback" not in p.stderr

@@ -1,0 +1,318 @@
+"""Oracles beyond the model file: HTTP (against a scripted fake server on 127.0.0.1), exec: and replay:.
+
+Every fault the issue names is here: timeouts, 500s, malformed JSON, the wrong number of answers, a
+subprocess that dies, a budget reached mid-batch; each gives one clear KdError, retries stay bounded,
+and whatever was answered before the fault is in the log.
+"""
+
+import json
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from conftest import ROOT
+from kdtools.errors import BudgetExhausted, KdError, KdUsageError
+from kdtools.h5store import SampleWriter, iter_batches, log_info
+from kdtools.oracle import (BudgetedOracle, ExecOracle, HttpOracle, ModelOracle, QueryRejected, RateLimiter, RemoteOptions,
+                            ReplayOracle, decode_array, encode_array, open_oracle, wire_images)
+from kdtools.query import output_header, run_queries
+from kdtools.sources import open_samples
+from kdtools.stream import StreamHeader
+from kdtools.weights import load_model
+
+SECRET = "sk-test-9f8e7d6c5b4a"
+
+
+class FakeServer:
+    """A scripted kdtools oracle server: each POST takes the next behaviour from ``script`` (the last
+    one repeats). Answers are label = (sum of the row's uint8 pixels) mod 10, so they are checkable."""
+
+    def __init__(self, script, delay=0.0):
+        self.script = list(script)
+        self.delay = delay
+        self.posts = 0
+        self.auth = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def reply(self, status, body: bytes, ctype="application/json"):
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self.reply(200, json.dumps({"protocol": 1, "input_shape": [1, 4, 4], "num_classes": 10,
+                                            "modes": ["label"], "max_batch": 1000}).encode())
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                fake.auth.append(self.headers.get("Authorization"))
+                what = fake.script[min(fake.posts, len(fake.script) - 1)]
+                fake.posts += 1
+                req = json.loads(body)
+                x = decode_array(req["inputs"], torch.float32, "test")
+                labels = (x.flatten(1).long().sum(1) % 10).tolist()
+                n = len(labels)
+                if what == "ok":
+                    self.reply(200, json.dumps({"answers": {"label": labels}, "n": n}).encode())
+                elif what == "500":
+                    self.reply(500, json.dumps({"error": f"backend down (key {SECRET})"}).encode())
+                elif what == "slow":
+                    time.sleep(fake.delay)
+                    self.reply(200, json.dumps({"answers": {"label": labels}}).encode())
+                elif what == "badjson":
+                    self.reply(200, b'{"answers": {"label": [1, 2,', "application/json")
+                elif what == "short":
+                    self.reply(200, json.dumps({"answers": {"label": labels[:-1]}}).encode())
+                elif what == "badlabel":
+                    self.reply(200, json.dumps({"answers": {"label": [11] * n}}).encode())
+                elif what == "quota":
+                    self.reply(429, json.dumps({"error": "query quota exhausted"}).encode())
+                elif what == "reject-odd":  # a defence refusing every odd row
+                    self.reply(200, json.dumps({"answers": {"label": labels}, "rejected": [i % 2 == 1 for i in range(n)]}).encode())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    servers = []
+
+    def start(script, delay=0.0):
+        s = FakeServer(script, delay)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def queries(n):
+    """n distinct 1x4x4 uint8-valued images as floats in [0, 1], and their expected fake labels."""
+    x = torch.arange(n * 16).reshape(n, 1, 4, 4) % 256
+    return x.float() / 255, (x.flatten(1).sum(1) % 10)
+
+
+def opts(**kw):
+    base = dict(retries=2, backoff=0.01, timeout=5.0)
+    return RemoteOptions(**{**base, **kw})
+
+
+def test_http_answers_and_sends_the_key_in_a_header(fake):
+    s = fake(["ok"])
+    orc = HttpOracle(s.url, opts(api_key=SECRET))
+    x, want = queries(5)
+    assert orc.input_shape == (1, 4, 4) and orc.num_classes == 10 and orc.identity == s.url
+    assert torch.equal(orc.answer(x, "label")["label"], want)
+    assert s.auth == [f"Bearer {SECRET}"]
+    with pytest.raises(KdError, match="answers in mode label, not 'probs'"):
+        orc.answer(x, "probs")
+
+
+def test_http_500_is_retried_with_backoff_then_answers(fake):
+    s = fake(["500", "500", "ok"])
+    delays = []
+    orc = HttpOracle(s.url, opts(retries=3, backoff=0.5), sleep=delays.append)
+    x, want = queries(4)
+    assert torch.equal(orc.answer(x, "label")["label"], want)
+    assert delays == [0.5, 1.0]  # exponential backoff
+    assert s.posts == 3 and orc.retried_rows == 8
+
+
+def test_http_500_forever_gives_up_after_bounded_attempts_without_leaking_the_key(fake):
+    s = fake(["500"])
+    orc = HttpOracle(s.url, opts(retries=2, api_key=SECRET), sleep=lambda d: None)
+    with pytest.raises(KdError, match=r"server error \(HTTP 500.*gave up after 3 attempts") as e:
+        orc.answer(queries(2)[0], "label")
+    assert s.posts == 3
+    assert SECRET not in str(e.value) and "***" in str(e.value)  # the server echoed the key; we scrub it
+
+
+def test_http_timeout_is_retried_then_a_clear_error(fake):
+    s = fake(["slow"], delay=1.5)
+    orc = HttpOracle(s.url, opts(timeout=0.3, retries=1))
+    t0 = time.monotonic()
+    with pytest.raises(KdError, match=r"no answer within 0.3 s \(gave up after 2 attempts\)"):
+        orc.answer(queries(2)[0], "label")
+    assert time.monotonic() - t0 < 1.5 and s.posts == 2
+
+
+@pytest.mark.parametrize("what, message", [("badjson", "not valid JSON"), ("short", "answered 2 rows for 3 queries"),
+                                           ("badlabel", "class index outside 0..9"), ("quota", "quota for this key is exhausted")])
+def test_http_bad_answers_fail_at_once_without_retrying(fake, what, message):
+    s = fake([what])
+    orc = HttpOracle(s.url, opts(retries=5), sleep=lambda d: None)
+    with pytest.raises(KdError, match=message):
+        orc.answer(queries(3)[0], "label")
+    assert s.posts == 1
+
+
+def test_a_failure_part_way_keeps_what_was_answered_in_the_log(fake, tmp_path):
+    """max_batch 2: six queries go out as three requests; the third gets malformed JSON."""
+    s = fake(["ok", "ok", "badjson"])
+    orc = HttpOracle(s.url, opts(max_batch=2))
+    x, want = queries(6)
+    header = StreamHeader("samples", {"x": {"dtype": "float32", "shape": [1, 4, 4]}, "label": {"dtype": "int64", "shape": []}}, 10, mode="label")
+    log = SampleWriter(tmp_path / "q.h5", header, orc.identity)
+    bo = BudgetedOracle(orc, "label", budget=100, log=log)
+    with pytest.raises(KdError, match="not valid JSON"):
+        bo.query(x)
+    log.close()
+    facts = log_info(tmp_path / "q.h5")
+    assert facts["spent"] == 6 and facts["rows"] == 4  # reserved before the call; the 4 answers kept
+    assert torch.equal(next(iter_batches(tmp_path / "q.h5"))["label"], want[:4])
+
+
+def test_budget_reached_mid_batch_answers_and_logs_what_fits(fake, tmp_path):
+    s = fake(["ok"])
+    orc = HttpOracle(s.url, opts())
+    x, want = queries(8)
+    header = StreamHeader("samples", {"x": {"dtype": "float32", "shape": [1, 4, 4]}, "label": {"dtype": "int64", "shape": []}}, 10, mode="label")
+    with SampleWriter(tmp_path / "q.h5", header, orc.identity, budget=5) as log:
+        bo = BudgetedOracle(orc, "label", budget=5, log=log)
+        with pytest.raises(BudgetExhausted) as e:
+            bo.query(x)
+    assert torch.equal(e.value.partial["label"], want[:5])
+    facts = log_info(tmp_path / "q.h5")
+    assert facts["rows"] == facts["spent"] == 5 and s.posts == 1
+
+
+def test_rejected_rows_error_keeps_the_prefix_or_flag_marks_them(fake, tmp_path):
+    s = fake(["reject-odd"])
+    x, want = queries(4)
+    orc = HttpOracle(s.url, opts())
+    with pytest.raises(QueryRejected, match="rejected 2 of 4 queries") as e:
+        orc.answer(x, "label")
+    assert torch.equal(e.value.partial["label"], want[:1])  # rows before the first rejected one
+    orc = HttpOracle(s.url, opts(on_rejected="flag"))
+    got = orc.answer(x, "label")["label"]
+    assert got.tolist() == [want[0].item(), -1, want[2].item(), -1] and orc.rejected_total == 2
+
+
+def test_rate_limiter_spaces_requests():
+    now = [0.0]
+    slept = []
+
+    def sleep(d):
+        slept.append(round(d, 6))
+        now[0] += d
+
+    rl = RateLimiter(100.0, clock=lambda: now[0], sleep=sleep)
+    rl.wait(50)  # first request goes at once
+    rl.wait(50)  # 50 queries at 100/s: the next may go 0.5 s later
+    now[0] += 2.0  # idle time is not banked beyond the next slot
+    rl.wait(10)
+    assert slept == [0.5]
+
+
+def test_wire_encoding_round_trips_and_picks_uint8_only_when_lossless():
+    x = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
+    assert wire_images(x.float() / 255).dtype == torch.uint8
+    assert torch.equal(decode_array(encode_array(x), torch.uint8, "t"), x)
+    f = torch.rand(2, 3)
+    assert wire_images(f.view(2, 1, 1, 3)).dtype == torch.float32
+    assert torch.equal(decode_array(encode_array(f), torch.float32, "t"), f)
+    with pytest.raises(KdError, match="holds 4 bytes"):
+        decode_array({"dtype": "float32", "shape": [2], "data": "AAAAAA=="}, torch.float32, "t")
+
+
+def test_open_oracle_refuses_keys_in_urls_and_shapeless_exec():
+    with pytest.raises(KdUsageError, match="credentials"):
+        open_oracle(f"http://user:{SECRET}@127.0.0.1:9/", torch.device("cpu"))
+    with pytest.raises(KdUsageError, match="--input-shape"):
+        open_oracle("exec:cat", torch.device("cpu"))
+    with pytest.raises(KdError, match="connection failed.*gave up after 1 attempt"):
+        open_oracle("http://127.0.0.1:9", torch.device("cpu"), remote=RemoteOptions(retries=0, timeout=2))
+
+
+CHILD = textwrap.dedent("""
+    # A stand-in victim speaking kdtools streams: label = 3 for every row. It dies (exit 7) on batch DIE.
+    import sys, torch
+    sys.path.insert(0, {root!r})
+    from kdtools.stream import StreamHeader, StreamReader, StreamWriter
+    reader = StreamReader(sys.stdin.buffer, "stdin")
+    out = StreamWriter(sys.stdout.buffer, StreamHeader("samples", {{"label": {{"dtype": "int64", "shape": []}}}}, 10, mode="label"))
+    for i, batch in enumerate(reader):
+        if i == {die}:
+            print("victim: out of memory", file=sys.stderr, flush=True)
+            sys.exit(7)
+        out.write({{"label": torch.full((batch["x"].shape[0],), 3, dtype=torch.long)}})
+    out.close()
+""")
+
+
+def test_exec_oracle_that_dies_mid_run_is_a_clear_error(tmp_path):
+    script = tmp_path / "victim.py"
+    script.write_text(CHILD.format(root=str(ROOT), die=1))
+    orc = ExecOracle(f"{sys.executable} {script}", (1, 4, 4), RemoteOptions(timeout=60))
+    assert orc.num_classes == 10 and orc.mode == "label"
+    assert orc.answer(queries(3)[0], "label")["label"].tolist() == [3, 3, 3]
+    with pytest.raises(KdError, match=r"died while answering \(it exited with code 7\); its last message: victim: out of memory"):
+        orc.answer(queries(2)[0], "label")
+    with pytest.raises(KdError, match="died before this batch"):
+        orc.answer(queries(2)[0], "label")
+    orc.close()
+
+
+def test_exec_oracle_that_hangs_times_out(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text("import time\ntime.sleep(30)\n")
+    t0 = time.monotonic()
+    with pytest.raises(KdError, match="no answer within 0.5 s"):
+        ExecOracle(f"{sys.executable} {script}", (1, 4, 4), RemoteOptions(timeout=0.5))
+    assert time.monotonic() - t0 < 15
+
+
+def test_exec_kd_query_child_equals_the_model_file(victim_path, queries_path):
+    local = ModelOracle(load_model(victim_path))
+    x = next(iter(open_samples(queries_path)))["x"][:50].float() / 255
+    orc = open_oracle(f"exec:{sys.executable} -m kdtools.cli.query {victim_path} --mode probs -q", torch.device("cpu"),
+                      input_shape=(1, 28, 28))
+    try:
+        got = orc.answer(x, "probs")["probs"]
+        assert torch.allclose(got, local.answer(x, "probs")["probs"], atol=1e-6)
+        # label and topk are derived from the child's probabilities
+        assert torch.equal(orc.answer(x, "label")["label"], local.answer(x, "label")["label"])
+        assert torch.equal(orc.answer(x, "topk:3")["topk_index"], local.answer(x, "topk:3")["topk_index"])
+    finally:
+        orc.close()
+    assert orc.proc.returncode == 0
+
+
+def test_replay_round_trip_and_unknown_queries(victim_path, queries_path, tmp_path):
+    local = ModelOracle(load_model(victim_path))
+    src = open_samples(queries_path)
+    with SampleWriter(tmp_path / "q.h5", output_header(src.header, local, "probs", {}), local.identity) as log:
+        run_queries(src, local, "probs", None, log)
+    rep = ReplayOracle(str(tmp_path / "q.h5"))
+    assert rep.identity == local.identity and rep.rows == 600
+    batch = next(iter(open_samples(queries_path)))
+    x = batch["x"].float() / 255
+    idx = torch.tensor([5, 0, 99, 5])  # any order, repeats allowed
+    assert torch.equal(rep.answer(x[idx], "probs")["probs"], local.answer(x[idx], "probs")["probs"])
+    assert torch.equal(rep.answer(x[idx], "label")["label"], local.answer(x[idx], "label")["label"])
+    with pytest.raises(KdError, match=r"1 of 2 queries are not in the log \(first: row 1"):
+        rep.answer(torch.cat([x[:1], torch.rand(1, 1, 28, 28)]), "probs")
+    with pytest.raises(KdError, match="does not give 'logits'"):
+        rep.answer(x[:1], "logits")
