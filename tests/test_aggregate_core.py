@@ -108,10 +108,12 @@ def test_zero_gradient_leaves_parameter_and_decays_moment():
     assert float(theta) == 3.0 and float(v) == pytest.approx(0.45)
 
 
-def test_training_only_present_workers_matches_full_update():
-    """train_chunk skips absent workers' confusion matrices; that must equal the full-vector update."""
+@pytest.mark.parametrize("step_count", ["global", "per-parameter"])
+def test_training_only_present_workers_matches_full_update(step_count):
+    """train_chunk skips absent workers' confusion matrices; that must equal the full-vector update
+    (with per-parameter counts too: every element existed from the start, so t_i = t)."""
     torch.manual_seed(0)
-    cfg = BilaConfig(max_epochs=3, min_epochs=3, batch_size=4)
+    cfg = BilaConfig(max_epochs=3, min_epochs=3, batch_size=4, step_count=step_count)
     m = BilaModel(5, 2, cfg)
     m.prior_counts = torch.tensor([4.0, 3.0], dtype=torch.float64)
     m.v.uniform_(0, 0.01)
@@ -126,6 +128,8 @@ def test_training_only_present_workers_matches_full_update():
         ref.t += 1
         rmsclip_step(ref.theta, grad, ref.v, ref.t, cfg)
     assert m.t == ref.t == 3
+    if step_count != "global":
+        assert torch.equal(m.steps, torch.full_like(m.steps, 3.0))  # absent workers' counts advance too
     assert torch.allclose(m.theta, ref.theta, atol=1e-6)
     assert torch.allclose(m.v, ref.v, atol=1e-9)
 

@@ -20,6 +20,10 @@
   with the dynamic bounds of AdaBound (the paper's choice, its ref. [102]):
   ``eta_l(t) = final_lr (1 - 1/(bound_gamma t + 1))``, ``eta_u(t) = final_lr (1 + 1/(bound_gamma t))``.
   ``eps`` (1e-8) only guards the division for parameters that never had a gradient.
+  The step count ``t`` is one number for the whole stream (``step_count="global"``, the algorithm as
+  written) or one ``t_i`` per element counted from the element's creation ("per-parameter",
+  "sparse"; see STEP_COUNTS): parameters added when the model grows then start their optimiser
+  state fresh, as every parameter does at the start of the algorithm.
 * Initialisation (Algorithm 2.1, line 4): ``omega`` from majority voting on the initial set (the
   smoothed confusion counts of each worker against the majority label, ``omega = log psi``), then
   ``q`` is fitted to the posterior of that initial model (``omega`` frozen) before joint training.
@@ -43,6 +47,18 @@ from ..progress import ProgressCallback, ProgressEvent, no_progress
 
 PARAM_ORDER = ("W1", "b1", "W2", "b2", "W3", "b3", "omega")
 
+# How the optimiser's step count t (Algorithm 2.1 lines 1 and 29) is kept:
+# * "global": one t for all parameters over the life of the state, as the algorithm is written;
+# * "per-parameter": t_i for each element, counting every optimisation step since the element was
+#   created (a new worker's confusion matrix and input column, a new class's entries start at t_i = 0,
+#   exactly as every parameter does at the start of the paper's algorithm);
+# * "sparse": like "per-parameter", but a worker's confusion matrix only counts (and only updates its
+#   second moment) in steps whose mini-batch holds a label of that worker, the lazy/sparse-Adam
+#   reading; while frozen (fitting q at initialisation) it does not count either.
+# With a fixed set of workers all known from the start, "per-parameter" is "global" exactly; so is
+# "sparse" when every worker labels every batch (and there is no frozen-omega phase).
+STEP_COUNTS = ("global", "per-parameter", "sparse")
+
 
 @dataclass
 class BilaConfig:
@@ -62,7 +78,15 @@ class BilaConfig:
     init_epochs: int = 20  # epochs fitting q to the majority-vote initial model
     init_smoothing: float = 1.0  # pseudo-count added to each confusion-count cell at initialisation
     decision: str = "likelihood"  # "posterior": argmax p(y) p(l|y) (eq. 2.1); "likelihood": argmax p(l|y)
+    # which step count t the optimiser uses (STEP_COUNTS below): one t for the whole stream as
+    # Algorithm 2.1 is written ("global"), or one t_i per parameter element, started when that element
+    # was created ("per-parameter", "sparse"); all three agree while no parameter is added
+    step_count: str = "global"
     seed: int = 0
+
+    def __post_init__(self):
+        if self.step_count not in STEP_COUNTS:
+            raise ValueError(f"unknown step count {self.step_count!r} (expected one of {', '.join(STEP_COUNTS)})")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -96,18 +120,50 @@ def clip_bounds(t: int, final_lr: float, bound_gamma: float) -> tuple[float, flo
     return lower, upper
 
 
-def rmsclip_step(theta: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, t: int, cfg: BilaConfig) -> torch.Tensor:
-    """One update of Algorithm 2.1 lines 24-29, in place on ``theta`` and ``v``; returns eta_t."""
+def rmsclip_step(theta: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, t, cfg: BilaConfig,
+                 active: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One update of Algorithm 2.1 lines 24-29, in place on ``theta`` and ``v``; returns eta_t.
+
+    ``t`` is the step number: an int (one t for every element, the algorithm as written) or a tensor
+    of per-element step numbers t_i (already counting this step), shaped like ``theta`` or
+    broadcastable to it (e.g. one count per column of W1). ``active`` (bool, like ``theta``) limits
+    the update to some elements: the others keep their ``v`` (no decay) and ``theta``; their
+    returned rate is 0. Elements with t_i = 0 must be inactive.
+    """
     with torch.no_grad():
-        v.mul_(cfg.gamma).addcmul_(grad, grad, value=1.0 - cfg.gamma)
-        mu_t = cfg.lr * math.sqrt(1.0 - cfg.gamma ** t)
-        lower, upper = clip_bounds(t, cfg.final_lr, cfg.bound_gamma)
-        eta = v.sqrt().add_(cfg.eps).reciprocal_().mul_(mu_t).clamp_(lower, upper)
-        theta.addcmul_(eta, grad, value=-1.0 / math.sqrt(t))
-    return eta / math.sqrt(t)
+        if not isinstance(t, torch.Tensor) and active is None:
+            # one t for all elements (the fast path; the arithmetic of the global step count)
+            v.mul_(cfg.gamma).addcmul_(grad, grad, value=1.0 - cfg.gamma)
+            mu_t = cfg.lr * math.sqrt(1.0 - cfg.gamma ** t)
+            lower, upper = clip_bounds(t, cfg.final_lr, cfg.bound_gamma)
+            eta = v.sqrt().add_(cfg.eps).reciprocal_().mul_(mu_t).clamp_(lower, upper)
+            theta.addcmul_(eta, grad, value=-1.0 / math.sqrt(t))
+            return eta / math.sqrt(t)
+        if not isinstance(t, torch.Tensor):
+            t = torch.full_like(theta, float(t))
+        t_el = t.to(theta.dtype).clamp_min(1.0)  # the clamp only guards inactive elements (t_i = 0)
+        # the same formulas, element by element: mu_t = mu sqrt(1 - gamma^t), clip, / sqrt(t)
+        mu_t = torch.pow(cfg.gamma, t_el).neg_().add_(1.0).sqrt_().mul_(cfg.lr)
+        lower, upper = clip_bounds(t_el, cfg.final_lr, cfg.bound_gamma)
+        if active is None:
+            v.mul_(cfg.gamma).addcmul_(grad, grad, value=1.0 - cfg.gamma)
+        else:
+            v.copy_(torch.where(active, v.mul(cfg.gamma).addcmul_(grad, grad, value=1.0 - cfg.gamma), v))
+        eta = torch.clamp(v.sqrt().add_(cfg.eps).reciprocal_().mul_(mu_t), lower, upper).div_(t_el.sqrt())
+        if active is not None:
+            eta = torch.where(active, eta, torch.zeros((), dtype=eta.dtype))
+        theta.addcmul_(eta, grad, value=-1.0)
+    return eta
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _pad_zeros(old: torch.Tensor, shape) -> torch.Tensor:
+    """A zero tensor of ``shape`` holding ``old`` in its leading corner (each axis can only grow)."""
+    new = torch.zeros(tuple(shape), dtype=old.dtype)
+    new[tuple(slice(0, n) for n in old.shape)] = old
+    return new
 
 
 def _xavier(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
@@ -207,13 +263,24 @@ class BilaModel:
 
     # -- parameters ---------------------------------------------------------------------------
 
-    def _set(self, params: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> None:
+    def _set(self, params: dict[str, torch.Tensor], v: dict[str, torch.Tensor],
+             steps: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Lay out parameters, second moments and per-element step counts as flat vectors.
+
+        ``steps`` (the t_i of the per-parameter step counts: optimiser steps each element has taken
+        since it was created) defaults to zeros; with ``step_count="global"`` it stays unused.
+        """
         self.K, self.C = int(params["omega"].shape[0]), int(params["omega"].shape[1])
         self.shapes = {k: tuple(params[k].shape) for k in PARAM_ORDER}
         self.theta = torch.cat([params[k].reshape(-1).float() for k in PARAM_ORDER])
         self.v = torch.cat([v[k].reshape(-1).float() for k in PARAM_ORDER])
+        if steps is None:
+            self.steps = torch.zeros_like(self.theta)
+        else:
+            self.steps = torch.cat([steps[k].reshape(-1).float() for k in PARAM_ORDER])
         self.params = self._views(self.theta)
         self.v_params = self._views(self.v)
+        self.steps_params = self._views(self.steps)
 
     def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         out, i = {}, 0
@@ -245,7 +312,8 @@ class BilaModel:
         with zero input weights, so ``q`` is unchanged for items they did not label. A new class gets
         a zero output unit; in every confusion matrix it gets a row shaped like the worker's own
         (its mean diagonal and off-diagonal log-probabilities) and a column as likely as the
-        worker's average off-diagonal cell. Optimiser moments of new entries start at zero.
+        worker's average off-diagonal cell. The optimiser state of new entries starts fresh: second
+        moment 0 and per-element step count 0 (used by ``step_count`` "per-parameter"/"sparse").
         """
         K2, C2 = int(n_workers), int(n_classes)
         if K2 < self.K or C2 < self.C:
@@ -253,7 +321,6 @@ class BilaModel:
         if K2 == self.K and C2 == self.C:
             return
         p = {k: t.clone() for k, t in self.params.items()}
-        v = {k: t.clone() for k, t in self.v_params.items()}
         K, C = self.K, self.C
         omega = p["omega"]
         if C2 > C:
@@ -274,10 +341,6 @@ class BilaModel:
             W3 = torch.zeros(C2, p["W3"].shape[1]); W3[:C] = p["W3"]
             b3 = torch.full((C2,), float(p["b3"].mean()) if C else 0.0); b3[:C] = p["b3"]
             p["W3"], p["b3"] = W3, b3
-            vo = torch.zeros(K, C2, C2); vo[:, :C, :C] = v["omega"]
-            vW3 = torch.zeros(C2, W3.shape[1]); vW3[:C] = v["W3"]
-            vb3 = torch.zeros(C2); vb3[:C] = v["b3"]
-            v["omega"], v["W3"], v["b3"] = vo, vW3, vb3
             pc = torch.zeros(C2, dtype=torch.float64); pc[:C] = self.prior_counts
             self.prior_counts = pc
             C = C2
@@ -295,11 +358,11 @@ class BilaModel:
             omega = new
             W1 = torch.zeros(p["W1"].shape[0], K2); W1[:, :K] = p["W1"]
             p["W1"] = W1
-            vW1 = torch.zeros_like(W1); vW1[:, :K] = v["W1"]
-            vo = torch.zeros(K2, C, C); vo[:K] = v["omega"]
-            v["W1"], v["omega"] = vW1, vo
         p["omega"] = omega
-        self._set(p, v)
+        # optimiser state: old entries keep theirs; new entries (new rows/columns, always at the end
+        # of each axis) start at zero, as every parameter does at the start of Algorithm 2.1
+        self._set(p, {k: _pad_zeros(t, p[k].shape) for k, t in self.v_params.items()},
+                  {k: _pad_zeros(t, p[k].shape) for k, t in self.steps_params.items()})
 
     # -- loss: autograd reference and closed-form gradient --------------------------------------
 
@@ -402,7 +465,9 @@ class BilaModel:
 
         Only the confusion matrices of the chunk's workers have a gradient; the others are left out
         of the arithmetic and their second moments decayed by gamma^steps at the end, which is
-        exactly what the full update would have done to them (g = 0: v <- gamma v, theta unchanged).
+        exactly what the full update would have done to them (g = 0: v <- gamma v, theta unchanged;
+        with ``step_count="per-parameter"`` their step counts advance by the steps taken too). With
+        ``step_count="sparse"`` an absent worker's state is simply left as it is.
         """
         cfg = self.cfg
         n = data.n_items
@@ -423,6 +488,18 @@ class BilaModel:
         grad = torch.zeros_like(self.theta)
         grad_mlp = grad[:n_mlp]
         grad_omega = torch.zeros_like(omega)
+        mode = cfg.step_count
+        if mode != "global":
+            steps_mlp = self.steps[:n_mlp]
+            steps_omega = self.steps_params["omega"][present].clone()
+            in_batch = torch.zeros(len(present), dtype=torch.bool)
+            # W1 (first in the layout) is most of the MLP; all elements of one of its columns (one
+            # worker's input weights) are created together and step together, so they share a count:
+            # the step is computed with one count per column, broadcast over the rows (much cheaper)
+            n_w1 = math.prod(self.shapes["W1"])
+            w1 = (theta_mlp[:n_w1].view(self.shapes["W1"]), v_mlp[:n_w1].view(self.shapes["W1"]),
+                  grad_mlp[:n_w1].view(self.shapes["W1"]), steps_mlp[:n_w1].view(self.shapes["W1"])[:1])
+            rest = (theta_mlp[n_w1:], v_mlp[n_w1:], grad_mlp[n_w1:], steps_mlp[n_w1:])
         whole = (data, local) if n <= bs else None
         prev = None
         for epoch in range(epochs):
@@ -442,11 +519,30 @@ class BilaModel:
                 loss = self.loss_and_grad(batch, log_prior, grad, fit_q_only=fit_q_only, omega=omega,
                                           local_workers=lw, grad_omega=grad_omega)
                 self.t += 1
-                rmsclip_step(theta_mlp, grad_mlp, v_mlp, self.t, cfg)
-                if not fit_q_only:
-                    rmsclip_step(omega, grad_omega, v_omega, self.t, cfg)
+                if mode == "global":
+                    rmsclip_step(theta_mlp, grad_mlp, v_mlp, self.t, cfg)
+                    if not fit_q_only:
+                        rmsclip_step(omega, grad_omega, v_omega, self.t, cfg)
+                    else:
+                        v_omega.mul_(cfg.gamma)
                 else:
-                    v_omega.mul_(cfg.gamma)
+                    # every MLP element takes part in every step (its gradient is dense)
+                    steps_mlp += 1
+                    rmsclip_step(w1[0], w1[2], w1[1], w1[3], cfg)
+                    rmsclip_step(rest[0], rest[2], rest[1], rest[3], cfg)
+                    if mode == "per-parameter":
+                        steps_omega += 1
+                        if not fit_q_only:
+                            rmsclip_step(omega, grad_omega, v_omega, steps_omega, cfg)
+                        else:
+                            v_omega.mul_(cfg.gamma)
+                    elif not fit_q_only:
+                        # sparse: only the confusion matrices of workers labelling in this batch step
+                        in_batch.zero_()
+                        in_batch[lw] = True
+                        active = in_batch.view(-1, 1, 1).expand_as(omega)
+                        steps_omega += active
+                        rmsclip_step(omega, grad_omega, v_omega, steps_omega, cfg, active=active)
                 total += loss * batch.n_items
                 stats.steps += 1
             epoch_loss = total / n
@@ -456,7 +552,12 @@ class BilaModel:
             if prev is not None and epoch + 1 >= cfg.min_epochs and abs(prev - epoch_loss) <= cfg.tol * max(abs(prev), 1e-12):
                 break
             prev = epoch_loss
-        self.v_params["omega"].mul_(cfg.gamma ** stats.steps)
+        if mode != "sparse":
+            self.v_params["omega"].mul_(cfg.gamma ** stats.steps)
+        if mode == "per-parameter":
+            self.steps_params["omega"].add_(stats.steps)
+        if mode != "global":
+            self.steps_params["omega"][present] = steps_omega
         self.v_params["omega"][present] = v_omega
         self.params["omega"][present] = omega
         progress(ProgressEvent(task, stats.epochs, stats.epochs, {"loss": stats.loss}, done=True))
@@ -487,6 +588,9 @@ class BilaModel:
         out.update({f"bila.v.{k}": t.contiguous().clone() for k, t in self.v_params.items()})
         out["bila.prior_counts"] = self.prior_counts.contiguous().clone()
         out["bila.t"] = torch.tensor([self.t], dtype=torch.int64)
+        if self.cfg.step_count != "global":
+            # per-element step counts t_i (whole numbers, kept as float32 for the arithmetic)
+            out.update({f"bila.steps.{k}": t.round().to(torch.int64).contiguous() for k, t in self.steps_params.items()})
         return out
 
     @classmethod
@@ -498,14 +602,23 @@ class BilaModel:
         h1, h2 = config.hidden
         expect = {"W1": (h1, K), "b1": (h1,), "W2": (h2, h1), "b2": (h2,), "W3": (C, h2), "b3": (C,),
                   "omega": (K, C, C)}
+        prefixes = ("bila.param.", "bila.v.") + (("bila.steps.",) if config.step_count != "global" else ())
         for k, shape in expect.items():
-            for prefix in ("bila.param.", "bila.v."):
+            for prefix in prefixes:
+                if prefix + k not in tensors:
+                    raise ValueError(f"{prefix}{k} is missing (needed by step count {config.step_count!r})")
                 t = tensors[prefix + k]
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{prefix}{k} has shape {tuple(t.shape)}, expected {shape}")
+        steps = None
+        if config.step_count != "global":
+            steps = {k: tensors[f"bila.steps.{k}"] for k in PARAM_ORDER}
+            if any(bool((t < 0).any()) for t in steps.values()):
+                raise ValueError("negative step counts")
         m = cls.__new__(cls)
         m.cfg = config
-        m._set({k: tensors[f"bila.param.{k}"] for k in PARAM_ORDER}, {k: tensors[f"bila.v.{k}"] for k in PARAM_ORDER})
+        m._set({k: tensors[f"bila.param.{k}"] for k in PARAM_ORDER}, {k: tensors[f"bila.v.{k}"] for k in PARAM_ORDER},
+               steps)
         m.prior_counts = tensors["bila.prior_counts"].clone().double()
         if tuple(m.prior_counts.shape) != (C,):
             raise ValueError("prior counts do not match the class count")

@@ -5,7 +5,9 @@ One safetensors file, written atomically (a temporary file renamed over the old 
 * tensors: the label store (``store.task``, ``store.worker``, ``store.label``: int32 index triples),
   the last label given to each task (``emitted.label`` int32, -1 = none; ``emitted.confidence``),
   per-class label counts, and for BiLA-CM every parameter (``bila.param.*``), the optimiser's
-  second moments (``bila.v.*``), its step counter ``bila.t`` and the prior counts;
+  second moments (``bila.v.*``), its step counter ``bila.t``, the per-element step counts
+  ``bila.steps.*`` (int64, shaped like the parameters; only when the configuration's ``step_count``
+  is not "global") and the prior counts;
 * metadata (strings): ``schema`` = ``kdtools.aggregate.state``, ``schema_version``, the kdtools
   version that wrote it, the method, the resolved options (JSON), the BiLA configuration (JSON),
   the vocabularies of tasks, workers and classes (JSON lists, in index order), whether the classes
@@ -13,6 +15,11 @@ One safetensors file, written atomically (a temporary file renamed over the old 
 
 Loading checks the schema name and version (a newer version is refused), the shapes against the
 vocabularies, and turns a truncated or otherwise unreadable file into a one-line KdError.
+
+Schema versions: 1 had no ``step_count`` in the BiLA configuration and no per-element step counts;
+every version-1 state was trained with the global step count, so it is loaded as
+``step_count="global"`` and continues exactly as before (it is written back as version 2).
+Version 2 added ``step_count`` and ``bila.steps.*``.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from .bila import BilaConfig, BilaModel
 from .online import METHODS, Aggregator, Vocab
 
 SCHEMA = "kdtools.aggregate.state"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def save_state(path: str | os.PathLike, agg: Aggregator, options: dict | None = None) -> None:
@@ -107,7 +114,13 @@ def load_state(path: str | os.PathLike) -> Aggregator:
         method = meta["method"]
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}")
-        config = BilaConfig.from_dict(json.loads(meta["bila_config"]))
+        config_dict = json.loads(meta["bila_config"])
+        if int(meta["schema_version"]) < 2:
+            # migration from version 1: those states were all trained with one global step count
+            config_dict["step_count"] = "global"
+        elif "step_count" not in config_dict:
+            raise ValueError("BiLA configuration without step_count")
+        config = BilaConfig.from_dict(config_dict)
         classes = json.loads(meta["classes"])
         declared = meta.get("classes_declared") == "1"
         agg = Aggregator(method, classes=classes if declared else None, config=config, seed=int(meta.get("seed", 0)))

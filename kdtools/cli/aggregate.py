@@ -146,6 +146,10 @@ def aggregate(
     max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="BiLA: most epochs per chunk (default 100)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="BiLA: mini-batch size in tasks (default 128)."),
     decision: Optional[str] = typer.Option(None, "--decision", help="BiLA: likelihood (the chapter's rule, default) | posterior (x prior)."),
+    step_count: Optional[str] = typer.Option(None, "--step-count",
+                                             help="BiLA: optimiser step count t: global (one t for the stream) | per-parameter "
+                                                  "(each parameter counts from its creation) | sparse (a worker's matrix counts "
+                                                  "only batches with its labels). Default global."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One line per chunk on stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary and no progress bar."),
     debug: bool = DebugOption,
@@ -167,6 +171,10 @@ def aggregate(
             raise KdUsageError(f"{name} must be >= 1")
     if decision is not None and decision not in ("likelihood", "posterior"):
         raise KdUsageError("--decision must be likelihood or posterior")
+    from ..aggregate.bila import STEP_COUNTS
+
+    if step_count is not None and step_count not in STEP_COUNTS:
+        raise KdUsageError(f"--step-count must be one of {', '.join(STEP_COUNTS)}")
     if inputs.count("-") > 1:
         raise KdUsageError("'-' (stdin) can be given once")
     if not inputs and not relabel_all:
@@ -183,7 +191,7 @@ def aggregate(
             raise KdUsageError("--delimiter must be one character (or 'tab')")
 
     given_cfg = {"zeta": zeta, "lr": lr, "max_epochs": max_epochs, "batch_size": batch_size, "decision": decision,
-                 "seed": seed}
+                 "step_count": step_count, "seed": seed}
     options = {"method": methods, "chunk_size": chunk_size, "initial_size": initial_size, "format": fmt,
                "classes": class_list, "columns": [task_col, worker_col, label_col], "seed": seed,
                "inputs": inputs, "state": state, "bila": {k: v for k, v in given_cfg.items() if v is not None}}

@@ -79,8 +79,126 @@ def _later(name: str, issue: int, what: str):
     _cmd.__doc__ = f"(not yet: issue #{issue})"
 
 
-_later("curve", 4, "accuracy-vs-queries curves")
-_later("fid", 5, "FID")
+@app.command()
+def curve(
+    inputs: list[str] = typer.Argument(..., help="Checkpoints: a run directory (its checkpoints/), a query log (.h5) whose run saved "
+                                                  "checkpoints, or weights files with queries_spent in their metadata."),
+    data: str = typer.Option(..., "--data", help="digits | mnist | fashion-mnist | cifar10 | ... | FILE.h5"),
+    split: str = typer.Option("test", "--split"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Also measure fidelity (agreement) with this model (the victim)."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write the curve as a PNG."),
+    title: str = typer.Option("", "--title", help="Title of the plot."),
+    data_root_opt: Optional[str] = DataRootOption,
+    download: bool = typer.Option(False, "--download"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of a table."),
+    device: str = DeviceOption,
+    debug: bool = DebugOption,
+):
+    """Substitute accuracy (and fidelity) against queries spent, from the checkpoints an attack run saved."""
+    from pathlib import Path
+
+    from ..curve import curve_json, evaluate_curve, find_checkpoints, plot_curve
+
+    checkpoints = find_checkpoints(inputs)
+    dev = resolve_device(device)
+    first = load_model(checkpoints[0][1])
+    shape = first.input_shape
+    ds = load_dataset(data, split, data_root(data_root_opt), download, image_size=shape[1], channels=shape[0])
+    ref = load_model(reference) if reference else None
+    points, ref_acc = evaluate_curve(checkpoints, ds, dev, ref.module if ref else None, ref.input_shape if ref else None)
+    options = {"inputs": inputs, "data": data, "split": split, "reference": reference, "plot": plot}
+    if plot:
+        plot_curve(points, plot, title or f"{ds.name} ({ds.split})", ref_acc, options)
+    if as_json:
+        sys.stdout.write(json.dumps(curve_json(points, f"{ds.name} ({ds.split})", reference, ref_acc, options)) + "\n")
+        return
+    table = Table(title=f"kd-eval curve: {ds.name} ({ds.split}), {len(ds)} images")
+    table.add_column("queries", justify="right")
+    table.add_column("accuracy", justify="right")
+    if reference:
+        table.add_column("fidelity", justify="right")
+    table.add_column("checkpoint")
+    for p in points:
+        row = [f"{p.queries:,}", f"{100 * p.accuracy:.2f} %"]
+        if reference:
+            row.append(f"{100 * p.fidelity:.2f} %")
+        table.add_row(*row, Path(p.path).name)
+    if ref_acc is not None:
+        table.caption = f"victim accuracy {100 * ref_acc:.2f} %"
+    Console().print(table)
+
+
+@app.command()
+def fid(
+    samples: str = typer.Argument(..., help="Generated samples: a sample file (.h5) or stream file; '-' = stdin."),
+    ref: str = typer.Option(..., "--ref", help="Reference: mnist | fashion-mnist | cifar10 | digits | ... | FILE.h5"),
+    features: str = typer.Option(..., "--features", help="inception:PT_INCEPTION.pth | lenet:WEIGHTS.safetensors | raw"),
+    ref_split: str = typer.Option("train", "--ref-split"),
+    n: Optional[int] = typer.Option(None, "-n", "--num", help="Use at most this many samples."),
+    ref_n: Optional[int] = typer.Option(None, "--ref-num", help="Use at most this many reference images (default: as many as samples)."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    data_root_opt: Optional[str] = DataRootOption,
+    download: bool = typer.Option(False, "--download"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of a table."),
+    device: str = DeviceOption,
+    debug: bool = DebugOption,
+):
+    """FID of SAMPLES against a reference set, in Inception or any classifier's feature space (issue #5)."""
+    from pathlib import Path
+
+    from ..fid import fid as compute_fid, limit_rows, open_features
+    from ..sources import read_all
+    from ._common import progress_bars, stdin_if
+
+    extractor = open_features(features, resolve_device(device))
+    _, batch = read_all(samples, stdin_if(samples))
+    x = limit_rows(batch["x"], n)
+    if Path(ref).is_file():  # a sample file: used as it is (its rows must have the samples' shape)
+        rx = read_all(ref)[1]["x"]
+    else:  # a dataset: at the samples' resolution (diffusion teachers are trained on resized images)
+        rx = load_dataset(ref, ref_split, data_root(data_root_opt), download,
+                          image_size=x.shape[-1] if x.dim() == 4 else None).x
+    rx = limit_rows(rx, ref_n or min(rx.shape[0], max(x.shape[0], 2)))
+    with progress_bars() as progress:
+        report = compute_fid(x, rx, extractor, batch_size, progress)
+    report.update({"samples_file": samples, "ref": ref})
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    table = Table(title="kd-eval fid", show_header=False)
+    for k, v in report.items():
+        table.add_row(k.replace("_", " "), f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+@app.command()
+def aggregation(
+    labels: str = typer.Argument(..., help="Crowd labels CSV (task,worker,label)."),
+    gold: str = typer.Option(..., "--gold", help="task,truth CSV (used for scoring only)."),
+    plot: str = typer.Option(..., "--plot", help="Output image (PNG)."),
+    methods: str = typer.Option("bila,ds,mv", "--method", help="Comma list of methods."),
+    chunk_size: int = typer.Option(25, "--chunk-size"),
+    initial_size: Optional[int] = typer.Option(None, "--initial-size"),
+    seed: int = typer.Option(0, "--seed"),
+    debug: bool = DebugOption,
+):
+    """Error rate after each chunk for each crowd aggregation method (as kd-aggregate runs them), drawn to --plot."""
+    from ..aggregate import crowdio
+    from ..aggregate.online import METHODS, error_curves
+    from ..aggregate.plot import plot_error_curves
+    from ..errors import KdUsageError
+    from ._common import info
+
+    ms = [m.strip() for m in methods.split(",") if m.strip()]
+    if not ms or any(m not in METHODS for m in ms):
+        raise KdUsageError(f"--method takes a comma list of {', '.join(METHODS)}")
+    chunks = crowdio.split_groups(crowdio.group_by_task(crowdio.read_all([labels])), chunk_size, initial_size)
+    curves = error_curves(chunks, crowdio.read_gold(gold), ms, seed=seed)
+    plot_error_curves(curves, plot, options={"labels": labels, "method": ms, "chunk_size": chunk_size,
+                                             "initial_size": initial_size, "seed": seed})
+    for m, pts in curves.items():
+        if pts:
+            info(f"{m}: final error {100 * pts[-1][1]:.2f} % after {pts[-1][0]} tasks")
 
 
 def main() -> None:
