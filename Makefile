@@ -35,6 +35,7 @@ bench: install
 	$(PY) benchmarks/foundation.py
 	$(PY) benchmarks/aggregate.py
 	$(PY) benchmarks/http_overhead.py
+	$(PY) benchmarks/diffstep.py swissroll
 
 # every recipes/*.mk adds its targets to RECIPES
 include $(sort $(wildcard recipes/*.mk))

@@ -1,18 +1,343 @@
-"""kd-diffstep: single-fold step distillation of diffusion models (SFDDM). Added by issue #5."""
+"""kd-diffstep: train a diffusion teacher, shorten it to any number of steps (SFDDM, chapter 6, or a
+baseline), sample from it, and compare a student with its teacher.
+
+  kd-diffstep train --data mnist --image-size 32 --steps 1000 -o teacher/
+  kd-diffstep distill teacher/ --steps 16 -o student16/                    # SFDDM, one fold
+  kd-diffstep distill teacher/ --steps 16 --method progressive -o prog16/  # or ddim | scratch
+  kd-diffstep sample student16/ -n 10000 -o samples.h5 --grid grid.png
+  kd-diffstep compare student16/ --teacher teacher/ --pairs pairs.png --interp interp.png
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from ._common import make_app, not_yet, run_app
+from .. import __version__
+from ..device import resolve_device
+from ..errors import KdError, KdUsageError
+from ._common import DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, open_sink, progress_bars, run_app
 
-app = make_app("Shorten a diffusion teacher to any number of steps in one fold (SFDDM). Not yet: issue #5.")
+app = make_app("Diffusion step distillation: train a teacher, distill it to any number of steps (SFDDM) or "
+               "with a baseline, sample, compare.")
+
+TABULAR = ("swissroll",)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def diffstep(ctx: typer.Context):
-    """(not yet: issue #5)"""
-    not_yet("kd-diffstep", 5, "diffusion step distillation")
+def _distributed(device_opt: str):
+    """(rank, world_size, device) under torchrun, else (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, resolve_device(device_opt)
+    import torch.distributed as dist
+
+    device = resolve_device(device_opt)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def _finish_distributed(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _load_training_data(data: str, split: str, n: Optional[int], image_size: Optional[int], channels: Optional[int],
+                        data_root_opt: Optional[str], download: bool) -> tuple[torch.Tensor, dict]:
+    """(x_0 tensor, data description): uint8 images (N, C, H, W) or float points (N, D)."""
+    from ..data import load_dataset
+    from ..diffusion.swissroll import swiss_roll
+
+    if data.lower() in TABULAR:
+        x = swiss_roll(n or 20000, split)
+        return x, {"name": "swissroll", "kind": "tabular", "dim": int(x.shape[1]), "split": split}
+    if Path(data).is_file():  # a sample file may hold tabular points (float (N, D)) or images
+        from ..sources import read_all
+
+        header, batch = read_all(data)
+        x = batch["x"]
+        if x.dim() == 2:
+            x = x.float()[:n] if n else x.float()
+            return x, {"name": data, "kind": "tabular", "dim": int(x.shape[1]), "split": split}
+    ds = load_dataset(data, split, data_root(data_root_opt), download, image_size=image_size, channels=channels)
+    x = ds.x if ds.x.dtype == torch.uint8 else (ds.x.clamp(0, 1) * 255).round().to(torch.uint8)
+    if n:
+        x = x[:n]
+    return x, {"name": data, "kind": "image", "image_size": int(x.shape[-1]), "channels": int(x.shape[1]), "split": split}
+
+
+def _fit_config(iters, batch_size, lr, ema, seed, hidden_weight=0.1, data_weight=0.0):
+    from ..diffusion.training import FitConfig
+
+    cfg = FitConfig(iters=iters, batch_size=batch_size, lr=lr, ema=ema, seed=seed, hidden_weight=hidden_weight,
+                    data_weight=data_weight)
+    cfg.validate()
+    return cfg
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        ch = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise KdUsageError(f"--unet-channels {text!r}: expected e.g. 32,64") from None
+    if not ch or min(ch) <= 0:
+        raise KdUsageError(f"--unet-channels {text!r}: expected positive widths, e.g. 32,64")
+    return ch
+
+
+@app.command()
+def train(
+    data: str = typer.Option(..., "--data", help="swissroll (2-D points) | digits | mnist | fashion-mnist | cifar10 | FILE.h5"),
+    output: str = typer.Option(..., "-o", "--output", help="Model directory to write (diffusers format)."),
+    steps: int = typer.Option(1000, "--steps", help="Diffusion steps T."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images to this size (square)."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="Convert images to 1 or 3 channels."),
+    split: str = typer.Option("train", "--split"),
+    n: Optional[int] = typer.Option(None, "-n", "--num", help="Training points/images (swissroll default 20000; images: all)."),
+    beta_schedule: str = typer.Option("linear", "--beta-schedule", help="linear | scaled_linear | squaredcos_cap_v2"),
+    beta_start: Optional[float] = typer.Option(None, "--beta-start", help="Default 1e-4 * 1000/T (DDPM's at T = 1000)."),
+    beta_end: Optional[float] = typer.Option(None, "--beta-end", help="Default 0.02 * 1000/T."),
+    unet_channels: str = typer.Option("32,64", "--unet-channels", help="UNet widths per resolution (images)."),
+    layers_per_block: int = typer.Option(1, "--layers-per-block"),
+    attention: bool = typer.Option(False, "--attention", help="Self-attention at the lowest resolution."),
+    hidden_dim: int = typer.Option(256, "--hidden-dim", help="MLP width (tabular data)."),
+    num_blocks: int = typer.Option(3, "--num-blocks", help="MLP residual blocks (tabular data)."),
+    iters: int = typer.Option(5000, "--iters", help="Optimiser steps."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Per process."),
+    lr: float = typer.Option(2e-4, "--lr"),
+    ema: float = typer.Option(0.999, "--ema"),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    data_root_opt: Optional[str] = DataRootOption,
+    download: bool = typer.Option(False, "--download"),
+    device: str = DeviceOption,
+    debug: bool = DebugOption,
+):
+    """Train a DDPM (a teacher, or a from-scratch model with few steps) on images or 2-D points.
+    Runs under torchrun (DistributedDataParallel; gloo on CPU)."""
+    from ..diffusion.schedules import Chain, alphas_cumprod_from_betas, make_betas
+    from ..diffusion.teachers import DiffusionModel, MLPDenoiser, build_unet, check_output_dir, save_diffusion, scheduler_config_for
+    from ..diffusion.training import denoising_loss, fit
+
+    options = {k: v for k, v in locals().items() if k not in ("debug",) and not k.startswith("_")}
+    if steps < 1:
+        raise KdUsageError(f"--steps must be at least 1, not {steps}")
+    out = check_output_dir(output, force)
+    cfg = _fit_config(iters, batch_size, lr, ema, seed)
+    rank, world, dev = _distributed(device)
+    x, described = _load_training_data(data, split, n, image_size, channels, data_root_opt, download)
+    betas = make_betas(steps, beta_schedule, beta_start if beta_start is not None else 1e-4 * 1000 / steps,
+                       beta_end if beta_end is not None else min(0.999, 0.02 * 1000 / steps))
+    acp = alphas_cumprod_from_betas(betas)
+    chain = Chain(list(range(steps)), acp)
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    if described["kind"] == "tabular":
+        net = MLPDenoiser(data_dim=described["dim"], hidden_dim=hidden_dim, num_blocks=num_blocks)
+    else:
+        net = build_unet(described["image_size"], described["channels"], _channels(unet_channels), layers_per_block, attention)
+    with progress_bars(rank == 0) as progress:
+        net, stats = fit(net, denoising_loss(chain), x, cfg, dev, progress, f"DDPM {steps} steps", rank, world)
+    if rank == 0:
+        # predicted x_0 is clipped to the data range while sampling: [-1, 1] for images, the points' range
+        # (5 % margin) for tabular data, where a few off-manifold DDIM trajectories otherwise run away
+        clip_range = 1.0 if described["kind"] == "image" else math.ceil(float(x.abs().max()) * 1.05 * 10) / 10
+        sched = scheduler_config_for(acp, True, "DDPMScheduler", clip_range)
+        model_info = {"kind": "teacher", "method": "ddpm", "teacher_steps": steps, "data": described, "clip_sample": True,
+                      "clip_sample_range": clip_range,
+                      "default_sampler": "ddpm", "fit": cfg.to_json(), "stats": stats, "world_size": world,
+                      "options": options}
+        save_diffusion(DiffusionModel(net.cpu(), chain, model_info, sched), out)
+        info(f"wrote {out} ({steps} steps, loss {stats['loss']:.4f}, {stats['seconds']:.0f} s)")
+    _finish_distributed(world)
+
+
+@app.command()
+def distill(
+    teacher: str = typer.Argument(..., help="Teacher directory (diffusers UNet2DModel + scheduler, or a kd-diffstep model)."),
+    steps: int = typer.Option(..., "--steps", help="Student steps T' (any 1 <= T' <= T)."),
+    output: str = typer.Option(..., "-o", "--output", help="Student directory to write."),
+    method: str = typer.Option("sfddm", "--method", help="sfddm | ddim (step skipping) | progressive | scratch"),
+    subsequence: str = typer.Option("uniform", "--subsequence",
+                                    help="uniform | scattered | concentrated:P | an explicit list 0,...,T (sfddm, ddim, scratch)"),
+    init: str = typer.Option("teacher", "--init", help="SFDDM student weights to start from: teacher | fresh"),
+    hidden_weight: float = typer.Option(0.1, "--hidden-weight", help="SFDDM hidden-variable term weight."),
+    data_weight: float = typer.Option(0.0, "--data-weight", help="SFDDM: weight of the plain denoising loss (eq. 6.15)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data x_0 (default: the teacher's, from its kdtools.json)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Must match the teacher's (checked)."),
+    split: str = typer.Option("train", "--split"),
+    n: Optional[int] = typer.Option(None, "-n", "--num", help="Training points/images."),
+    iters: int = typer.Option(2000, "--iters", help="Optimiser steps (per fold for progressive)."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(2e-4, "--lr"),
+    ema: float = typer.Option(0.999, "--ema"),
+    noise_bank: int = typer.Option(0, "--noise-bank", help="SFDDM: also select this many input noises (section 6.2.5)."),
+    noise_iters: int = typer.Option(100, "--noise-iters"),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    data_root_opt: Optional[str] = DataRootOption,
+    download: bool = typer.Option(False, "--download"),
+    device: str = DeviceOption,
+    debug: bool = DebugOption,
+):
+    """Shorten TEACHER to --steps sampling steps: SFDDM in one fold, or a baseline on the same teacher."""
+    from ..diffusion.baselines import METHODS, ddim_skipping, from_scratch, progressive_distillation
+    from ..diffusion.schedules import check_student_steps, make_subsequence
+    from ..diffusion.sfddm import distill_sfddm, select_input_noise
+    from ..diffusion.teachers import check_output_dir, load_diffusion, save_diffusion
+
+    options = {k: v for k, v in locals().items() if k not in ("debug",) and not k.startswith("_")}
+    if method not in METHODS:
+        raise KdUsageError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    out = check_output_dir(output, force)
+    t = load_diffusion(teacher)
+    check_student_steps(t.steps, steps)
+    phi = make_subsequence(t.steps, steps, subsequence, seed) if method != "progressive" else None
+    d = t.data
+    if image_size is not None and d.get("kind") == "image" and int(d["image_size"]) != image_size:
+        raise KdError(f"{teacher}: the teacher makes {d['image_size']}x{d['image_size']} images, not --image-size {image_size}")
+    rank, world, dev = _distributed(device)
+    cfg = _fit_config(iters, batch_size, lr, ema, seed, hidden_weight, data_weight)
+    x = None
+    if method != "ddim":
+        name = data or d.get("name")
+        if not name:
+            raise KdUsageError(f"{teacher}: the teacher does not say what data it was trained on; pass --data")
+        tab = d.get("kind") == "tabular"
+        x, described = _load_training_data(name, split, n, None if tab else int(d["image_size"]),
+                                           None if tab else int(d["channels"]), data_root_opt, download)
+        if described["kind"] != d.get("kind", described["kind"]) or tuple(x.shape[1:]) != tuple(t.sample_shape if tab else
+                                                                                               (d["channels"], d["image_size"], d["image_size"])):
+            raise KdError(f"--data {name}: rows of shape {tuple(x.shape[1:])} do not fit the teacher's {tuple(t.sample_shape)}")
+    with progress_bars(rank == 0) as progress:
+        if method == "sfddm":
+            student = distill_sfddm(t, x, phi, cfg, dev, init, progress, rank, world)
+            if noise_bank and rank == 0:
+                student.noise_bank = select_input_noise(student, x, noise_bank, noise_iters, seed=seed, device=dev, progress=progress)
+        elif method == "ddim":
+            student = ddim_skipping(t, phi)
+        elif method == "progressive":
+            student = progressive_distillation(t, x, steps, cfg, dev, progress, rank, world)
+        else:
+            student = from_scratch(t, x, phi, cfg, dev, progress, rank, world)
+    if rank == 0:
+        student.info["options"] = options
+        student.info["teacher"] = str(teacher)
+        save_diffusion(student, out)
+        secs = student.info.get("stats", {}).get("seconds", 0.0)
+        info(f"wrote {out}: {method}, {t.steps} -> {student.steps} steps ({secs:.0f} s of training)")
+    _finish_distributed(world)
+
+
+@app.command()
+def sample(
+    model: str = typer.Argument(..., help="Model directory (teacher or student)."),
+    n: int = typer.Option(64, "-n", "--num", help="Samples to draw."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Sample file (.h5, or a stream file); '-' = stdout."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="Also write a PNG grid (or scatter plot for 2-D points)."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm | ddim (default: the model's own)."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM noise (0 = deterministic)."),
+    input_noise: str = typer.Option("gaussian", "--input-noise", help="gaussian | bank (SFDDM's selected noises)."),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    device: str = DeviceOption,
+    debug: bool = DebugOption,
+):
+    """Draw samples: images as uint8 (N, C, H, W), 2-D points as float32 (N, D)."""
+    from ..diffusion.plots import save_grid
+    from ..diffusion.sampling import sample as draw, to_uint8_images
+    from ..diffusion.teachers import load_diffusion
+    from ..stream import StreamHeader
+
+    if n < 1:
+        raise KdUsageError(f"-n must be at least 1, not {n}")
+    if output is None and grid is None:
+        raise KdUsageError("nothing to write: give -o FILE (or -o - for stdout) and/or --grid PNG")
+    m = load_diffusion(model)
+    dev = resolve_device(device)
+    with progress_bars() as progress:
+        x = draw(m, n, seed, sampler, eta, batch_size, dev, input_noise, progress=progress)
+    if grid:
+        save_grid(x, grid)
+    if output is None:
+        return
+    options = {"model": model, "n": n, "sampler": sampler or m.info.get("default_sampler"), "eta": eta, "seed": seed,
+               "input_noise": input_noise, "kdtools_version": __version__}
+    if x.dim() == 2:
+        rows = x.float()
+        header = StreamHeader(kind="samples", fields={"x": {"dtype": "float32", "shape": [int(x.shape[1])]}},
+                              value_range=(float(x.min()), float(x.max())), extra={"generator": options, "space": "tabular"})
+    else:
+        rows = to_uint8_images(x)
+        header = StreamHeader(kind="samples", fields={"x": {"dtype": "uint8", "shape": list(rows.shape[1:])}},
+                              value_range=(0.0, 1.0), extra={"generator": options})
+    sink = open_sink(header, output)
+    try:
+        for i in range(0, rows.shape[0], 1024):
+            sink.write({"x": rows[i:i + 1024]})
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close()
+    if output != "-":
+        info(f"wrote {n} samples to {output}")
+
+
+@app.command()
+def compare(
+    student: str = typer.Argument(..., help="Student directory."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher directory."),
+    n: int = typer.Option(256, "-n", "--num", help="Noises for the consistency measure."),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help="PNG: teacher (top) and student (bottom) from the same noises."),
+    interp: Optional[str] = typer.Option(None, "--interp", help="PNG: interpolation between two noises, teacher and student rows."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of a table."),
+    device: str = DeviceOption,
+    debug: bool = DebugOption,
+):
+    """Teacher/student consistency: DDIM samples from the same noises and their mean distance."""
+    from ..diffusion.plots import save_pairs, save_scatter, save_image_rows
+    from ..diffusion.sampling import consistency, interpolations
+    from ..diffusion.teachers import load_diffusion
+
+    if n < 1:
+        raise KdUsageError(f"-n must be at least 1, not {n}")
+    t = load_diffusion(teacher)
+    s = load_diffusion(student)
+    dev = resolve_device(device)
+    result = consistency(t, s, n, seed, device=dev)
+    if pairs:
+        k = n if result["teacher"].dim() == 2 else min(n, 16)
+        save_pairs(result["teacher"][:k], result["student"][:k], pairs, (f"teacher ({t.steps} steps)", f"student ({s.steps} steps)"))
+    if interp:
+        rows = interpolations([t, s], 8 if result["teacher"].dim() > 2 else 64, seed, dev)
+        if rows[0].dim() == 2:
+            save_scatter(rows, [f"teacher ({t.steps})", f"student ({s.steps})"], interp)
+        else:
+            save_image_rows(rows, interp)
+    facts = {k: v for k, v in result.items() if k not in ("teacher", "student")}
+    facts.update({"teacher": teacher, "student": student, "method": s.info.get("method")})
+    if as_json:
+        sys.stdout.write(json.dumps(facts) + "\n")
+        return
+    table = Table(title="kd-diffstep compare", show_header=False)
+    for k, v in facts.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
 
 
 def main() -> None:

@@ -1,0 +1,120 @@
+"""The training loop every diffusion method shares: random batches of x_0, a method-specific loss,
+Adam with warm-up and cosine decay, gradient clipping, and an exponential moving average (EMA) of the
+weights, which is what gets saved (standard for diffusion models).
+
+Runs unchanged under torchrun: the caller initialises the process group and passes rank / world_size;
+the network is wrapped in DistributedDataParallel (gradients averaged), each rank draws its own batches
+from a rank-seeded generator, and only rank 0 reports progress.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import KdError, KdUsageError
+from ..progress import ProgressCallback, ProgressEvent, no_progress
+from .schedules import Chain, q_sample
+from .teachers import denoise
+
+
+@dataclass
+class FitConfig:
+    iters: int = 2000  # optimiser steps (per fold for progressive distillation)
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup: int = 100
+    ema: float = 0.999  # EMA decay of the saved weights; 0 saves the raw weights
+    grad_clip: float = 1.0
+    seed: int = 0
+    hidden_weight: float = 0.1  # SFDDM: weight of the hidden-variable term
+    data_weight: float = 0.0  # SFDDM: weight of the plain denoising loss on the true noise (eq. 6.15)
+
+    def validate(self) -> None:
+        if self.iters < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.ema < 1:
+            raise KdUsageError("--iters and --batch-size must be positive, --lr > 0 and --ema in [0, 1)")
+        if self.hidden_weight < 0 or self.data_weight < 0:
+            raise KdUsageError("--hidden-weight and --data-weight must be >= 0")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def to_model_space(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> [-1, 1]; tabular floats stay as they are."""
+    return x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x.float()
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def fit(net: nn.Module, loss_fn: LossFn, data: torch.Tensor, cfg: FitConfig, device: torch.device,
+        progress: ProgressCallback = no_progress, task: str = "training", rank: int = 0, world_size: int = 1) -> tuple[nn.Module, dict]:
+    """Train ``net`` on ``loss_fn``; returns (the EMA network, stats {loss, seconds, iters})."""
+    cfg.validate()
+    if data.shape[0] == 0:
+        raise KdError("no training data")
+    net.to(device).train().requires_grad_(True)  # a copy of a frozen (EMA) teacher starts frozen
+    model: nn.Module = net
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema > 0 else None
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + rank + 1)  # each rank its own batches
+    t0 = time.perf_counter()
+    running = None
+    for it in range(cfg.iters):
+        lr = cfg.lr * min(1.0, (it + 1) / max(1, cfg.warmup)) * (0.55 + 0.45 * math.cos(math.pi * it / cfg.iters))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(data.shape[0], (cfg.batch_size,), generator=g)
+        x0 = to_model_space(data[idx]).to(device)
+        loss = loss_fn(model, x0, g)
+        if not torch.isfinite(loss):
+            raise KdError(f"{task}: training diverged at step {it + 1} (loss {loss.item()}); lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            decay = min(cfg.ema, (1 + it) / (10 + it))  # short warm-up: early weights are not worth keeping
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), net.parameters()):
+                    pe.lerp_(p, 1 - decay)
+                for be, b in zip(ema.buffers(), net.buffers()):
+                    be.copy_(b)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if rank == 0 and (it % 50 == 0 or it == cfg.iters - 1):
+            progress(ProgressEvent(task, it + 1, cfg.iters, {"loss": running}))
+    if rank == 0:
+        progress(ProgressEvent(task, cfg.iters, cfg.iters, {"loss": running}, done=True))
+    out = ema if ema is not None else net
+    out.eval()
+    return out, {"loss": running, "seconds": time.perf_counter() - t0, "iters": cfg.iters}
+
+
+def rand_steps(n_steps: int, batch: int, g: torch.Generator) -> torch.Tensor:
+    """Chain step indices k in 0..n-1 (the paper's t = k + 1), uniformly."""
+    return torch.randint(n_steps, (batch,), generator=g)
+
+
+def denoising_loss(chain: Chain) -> LossFn:
+    """DDPM's simple loss (eq. 6.6 with gamma = 1) on a chain: teachers and from-scratch students."""
+    alphas = chain.alphas_cumprod.float()
+    timesteps = torch.tensor(chain.timesteps, dtype=torch.long)
+
+    def loss_fn(net, x0, g):
+        k = rand_steps(len(chain), x0.shape[0], g)
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        x_t = q_sample(x0, eps, alphas[k].to(x0.device))
+        return F.mse_loss(denoise(net, x_t, timesteps[k].to(x0.device)), eps)
+
+    return loss_fn

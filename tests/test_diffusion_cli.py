@@ -1,0 +1,185 @@
+"""kd-diffstep end to end through real subprocesses: train -> distill (every method) -> sample -> compare,
+diffusers interoperability, bad inputs (clear error, exit 1/2, no partial output directory), torchrun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, kd
+
+FAST = {"OMP_NUM_THREADS": "1"}
+
+
+def run(*args):
+    return kd("kd-diffstep", *args, env=FAST)
+
+
+@pytest.fixture(scope="module")
+def tabular_teacher(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sr") / "teacher"
+    p = run("train", "--data", "swissroll", "-n", 2000, "--steps", 40, "--hidden-dim", 32, "--num-blocks", 1,
+            "--iters", 150, "--batch-size", 128, "--lr", 2e-3, "-o", out)
+    assert p.returncode == 0, p.stderr.decode()
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_teacher(tmp_path_factory) -> Path:
+    """A tiny UNet2DModel teacher on 8x8 digits, 20 steps."""
+    out = tmp_path_factory.mktemp("img") / "teacher"
+    p = run("train", "--data", "digits", "--image-size", 8, "--channels", 1, "--steps", 20, "--unet-channels", "16,32",
+            "--iters", 4, "--batch-size", 8, "-o", out)
+    assert p.returncode == 0, p.stderr.decode()
+    return out
+
+
+def test_tabular_train_distill_sample_compare(tabular_teacher, tmp_path):
+    t = tabular_teacher
+    assert (t / "denoiser" / "config.json").is_file() and (t / "scheduler" / "scheduler_config.json").is_file()
+    info = json.loads((t / "kdtools.json").read_text())
+    assert info["kind"] == "teacher" and len(info["chain"]["timesteps"]) == 40 and info["kdtools.version"]
+    out = tmp_path / "sfddm"
+    p = run("distill", t, "--steps", 5, "--iters", 20, "--batch-size", 64, "-o", out)
+    assert p.returncode == 0, p.stderr.decode()
+    # SFDDM: the student's alphas are the teacher's on phi, and its scheduler config reproduces them
+    s = json.loads((out / "kdtools.json").read_text())
+    assert s["method"] == "sfddm" and s["phi"] == [0, 8, 16, 24, 32, 40]
+    assert s["chain"]["alphas_cumprod"] == [info["chain"]["alphas_cumprod"][p - 1] for p in s["phi"][1:]]
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_pretrained(str(out), subfolder="scheduler")
+    assert torch.allclose(sched.alphas_cumprod.double(), torch.tensor(s["chain"]["alphas_cumprod"], dtype=torch.float64), rtol=1e-4)
+    # sample to a file and a PNG; the same seed gives the same samples
+    p = run("sample", out, "-n", 50, "-o", tmp_path / "a.h5", "--grid", tmp_path / "g.png")
+    assert p.returncode == 0, p.stderr.decode()
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    from kdtools.sources import read_all
+
+    x = read_all(tmp_path / "a.h5")[1]["x"]
+    assert x.shape == (50, 2) and x.dtype == torch.float32
+    run("sample", out, "-n", 50, "-o", tmp_path / "b.h5")
+    assert torch.equal(x, read_all(tmp_path / "b.h5")[1]["x"])
+    p = run("compare", out, "--teacher", t, "-n", 32, "--pairs", tmp_path / "pairs.png", "--interp",
+            tmp_path / "interp.png", "--json")
+    assert p.returncode == 0, p.stderr.decode()
+    facts = json.loads(p.stdout)
+    assert facts["teacher_steps"] == 40 and facts["student_steps"] == 5 and facts["distance"] >= 0
+    assert (tmp_path / "pairs.png").is_file() and (tmp_path / "interp.png").is_file()
+
+
+@pytest.mark.slow
+def test_every_baseline_through_the_cli(tabular_teacher, tmp_path):
+    t = tabular_teacher
+    for method in ("ddim", "progressive", "scratch"):
+        out = tmp_path / method
+        p = run("distill", t, "--steps", 5, "--method", method, "--iters", 20, "--batch-size", 64, "-o", out)
+        assert p.returncode == 0, (method, p.stderr.decode())
+        s = json.loads((out / "kdtools.json").read_text())
+        assert s["method"] == method and len(s["chain"]["timesteps"]) == 5
+    # progressive from 40 steps to 5: 40 -> 20 -> 10 -> 5
+    assert json.loads((tmp_path / "progressive" / "kdtools.json").read_text())["folds"] == 3
+    p = run("sample", tmp_path / "progressive", "-n", 20, "-o", "-")
+    assert p.returncode == 0 and p.stdout[:8]
+    # DDIM skipping with every step is the teacher itself: distance 0
+    run("distill", t, "--steps", 40, "--method", "ddim", "-o", tmp_path / "ddim40")
+    p = run("compare", tmp_path / "ddim40", "--teacher", t, "-n", 16, "--json")
+    assert json.loads(p.stdout)["distance"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_image_teacher_is_a_diffusers_pipeline(image_teacher, tmp_path):
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(str(image_teacher), local_files_only=True)
+    assert pipe.unet.config.sample_size == 8 and pipe.scheduler.config.num_train_timesteps == 20
+    out = tmp_path / "s7"
+    p = run("distill", image_teacher, "--steps", 7, "--subsequence", "scattered", "--iters", 2, "--batch-size", 4,
+            "--noise-bank", 3, "--noise-iters", 2, "-o", out)
+    assert p.returncode == 0, p.stderr.decode()
+    assert (out / "noise_bank.safetensors").is_file()
+    student = DDPMPipeline.from_pretrained(str(out), local_files_only=True)
+    assert student.scheduler.config.num_train_timesteps == 7
+    p = run("sample", out, "-n", 6, "-o", tmp_path / "x.h5", "--input-noise", "bank", "--grid", tmp_path / "grid.png")
+    assert p.returncode == 0, p.stderr.decode()
+    from kdtools.sources import read_all
+
+    x = read_all(tmp_path / "x.h5")[1]["x"]
+    assert x.shape == (6, 1, 8, 8) and x.dtype == torch.uint8
+
+
+def test_foreign_diffusers_directory_loads(tmp_path):
+    """A plain diffusers UNet2DModel + DDPMScheduler directory (as saved from the hub), no kdtools.json."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from kdtools.diffusion.teachers import load_diffusion
+
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=16)
+    unet.save_pretrained(tmp_path / "m" / "unet")
+    DDPMScheduler(num_train_timesteps=30).save_pretrained(tmp_path / "m" / "scheduler")
+    m = load_diffusion(tmp_path / "m")
+    assert m.steps == 30 and m.sample_shape == (3, 8, 8) and m.clip == 1.0
+    p = run("distill", tmp_path / "m", "--steps", 3, "--method", "ddim", "-o", tmp_path / "d")
+    assert p.returncode == 0, p.stderr.decode()
+
+
+def _no_partial(parent: Path, name: str) -> None:
+    assert not (parent / name).exists()
+    assert not [q for q in parent.iterdir() if q.name.startswith(f".{name}")], list(parent.iterdir())
+
+
+def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
+    # a teacher directory without a scheduler
+    broken = tmp_path / "noscheduler"
+    shutil.copytree(image_teacher, broken)
+    shutil.rmtree(broken / "scheduler")
+    p = run("distill", broken, "--steps", 4, "-o", tmp_path / "o1")
+    assert p.returncode == 1 and b"no scheduler" in p.stderr
+    _no_partial(tmp_path, "o1")
+    # a teacher with a different image size than asked for
+    p = run("distill", image_teacher, "--steps", 4, "--image-size", 32, "-o", tmp_path / "o2")
+    assert p.returncode == 1 and b"8x8" in p.stderr
+    _no_partial(tmp_path, "o2")
+    # --steps larger than the teacher's, or zero
+    for steps in (21, 0):
+        p = run("distill", image_teacher, "--steps", steps, "-o", tmp_path / "o3")
+        assert p.returncode == 2 and b"--steps" in p.stderr, p.stderr
+        _no_partial(tmp_path, "o3")
+    # sub-sequences that do not start at 0 or do not end at T
+    for phi, what in (("1,10,20,30,40", b"start at 0"), ("0,10,20,30,39", b"end at")):
+        p = kd("kd-diffstep", "distill", tabular_teacher, "--steps", 4, "--subsequence", phi, "-o", tmp_path / "o4", env=FAST)
+        assert p.returncode == 2 and what in p.stderr
+        _no_partial(tmp_path, "o4")
+    # an existing output directory is kept as it was
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "x").write_text("mine")
+    p = run("distill", tabular_teacher, "--steps", 4, "--method", "ddim", "-o", keep)
+    assert p.returncode == 2 and (keep / "x").read_text() == "mine"
+    # one line of error, no traceback
+    assert len(p.stderr.decode().strip().splitlines()) == 1
+    p = run("sample", tmp_path / "nowhere", "-n", 2, "-o", tmp_path / "s.h5")
+    assert p.returncode == 1 and not (tmp_path / "s.h5").exists()
+
+
+def test_train_under_torchrun_two_processes(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kdtools.cli.diffstep", "train",
+                        "--data", "swissroll", "-n", "500", "--steps", "10", "--hidden-dim", "16", "--num-blocks", "1",
+                        "--iters", "20", "--batch-size", "32", "--device", "cpu", "-o", str(out)],
+                       capture_output=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    info = json.loads((out / "kdtools.json").read_text())
+    assert info["world_size"] == 2
+    from kdtools.diffusion.teachers import load_diffusion
+
+    assert load_diffusion(out).steps == 10

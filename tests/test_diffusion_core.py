@@ -1,0 +1,69 @@
+"""kd-diffstep library pieces in-process (fast): the baselines' training loops on a tiny model, and the
+student's sampler equal to diffusers' DDPMScheduler on the same schedule."""
+
+import torch
+
+from kdtools.diffusion.baselines import ddim_skipping, from_scratch, progressive_distillation
+from kdtools.diffusion.sampling import consistency, sample
+from kdtools.diffusion.schedules import Chain, alphas_cumprod_from_betas, make_betas, make_subsequence
+from kdtools.diffusion.sfddm import distill_sfddm
+from kdtools.diffusion.swissroll import swiss_roll
+from kdtools.diffusion.teachers import DiffusionModel, MLPDenoiser
+from kdtools.diffusion.training import FitConfig
+
+CPU = torch.device("cpu")
+
+
+def tiny_teacher(T=24):
+    torch.manual_seed(0)
+    acp = alphas_cumprod_from_betas(make_betas(T, "linear", 1e-4 * 1000 / T, min(0.999, 0.02 * 1000 / T)))
+    return DiffusionModel(MLPDenoiser(hidden_dim=16, num_blocks=1).eval(), Chain(list(range(T)), acp),
+                          {"data": {"name": "swissroll", "kind": "tabular", "dim": 2}, "clip_sample": True, "clip_sample_range": 1.7})
+
+
+def test_every_method_in_process():
+    t = tiny_teacher()
+    data = swiss_roll(500)
+    cfg = FitConfig(iters=5, batch_size=32)
+    phi = make_subsequence(24, 3)
+    s = distill_sfddm(t, data, phi, cfg, CPU)
+    assert s.steps == 3 and s.chain.timesteps == [0, 1, 2]
+    assert torch.equal(s.chain.alphas_cumprod, t.chain.alphas_cumprod[[7, 15, 23]])
+    p = progressive_distillation(t, data, 3, cfg, CPU)  # 24 -> 12 -> 6 -> 3
+    assert p.info["folds"] == 3 and p.steps == 3 and p.chain.timesteps[-1] == 23
+    d = ddim_skipping(t, phi)
+    assert d.chain.timesteps == [7, 15, 23] and d.net is t.net
+    f = from_scratch(t, data, phi, cfg, CPU)
+    assert f.steps == 3
+    for m in (s, p, d, f):
+        x = sample(m, 10, seed=1)
+        assert x.shape == (10, 2) and torch.isfinite(x).all() and x.abs().max() <= 1.7 + 1e-5
+    assert consistency(t, ddim_skipping(t, list(range(25))), 8)["distance"] < 1e-6
+
+
+def test_student_ddpm_sampler_equals_diffusers_pipeline_loop():
+    """Our posterior sampler and diffusers' DDPMScheduler, given the same model outputs and noises."""
+    from diffusers import DDPMScheduler
+
+    from kdtools.diffusion.schedules import betas_from_alphas_cumprod, predict_x0, posterior
+
+    t = tiny_teacher()
+    phi = make_subsequence(24, 5, "scattered", seed=2)
+    a = t.chain.sub(phi).alphas_cumprod
+    sched = DDPMScheduler(num_train_timesteps=5, trained_betas=betas_from_alphas_cumprod(a).tolist(), clip_sample=False)
+    sched.set_timesteps(5)
+    post = posterior(a)
+    g = torch.Generator().manual_seed(0)
+    x_ours = x_theirs = torch.randn(4, 2, generator=g)
+    for k in reversed(range(5)):
+        eps = torch.randn(4, 2, generator=g)
+        noise = torch.randn(4, 2, generator=g)
+        mean = post.coef_xt[k] * x_ours + post.coef_x0[k] * predict_x0(x_ours, eps, a[k])
+        x_ours = (mean + (post.variance[k].sqrt() * noise if k > 0 else 0)).float()
+        out = sched.step(eps, k, x_theirs).pred_original_sample
+        # diffusers draws its own noise; rebuild its step with ours from its own coefficients
+        a_prev = a[k - 1] if k > 0 else torch.tensor(1.0, dtype=torch.float64)
+        beta = 1 - a[k] / a_prev
+        theirs_mean = (a_prev.sqrt() * beta / (1 - a[k])) * out + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a[k])) * x_theirs
+        x_theirs = (theirs_mean + (sched._get_variance(k).double().sqrt() * noise if k > 0 else 0)).float()
+        assert torch.allclose(x_ours, x_theirs, atol=1e-3)
