@@ -167,6 +167,7 @@ run_queries(src, oracle, "label", n, log, got.append)
 log.close()
 x = torch.cat([b["x"] for b in got]); y = torch.cat([b["label"] for b in got])
 mean, std = data_normalization(x)
+torch.manual_seed(0)  # as kd-distill --seed 0 does before building the model
 model = ImageClassifier("lenet5-half", (1, 28, 28), 10, {}, mean, std)
 train(model, x, targets_from({"label": y}, 10), TrainConfig(epochs=epochs, optimizer="adam", lr=0.002, seed=0), torch.device("cpu"))
 save_model(model, out)

@@ -123,7 +123,9 @@ def distill(
         raise KdError(f"{source}: no training samples")
     input_shape = tuple(x.shape[1:])
 
-    # 2. model: fresh, from --init weights, or from a checkpoint
+    # 2. model: fresh, from --init weights, or from a checkpoint. Seed first: --seed must fix the
+    #    initial weights too, or two runs of the same command train different students.
+    torch.manual_seed(seed)
     ckpt_path = Path(output + ".ckpt")
     resume_state = None
     if resume:
