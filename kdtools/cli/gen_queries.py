@@ -12,10 +12,12 @@ from ..errors import KdUsageError
 from ..queries import dataset_batches, noise_batches
 from ..stream import StreamHeader, fields_of
 from ..weights import load_model, parse_shape
-from ._common import DataRootOption, DebugOption, data_root, info, make_app, not_yet, open_sink, run_app
+from ._common import DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, not_yet, open_sink, run_app, stderr
 
-app = make_app("Synthesise queries (noise, public data; data-free generators come with issue #4, AEDM with #6).\n\n"
-               "Writes a kdtools stream on stdout (pipe it into kd-query) or a file with -o (.h5 for HDF5).")
+app = make_app("Synthesise queries: noise, public data, or the data-free attacks TandemGAN, DFME and IDEAL (AEDM comes with #6).\n\n"
+               "noise/dataset and generator mode (--generator G -n N) write a kdtools stream on stdout (pipe it into kd-query) "
+               "or a file with -o (.h5 for HDF5). Attack mode (--oracle SPEC --budget N -o DIR) steals the oracle within the "
+               "budget and writes DIR/substitute.safetensors, DIR/generator.safetensors, checkpoints and the query log.")
 
 Output = typer.Option("-", "-o", "--output", help="Output file (.h5 -> HDF5, else stream file); '-' = stdout.")
 
@@ -97,6 +99,244 @@ def dataset(
     _write(dataset_batches(ds, n, batch_size, not no_shuffle, augment, seed, hflip), n, options, output)
 
 
+# --- data-free attacks (issue #4): attack mode and generator mode -----------------------------------------
+
+Oracle = typer.Option(None, "--oracle", help="Attack mode: the victim (a model file; more oracle kinds as kdtools.oracle adds them).")
+Budget = typer.Option(None, "--budget", help="Attack mode: hard cap on oracle calls, gradient probes included.")
+Substitute = typer.Option(None, "--substitute", help="Substitute architecture (any kd-distill --arch); default: the paper's.")
+OutDir = typer.Option(None, "-o", "--output", help="Attack mode: output DIR. Generator mode: stream file ('-' = stdout, the default).")
+Log = typer.Option(None, "--log", help="Query log (HDF5); default DIR/queries.h5.")
+EvalData = typer.Option(None, "--eval-data", help="Labelled test set to report substitute accuracy on (never shown to the attack).")
+EvalSplit = typer.Option("test", "--eval-split")
+Resume = typer.Option(False, "--resume", help="Continue the attack in DIR from its saved state and its log (nothing is paid twice).")
+GeneratorOpt = typer.Option(None, "--generator", help="Generator mode: a generator.safetensors written by an attack.")
+N = typer.Option(None, "-n", help="Generator mode: number of queries to write.")
+Seed = typer.Option(0, "--seed")
+CheckpointEvery = typer.Option(None, "--checkpoint-every", help="Queries between checkpoints (default: a tenth of the budget).")
+StateEvery = typer.Option(60.0, "--state-every", help="Seconds between resume-state saves (0: every iteration).")
+FinalEpochs = typer.Option(0, "--final-epochs", help="kdtools: epochs over every paid answer once the budget is spent (no queries).")
+FinalLr = typer.Option(0.01, "--final-lr")
+FinalOptimizer = typer.Option("sgd", "--final-optimizer", help="sgd | adam | rmsprop, for --final-epochs.")
+InputShape = typer.Option(None, "--input-shape", help="CxHxW, for model files that do not record it.")
+TrustPickle = typer.Option(False, "--trust-pickle", help="Allow a pickled model file (runs code from it!).")
+Quiet = typer.Option(False, "--quiet", "-q", help="No progress output.")
+PixelMean = typer.Option(None, "--pixel-mean", help="Generator output = clamp(MEAN + STD x normalised activations) instead of "
+                         "(tanh + 1) / 2, e.g. 0.1307 for MNIST-like victims (what reference code does implicitly).")
+PixelStd = typer.Option(None, "--pixel-std", help="See --pixel-mean (e.g. 0.3081).")
+Augment = typer.Option(False, "--augment", help="kdtools: random shift/rotation of replayed answers when training the substitute.")
+
+
+def _generate(method: str, generator: str, n: Optional[int], output: Optional[str], seed: int, batch_size: int) -> None:
+    """Generator mode: sample a trained generator into a query stream (pipe it into kd-query)."""
+    import torch
+
+    from ..extract.genweights import load_generator
+
+    if n is None or n <= 0:
+        raise KdUsageError("generator mode needs -n N (a positive number of queries)")
+    gen, meta = load_generator(generator)
+    z_dim = int(meta["arch_args"]["z_dim"])
+
+    def batches():
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for i in range(0, n, batch_size):
+                m = min(batch_size, n - i)
+                yield {"x": gen(torch.randn(m, z_dim, generator=g)).float().clamp_(0, 1).contiguous()}
+
+    options = {"method": method, "generator": generator, "generator_arch": meta.get("arch"), "n": n, "seed": seed,
+               "trained_by": meta.get("kdtools.version")}
+    _write(batches(), n, options, output or "-")
+
+
+def _attack(method: str, common: dict, config) -> None:
+    """Attack mode: run the attack against an oracle under a hard budget, writing DIR."""
+    import time
+
+    import torch
+
+    from ..device import resolve_device
+    from ..extract import METHODS, AttackOptions, AttackRun
+    from ..oracle import open_oracle, parse_mode
+    from ._common import progress_bars
+
+    c = common
+    if not c["oracle"] or c["budget"] is None or not c["output"]:
+        raise KdUsageError(f"kd-gen-queries {method}: attack mode needs --oracle, --budget and -o DIR "
+                           "(or --generator G -n N for generator mode)")
+    kind, _ = parse_mode(c["mode"])
+    if kind not in ("label", "probs"):
+        raise KdUsageError(f"--mode {c['mode']}: the data-free attacks work with label or probs answers")
+    if c["budget"] <= 0:
+        raise KdUsageError("--budget must be a positive number of queries")
+    if c["output"] == "-":
+        raise KdUsageError("attack mode writes a directory: give -o DIR")
+    if (c["pixel_mean"] is None) != (c["pixel_std"] is None):
+        raise KdUsageError("give both --pixel-mean and --pixel-std, or neither")
+    for flag, name in (("--s-optimizer", getattr(config, "s_optimizer", "sgd")), ("--final-optimizer", c["final_optimizer"])):
+        if name not in ("sgd", "adam", "rmsprop"):
+            raise KdUsageError(f"{flag} {name!r}: expected sgd, adam or rmsprop")
+    if getattr(config, "s_loss", "l1") not in ("l1", "l1-logit", "kl"):
+        raise KdUsageError(f"--s-loss {config.s_loss!r}: expected l1, l1-logit or kl")
+    device = resolve_device(c["device"])
+    oracle = open_oracle(c["oracle"], device, c["trust_pickle"], parse_shape(c["input_shape"]) if c["input_shape"] else None)
+    eval_set = None
+    if c["eval_data"]:
+        ds = load_dataset(c["eval_data"], c["eval_split"], data_root(c["data_root"]), False,
+                          oracle.input_shape[1], oracle.input_shape[0])
+        if ds.y is None:
+            raise KdUsageError(f"--eval-data {c['eval_data']}: no labels to measure accuracy against")
+        eval_set = (ds.x, ds.y)
+    cls, _ = METHODS[method]
+    options = AttackOptions(method, kind, c["budget"], c["substitute"], c["batch_size"], c["seed"], c["checkpoint_every"],
+                            c["state_every"], c["final_epochs"], c["final_lr"], c["final_optimizer"], c["augment"],
+                            c["pixel_mean"], c["pixel_std"])
+    run = AttackRun(c["output"], c["log"])
+    quiet = c["quiet"]
+
+    with progress_bars(not quiet) as bars:
+        last = {"t": 0.0}
+
+        def progress(event):
+            bars(event)
+            # without a terminal (logs, CI) a line now and then says how it goes
+            now = time.monotonic()
+            if not quiet and not stderr.is_terminal and (event.task == "checkpoint" or now - last["t"] > 30):
+                last["t"] = now
+                info(f"{method}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in event.info.items()))
+
+        attack = cls(oracle, options, config, run, device, eval_set, progress, c["resume"])
+        if c["resume"] and attack.reused_rows:
+            info(f"kd-gen-queries {method}: resuming {run.dir} at iteration {attack.iterations}: {attack.reused_rows} answers "
+                 f"in the log reused, {attack.oracle.spent} of {c['budget']} queries spent")
+        result = attack.run_attack()
+    line = (f"kd-gen-queries {method}: {result.spent} oracle calls spent of {result.budget} ({result.paid_this_run} in this run, "
+            f"{result.reused_rows} reused from the log), {result.iterations} iterations in {result.seconds:.1f} s; "
+            f"wrote {run.substitute_path}")
+    if attack.generator() is not None:
+        line += f" and {run.generator_path}"
+    if result.accuracy is not None:
+        line += f"; substitute accuracy {100 * result.accuracy:.2f} % on {c['eval_data']}"
+    info(line)
+
+
+def _dispatch(method: str, common: dict, config, generator: Optional[str], n: Optional[int]) -> None:
+    if generator:
+        if common["oracle"] or common["budget"] is not None or common["resume"]:
+            raise KdUsageError("--generator (generator mode) does not take --oracle, --budget or --resume")
+        _generate(method, generator, n, common["output"], common["seed"], common["batch_size"])
+    else:
+        if n is not None:
+            raise KdUsageError("-n belongs to generator mode (--generator G -n N); attack mode stops at --budget")
+        _attack(method, common, config)
+
+
+def _common(**kw) -> dict:
+    return kw
+
+
+@app.command()
+def tandemgan(
+    oracle: Optional[str] = Oracle, mode: str = typer.Option("probs", "--mode", help="label | probs"),
+    budget: Optional[int] = Budget, substitute: str = typer.Option("vgg11", "--substitute", help="Substitute architecture (paper: vgg11)."),
+    output: Optional[str] = OutDir, log: Optional[str] = Log, eval_data: Optional[str] = EvalData, eval_split: str = EvalSplit,
+    data_root_opt: Optional[str] = DataRootOption, resume: bool = Resume, generator: Optional[str] = GeneratorOpt,
+    n: Optional[int] = N, seed: int = Seed, batch_size: int = typer.Option(256, "--batch-size"),
+    n_x: int = typer.Option(1, "--n-x", help="Exploration (Gx) steps per round."),
+    n_e: int = typer.Option(1, "--n-e", help="Exploitation (Ge) steps per round."),
+    n_s: int = typer.Option(5, "--n-s", help="Substitute steps per round."),
+    lr_s: float = typer.Option(1e-3, "--lr-s"), lr_gx: float = typer.Option(1e-5, "--lr-gx"), lr_ge: float = typer.Option(1e-6, "--lr-ge"),
+    directions: int = typer.Option(1, "--directions", help="Random directions M of the forward-difference estimate."),
+    eps: float = typer.Option(1e-3, "--eps"), z_dim: int = typer.Option(128, "--z-dim"),
+    s_loss: str = typer.Option("l1", "--s-loss", help="Probability mode: l1 (paper) | l1-logit | kl."),
+    replay_steps: int = typer.Option(0, "--replay-steps", help="kdtools: extra substitute steps per round on every paid answer."),
+    s_optimizer: str = typer.Option("rmsprop", "--s-optimizer", help="rmsprop (paper) | adam | sgd."),
+    checkpoint_every: Optional[int] = CheckpointEvery, state_every: float = StateEvery, final_epochs: int = FinalEpochs,
+    final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
+    pixel_mean: Optional[float] = PixelMean, pixel_std: Optional[float] = PixelStd, augment: bool = Augment,
+    device: str = DeviceOption, quiet: bool = Quiet, debug: bool = DebugOption,
+):
+    """TandemGAN (chapter 3): explore with Gx, exploit with Ge, imitate with S; label or probs oracles."""
+    from ..extract import TandemConfig
+
+    if min(n_x, n_e, n_s) < 0 or n_s == 0 or directions <= 0 or eps <= 0:
+        raise KdUsageError("--n-x/--n-e must be >= 0, --n-s and --directions >= 1, --eps > 0")
+    cfg = TandemConfig(n_x, n_e, n_s, lr_s, lr_gx, lr_ge, directions, eps, z_dim, s_loss, replay_steps, s_optimizer)
+    _dispatch("tandemgan", _common(oracle=oracle, mode=mode, budget=budget, substitute=substitute, output=output, log=log,
+                                   eval_data=eval_data, eval_split=eval_split, data_root=data_root_opt, resume=resume,
+                                   seed=seed, batch_size=batch_size, checkpoint_every=checkpoint_every,
+                                   state_every=state_every, final_epochs=final_epochs, final_lr=final_lr, final_optimizer=final_optimizer,
+                                   input_shape=input_shape, trust_pickle=trust_pickle, device=device, quiet=quiet,
+                  pixel_mean=pixel_mean, pixel_std=pixel_std, augment=augment),
+              cfg, generator, n)
+
+
+@app.command()
+def dfme(
+    oracle: Optional[str] = Oracle, mode: str = typer.Option("probs", "--mode", help="probs (label: as IDEAL's paper ran it)"),
+    budget: Optional[int] = Budget, substitute: str = typer.Option("vgg11", "--substitute"),
+    output: Optional[str] = OutDir, log: Optional[str] = Log, eval_data: Optional[str] = EvalData, eval_split: str = EvalSplit,
+    data_root_opt: Optional[str] = DataRootOption, resume: bool = Resume, generator: Optional[str] = GeneratorOpt,
+    n: Optional[int] = N, seed: int = Seed, batch_size: int = typer.Option(256, "--batch-size"),
+    g_iter: int = typer.Option(1, "--g-iter"), d_iter: int = typer.Option(5, "--d-iter"),
+    lr_s: float = typer.Option(0.1, "--lr-s"), lr_g: float = typer.Option(1e-4, "--lr-g"),
+    directions: int = typer.Option(1, "--directions"), eps: float = typer.Option(1e-3, "--eps"),
+    z_dim: int = typer.Option(256, "--z-dim"), s_loss: str = typer.Option("l1-logit", "--s-loss", help="l1-logit (paper) | l1 | kl"),
+    replay_steps: int = typer.Option(0, "--replay-steps"),
+    s_optimizer: str = typer.Option("sgd", "--s-optimizer", help="sgd (paper) | adam | rmsprop."),
+    checkpoint_every: Optional[int] = CheckpointEvery, state_every: float = StateEvery, final_epochs: int = FinalEpochs,
+    final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
+    pixel_mean: Optional[float] = PixelMean, pixel_std: Optional[float] = PixelStd, augment: bool = Augment,
+    device: str = DeviceOption, quiet: bool = Quiet, debug: bool = DebugOption,
+):
+    """DFME (Truong et al. 2021): the data-free baseline; generator by forward differences through the oracle."""
+    from ..extract import DFMEConfig
+
+    if g_iter < 0 or d_iter <= 0 or directions <= 0 or eps <= 0:
+        raise KdUsageError("--g-iter must be >= 0, --d-iter and --directions >= 1, --eps > 0")
+    cfg = DFMEConfig(g_iter, d_iter, lr_s, lr_g, directions, eps, z_dim, s_loss, replay_steps=replay_steps, s_optimizer=s_optimizer)
+    _dispatch("dfme", _common(oracle=oracle, mode=mode, budget=budget, substitute=substitute, output=output, log=log,
+                              eval_data=eval_data, eval_split=eval_split, data_root=data_root_opt, resume=resume,
+                              seed=seed, batch_size=batch_size, checkpoint_every=checkpoint_every,
+                              state_every=state_every, final_epochs=final_epochs, final_lr=final_lr, final_optimizer=final_optimizer,
+                              input_shape=input_shape, trust_pickle=trust_pickle, device=device, quiet=quiet,
+                  pixel_mean=pixel_mean, pixel_std=pixel_std, augment=augment),
+              cfg, generator, n)
+
+
+@app.command()
+def ideal(
+    oracle: Optional[str] = Oracle, mode: str = typer.Option("label", "--mode", help="label (the paper) | probs"),
+    budget: Optional[int] = Budget, substitute: str = typer.Option("lenet5", "--substitute"),
+    output: Optional[str] = OutDir, log: Optional[str] = Log, eval_data: Optional[str] = EvalData, eval_split: str = EvalSplit,
+    data_root_opt: Optional[str] = DataRootOption, resume: bool = Resume, generator: Optional[str] = GeneratorOpt,
+    n: Optional[int] = N, seed: int = Seed, batch_size: int = typer.Option(250, "--batch-size", help="Samples (= queries) per epoch."),
+    g_steps: int = typer.Option(5, "--g-steps", help="E_G: generator steps per epoch (paper 5; its MNIST code 30)."),
+    lr_g: float = typer.Option(1e-3, "--lr-g"), lr_s: float = typer.Option(1e-2, "--lr-s"),
+    lambda_info: float = typer.Option(5.0, "--lambda-info"), z_dim: int = typer.Option(100, "--z-dim"),
+    pool_epochs: int = typer.Option(1, "--pool-epochs", help="Passes over every paid answer per epoch (0: one step on the new batch)."),
+    s_optimizer: str = typer.Option("sgd", "--s-optimizer", help="sgd (paper) | adam (kdtools; use --lr-s 1e-3)."),
+    balance_pool: bool = typer.Option(False, "--balance-pool", help="kdtools: ask the generator for the classes the oracle answered least."),
+    checkpoint_every: Optional[int] = CheckpointEvery, state_every: float = StateEvery, final_epochs: int = FinalEpochs,
+    final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
+    pixel_mean: Optional[float] = PixelMean, pixel_std: Optional[float] = PixelStd, augment: bool = Augment,
+    device: str = DeviceOption, quiet: bool = Quiet, debug: bool = DebugOption,
+):
+    """IDEAL (ICLR 2023): hard labels, small budget; generator trained through the student, one query per sample."""
+    from ..extract import IDEALConfig
+
+    if g_steps < 0 or pool_epochs < 0:
+        raise KdUsageError("--g-steps and --pool-epochs must be >= 0")
+    cfg = IDEALConfig(g_steps, lr_g, lr_s, lambda_info, z_dim, pool_epochs, s_optimizer=s_optimizer, balance_pool=balance_pool)
+    _dispatch("ideal", _common(oracle=oracle, mode=mode, budget=budget, substitute=substitute, output=output, log=log,
+                               eval_data=eval_data, eval_split=eval_split, data_root=data_root_opt, resume=resume,
+                               seed=seed, batch_size=batch_size, checkpoint_every=checkpoint_every,
+                               state_every=state_every, final_epochs=final_epochs, final_lr=final_lr, final_optimizer=final_optimizer,
+                               input_shape=input_shape, trust_pickle=trust_pickle, device=device, quiet=quiet,
+                  pixel_mean=pixel_mean, pixel_std=pixel_std, augment=augment),
+              cfg, generator, n)
+
+
 def _later(name: str, issue: int):
     @app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
     def _cmd(ctx: typer.Context):
@@ -105,7 +345,7 @@ def _later(name: str, issue: int):
     _cmd.__doc__ = f"(not yet: issue #{issue})"
 
 
-for _name, _issue in (("tandemgan", 4), ("dfme", 4), ("ideal", 4), ("cake", 4), ("aedm", 6)):
+for _name, _issue in (("cake", 4), ("aedm", 6)):
     _later(_name, _issue)
 
 

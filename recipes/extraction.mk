@@ -1,0 +1,54 @@
+# Data-free extraction recipes (issue #4): TandemGAN, IDEAL and DFME against the LeNet-5 victims of
+# recipes.mk. Included from the Makefile after recipes.mk. Outputs go to $(RUNS)/<dataset>/<method>/;
+# rerunning a recipe whose attack was interrupted continues it (--resume: nothing is paid twice).
+# The attacks never see a training image; --eval-data only measures the substitute on the test split.
+EXTRACTION_RECIPES := mnist-tandemgan fmnist-tandemgan mnist-ideal mnist-dfme cifar10-tandemgan
+RECIPES += $(EXTRACTION_RECIPES)
+.PHONY: $(EXTRACTION_RECIPES)
+
+# Generator output mapping clamp(mean + std x h): the data sets' public normalisation constants, which the
+# reference implementations use implicitly by feeding normalised generator output to their victims.
+MNIST_PIXELS := --pixel-mean 0.1307 --pixel-std 0.3081
+FMNIST_PIXELS := --pixel-mean 0.2860 --pixel-std 0.3530
+# continue an interrupted attack in DIR instead of refusing to overwrite it
+resume_if = $(if $(wildcard $(1)/state.pt),--resume)
+
+# MNIST, hard labels, 25 000 queries (IDEAL's setting), CPU: ~15-30 min
+mnist-ideal: mnist-victim
+	$(KD) kd-gen-queries ideal --oracle $(RUNS)/mnist/victim.safetensors --mode label --budget 25000 \
+	  --substitute lenet5 $(MNIST_PIXELS) --s-optimizer adam --lr-s 0.001 --pool-epochs 2 --final-epochs 20 \
+	  --eval-data mnist -o $(RUNS)/mnist/ideal $(call resume_if,$(RUNS)/mnist/ideal)
+	$(KD) kd-eval accuracy $(RUNS)/mnist/ideal/substitute.safetensors --data mnist --reference $(RUNS)/mnist/victim.safetensors
+
+# MNIST, DFME baseline in probability mode (the paper's defaults), 200 000 queries, CPU: ~1 h
+mnist-dfme: mnist-victim
+	$(KD) kd-gen-queries dfme --oracle $(RUNS)/mnist/victim.safetensors --mode probs --budget 200000 \
+	  --substitute lenet5 $(MNIST_PIXELS) --final-epochs 20 \
+	  --eval-data mnist -o $(RUNS)/mnist/dfme $(call resume_if,$(RUNS)/mnist/dfme)
+	$(KD) kd-eval accuracy $(RUNS)/mnist/dfme/substitute.safetensors --data mnist --reference $(RUNS)/mnist/victim.safetensors
+
+# MNIST, TandemGAN in probability mode, 200 000 queries, CPU: ~1 h
+mnist-tandemgan: mnist-victim
+	$(KD) kd-gen-queries tandemgan --oracle $(RUNS)/mnist/victim.safetensors --mode probs --budget 200000 \
+	  --substitute lenet5 $(MNIST_PIXELS) --s-loss kl --replay-steps 5 --final-epochs 20 \
+	  --eval-data mnist -o $(RUNS)/mnist/tandemgan $(call resume_if,$(RUNS)/mnist/tandemgan)
+	$(KD) kd-eval accuracy $(RUNS)/mnist/tandemgan/substitute.safetensors --data mnist --reference $(RUNS)/mnist/victim.safetensors
+
+# Fashion-MNIST, TandemGAN in probability mode, 1 000 000 queries, CPU: several hours
+fmnist-tandemgan: fmnist-victim
+	$(KD) kd-gen-queries tandemgan --oracle $(RUNS)/fmnist/victim.safetensors --mode probs --budget 1000000 \
+	  --substitute lenet5 $(FMNIST_PIXELS) --s-loss kl --replay-steps 5 --final-epochs 20 \
+	  --eval-data fashion-mnist -o $(RUNS)/fmnist/tandemgan $(call resume_if,$(RUNS)/fmnist/tandemgan)
+	$(KD) kd-eval accuracy $(RUNS)/fmnist/tandemgan/substitute.safetensors --data fashion-mnist --reference $(RUNS)/fmnist/victim.safetensors
+
+# CIFAR-10 at the paper's scale: ResNet-34 victim, VGG-11 substitute, probability mode, 20 M queries.
+# GPU only (hours on one GPU; not run in CI). Generator: DFME body as Gx, Conv(64->3)+BN+tanh as Ge.
+cifar10-tandemgan: install
+	mkdir -p $(RUNS)/cifar10
+	test -f $(RUNS)/cifar10/victim.safetensors || $(KD) kd-distill --data cifar10 --arch resnet34 --epochs 100 \
+	  --optimizer sgd --lr 0.1 --batch-size 128 --augment --hflip --eval-data cifar10 --device cuda \
+	  -o $(RUNS)/cifar10/victim.safetensors
+	$(KD) kd-gen-queries tandemgan --oracle $(RUNS)/cifar10/victim.safetensors --mode probs --budget 20000000 \
+	  --substitute vgg11 --s-loss kl --replay-steps 5 --device cuda \
+	  --eval-data cifar10 -o $(RUNS)/cifar10/tandemgan $(call resume_if,$(RUNS)/cifar10/tandemgan)
+	$(KD) kd-eval accuracy $(RUNS)/cifar10/tandemgan/substitute.safetensors --data cifar10 --reference $(RUNS)/cifar10/victim.safetensors

@@ -1,0 +1,210 @@
+"""Data-free attacks (issue #4): query accounting, budgets, kill -9 + resume, generator files and mode."""
+
+import os
+import signal
+import subprocess
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, kd, kd_cmd, sha
+from kdtools.errors import KdError
+from kdtools.extract import DFME, IDEAL, AttackOptions, AttackRun, DFMEConfig, IDEALConfig, TandemConfig, TandemGAN
+from kdtools.extract.common import forward_difference
+from kdtools.extract.generators import build_generator
+from kdtools.extract.genweights import load_generator, save_generator
+from kdtools.h5store import log_info
+from kdtools.oracle import Oracle, open_oracle
+
+torch.set_num_threads(1)
+
+
+class CountingOracle(Oracle):
+    """Wraps a real oracle and records the size of every call it receives."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls = []
+        self.identity, self.kind = inner.identity, inner.kind
+        self.input_shape, self.num_classes = inner.input_shape, inner.num_classes
+
+    def answer(self, x, mode):
+        self.calls.append(x.shape[0])
+        return self.inner.answer(x, mode)
+
+
+def _attack(cls, cfg, victim_path, tmp_path, mode, budget, batch, **kw):
+    oracle = CountingOracle(open_oracle(str(victim_path), torch.device("cpu")))
+    opts = AttackOptions(cls.method, mode, budget, "lenet5-half", batch_size=batch, state_every=0, **kw)
+    return oracle, cls(oracle, opts, cfg, AttackRun(tmp_path / "run"), torch.device("cpu"))
+
+
+def test_generators_make_images_in_unit_range_and_round_trip(tmp_path):
+    for arch in ("tandem", "dfme", "ideal"):
+        for shape in ((1, 28, 28), (3, 32, 32)):
+            g = build_generator(arch, shape).eval()
+            z = torch.randn(4, g.z_dim)
+            x = g(z)
+            assert x.shape == (4, *shape) and x.min() >= 0 and x.max() <= 1
+            save_generator(g, tmp_path / "g.safetensors", arch, shape, g.z_dim, {"seed": 1}, {"queries_spent": 7})
+            g2, meta = load_generator(tmp_path / "g.safetensors")
+            assert meta["arch"] == arch and meta["arch_args"]["image_shape"] == list(shape) and meta["arch_args"]["z_dim"] == g.z_dim
+            assert meta["queries_spent"] == "7" and "kdtools.version" in meta
+            assert torch.equal(g2(z), x)
+    # the MNIST-style output mapping: clamp(mean + std x h) is kept in the file too
+    g = build_generator("ideal", (1, 28, 28), pixel_mean=0.1307, pixel_std=0.3081).eval()
+    save_generator(g, tmp_path / "g.safetensors", "ideal", (1, 28, 28), g.z_dim, pixel_mean=0.1307, pixel_std=0.3081)
+    g2, meta = load_generator(tmp_path / "g.safetensors")
+    z = torch.randn(64, g.z_dim)
+    assert meta["arch_args"]["pixel_mean"] == 0.1307 and torch.equal(g2(z), g(z))
+    g.train()  # batch statistics, as during an attack
+    assert (g(z) == 0).float().mean() > 0.2  # dark background: about a third of the pixels clamp at 0
+
+
+def test_generator_loader_refuses_a_classifier_file(victim_path):
+    with pytest.raises(KdError, match="classifier weights file"):
+        load_generator(victim_path)
+
+
+def test_forward_difference_costs_b_times_m_plus_one_and_points_the_right_way(victim_path, tmp_path):
+    # a linear black-box loss L(x) = <w, x>: the estimate averaged over many directions is ~ w / (d * B)
+    oracle, attack = _attack(TandemGAN, TandemConfig(), victim_path, tmp_path, "probs", 10_000, 8)
+    w = torch.randn(1, 1, 28, 28)
+    x = torch.full((8, 1, 28, 28), 0.5)
+    grad, _ = forward_difference(attack, x, lambda xb, a: (xb * w).flatten(1).sum(1), directions=200, eps=1e-3)
+    assert oracle.calls == [8 * 201] and attack.oracle.spent == 8 * 201 == attack.pool.n
+    cos = torch.nn.functional.cosine_similarity(grad.flatten(1), w.flatten(1).expand(8, -1), dim=1)
+    assert cos.min() > 0.3  # 200 random directions in 784 dimensions: clearly aligned with the true gradient
+    attack.log.close()
+
+
+def test_tandemgan_queries_per_round_match_the_formula(victim_path, tmp_path):
+    b = 16
+    # probability mode: n_x B (M+1) + n_e B (M+1) + n_s B = 32 + 32 + 5 x 16 = 144 per round
+    cfg = TandemConfig()
+    assert cfg.queries_per_round("probs", 256) == 2304 and cfg.queries_per_round("label", 256) == 1536
+    oracle, attack = _attack(TandemGAN, cfg, victim_path, tmp_path / "p", "probs", 2 * 144, b)
+    result = attack.run_attack()
+    assert oracle.calls == [32, 32, 16, 16, 16, 16, 16] * 2
+    assert result.iterations == 2 and result.spent == 288 == result.rows == log_info(tmp_path / "p/run/queries.h5")["spent"]
+    # label mode: n_x B + 0 + n_s B = 16 + 80 = 96 per round (Ge learns through S, no queries)
+    oracle, attack = _attack(TandemGAN, TandemConfig(n_x=2), victim_path, tmp_path / "l", "label", 3 * 112, b)
+    result = attack.run_attack()
+    assert oracle.calls == [16, 16, 16, 16, 16, 16, 16] * 3 and result.iterations == 3 and result.spent == 336
+
+
+def test_dfme_queries_per_iteration_match_the_formula(victim_path, tmp_path):
+    # B x (g_iter x (m + 1) + d_iter) = 16 x (2 x 3 + 3) = 144
+    cfg = DFMEConfig(g_iter=2, d_iter=3, directions=2)
+    assert cfg.queries_per_iteration(16) == 144 and DFMEConfig().queries_per_iteration(256) == 1792
+    oracle, attack = _attack(DFME, cfg, victim_path, tmp_path, "probs", 2 * 144, 16)
+    result = attack.run_attack()
+    assert oracle.calls == [48, 48, 16, 16, 16] * 2 and result.spent == 288 == result.rows
+
+
+def test_ideal_asks_once_per_sample_and_logs_exactly_what_it_asked(victim_path, tmp_path):
+    oracle, attack = _attack(IDEAL, IDEALConfig(g_steps=2, pool_epochs=2), victim_path, tmp_path, "label", 150, 50)
+    result = attack.run_attack()
+    assert oracle.calls == [50, 50, 50] and result.spent == 150 == result.rows and result.iterations == 3
+    with h5py.File(tmp_path / "run/queries.h5", "r") as f:
+        assert f["x"].dtype == np.uint8 and f["x"].shape == (150, 1, 28, 28)
+        # the substitute's training pool is the log itself, row for row
+        assert np.array_equal(f["x"][:], attack.pool.x[:150].numpy())
+        assert np.array_equal(f["label"][:], attack.pool.y[:150].numpy())
+
+
+def test_budget_reached_mid_batch_keeps_every_paid_answer(victim_path, tmp_path):
+    # a round costs 144 (see above); 100 runs out inside the substitute stage: 32 + 32 + 16 + 16 + 4
+    out = tmp_path / "att"
+    p = kd("kd-gen-queries", "tandemgan", "--oracle", victim_path, "--budget", 100, "--batch-size", 16,
+           "--substitute", "lenet5-half", "-o", out, "--eval-data", "digits", "--state-every", 0)
+    assert p.returncode == 0, p.stderr.decode()
+    info = log_info(out / "queries.h5")
+    assert info["spent"] == info["rows"] == 100
+    assert "100 oracle calls spent of 100" in p.stderr.decode()
+    for name in ("substitute.safetensors", "generator.safetensors", "checkpoints/substitute-100.safetensors", "state.pt"):
+        assert (out / name).is_file(), name
+    from kdtools.weights import read_metadata
+    meta = read_metadata(out / "checkpoints/substitute-100.safetensors")
+    assert meta["queries_spent"] == "100" and meta["method"] == "tandemgan" and "eval_accuracy" in meta
+    # a second run into the same directory without --resume refuses and leaves everything as it was
+    before = sha(out / "queries.h5")
+    p = kd("kd-gen-queries", "tandemgan", "--oracle", victim_path, "--budget", 200, "-o", out)
+    assert p.returncode == 1 and "--resume" in p.stderr.decode() and len(p.stderr.decode().strip().splitlines()) == 1
+    assert sha(out / "queries.h5") == before
+    # --resume with the budget already spent asks nothing
+    p = kd("kd-gen-queries", "tandemgan", "--oracle", victim_path, "--budget", 100, "--batch-size", 16,
+           "--substitute", "lenet5-half", "-o", out, "--resume")
+    assert p.returncode == 0, p.stderr.decode()
+    assert log_info(out / "queries.h5")["spent"] == 100
+
+
+def test_kill_9_then_resume_pays_nothing_twice_and_stays_in_budget(victim_path, tmp_path):
+    out, budget = tmp_path / "att", 1500
+    args = ["ideal", "--oracle", str(victim_path), "--budget", str(budget), "--batch-size", "100", "--g-steps", "3",
+            "--substitute", "lenet5-half", "-o", str(out), "--checkpoint-every", "100", "--state-every", "0", "-q"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*kd_cmd("kd-gen-queries"), *args], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((out / "checkpoints").glob("*.safetensors"))) >= 3:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the attack ended before it could be killed: " + proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = log_info(out / "queries.h5")
+    assert 0 < before["rows"] < budget
+    with h5py.File(out / "queries.h5", "r") as f:
+        x_before = f["x"][:before["rows"]]
+    p = subprocess.run([*kd_cmd("kd-gen-queries"), *args, "--resume"], env=env, capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()
+    after = log_info(out / "queries.h5")
+    assert after["spent"] <= budget
+    # the resumed run paid exactly for the rows it added: nothing logged before the kill was asked again
+    assert after["spent"] - before["spent"] == after["rows"] - before["rows"]
+    # at most the batch in flight at the kill was reserved and never answered
+    assert before["spent"] - before["rows"] <= 100 and after["spent"] - after["rows"] == before["spent"] - before["rows"]
+    assert f"{before['rows']} answers in the log reused" in p.stderr.decode()
+    with h5py.File(out / "queries.h5", "r") as f:
+        assert np.array_equal(f["x"][:before["rows"]], x_before)
+    assert (out / "substitute.safetensors").is_file() and (out / "generator.safetensors").is_file()
+
+
+def test_generator_mode_pipes_into_kd_query_and_kd_distill(victim_path, tmp_path):
+    out = tmp_path / "att"
+    kd("kd-gen-queries", "ideal", "--oracle", victim_path, "--budget", 100, "--batch-size", 50, "--g-steps", 1,
+       "--substitute", "lenet5-half", "-o", out, "-q", check=True)
+    gen = subprocess.Popen([*kd_cmd("kd-gen-queries"), "ideal", "--generator", str(out / "generator.safetensors"), "-n", "70",
+                            "--batch-size", "32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    q = subprocess.Popen([*kd_cmd("kd-query"), str(victim_path), "--mode", "probs", "--log", str(tmp_path / "more.h5")],
+                         stdin=gen.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    gen.stdout.close()
+    d = subprocess.run([*kd_cmd("kd-distill"), "--resume", str(out / "substitute.safetensors"), "--epochs", "1", "-q",
+                        "-o", str(tmp_path / "s2.safetensors")], stdin=q.stdout, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    q.stdout.close()
+    assert gen.wait() == 0 and q.wait() == 0 and d.returncode == 0, d.stderr.decode()
+    assert log_info(tmp_path / "more.h5")["rows"] == 70
+    assert (tmp_path / "s2.safetensors").is_file()
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["tandemgan", "--budget", "10", "-o", "X"], 2, "--oracle"),
+    (["tandemgan", "--oracle", "VICTIM", "--budget", "10", "--mode", "topk:3", "-o", "X"], 2, "label or probs"),
+    (["dfme", "--oracle", "VICTIM", "--budget", "0", "-o", "X"], 2, "--budget"),
+    (["ideal", "--generator", "G", "--oracle", "VICTIM", "-n", "5"], 2, "generator mode"),
+    (["ideal", "--generator", "VICTIM", "-n", "5"], 1, "classifier weights file"),
+    (["ideal", "--oracle", "VICTIM", "--budget", "10", "-o", "X", "-n", "5"], 2, "-n belongs"),
+    (["tandemgan", "--oracle", "VICTIM", "--budget", "10", "-o", "X", "--s-optimizer", "lbfgs"], 2, "--s-optimizer"),
+])
+def test_bad_command_lines_give_one_line_and_the_right_exit_code(victim_path, tmp_path, args, code, message):
+    args = [str(victim_path) if a == "VICTIM" else str(tmp_path / "x") if a == "X" else a for a in args]
+    p = kd("kd-gen-queries", *args)
+    err = p.stderr.decode().strip()
+    assert p.returncode == code and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
