@@ -6,6 +6,10 @@ model, all on the same teacher.
               consistency (DDIM from the same noises); distillation wall time.
 
   nice -n 10 .venv/bin/python benchmarks/diffstep.py swissroll [--quick] [--json out.json]
+      [--teacher DIR] [--work DIR] [--steps 50 10] [--methods SFDDM "DDIM skipping" progressive "from scratch"]
+
+--teacher DIR loads the teacher saved there by an earlier run (or trains it and saves it there), so the
+step counts / methods can run as separate processes on one teacher; --work DIR keeps every student.
 
 Prints a markdown table; numbers go to docs/kd-diffstep.md by hand (never hard-coded).
 Training budgets: teacher and from-scratch models get --teacher-iters optimiser steps; SFDDM gets
@@ -30,8 +34,11 @@ from kdtools.diffusion.sampling import consistency, sample  # noqa: E402
 from kdtools.diffusion.schedules import Chain, alphas_cumprod_from_betas, make_betas, make_subsequence  # noqa: E402
 from kdtools.diffusion.sfddm import distill_sfddm  # noqa: E402
 from kdtools.diffusion.swissroll import sliced_wasserstein, swiss_roll  # noqa: E402
-from kdtools.diffusion.teachers import DiffusionModel, MLPDenoiser  # noqa: E402
+from kdtools.diffusion.teachers import DiffusionModel, MLPDenoiser, load_diffusion, save_diffusion  # noqa: E402
 from kdtools.diffusion.training import FitConfig, denoising_loss, fit  # noqa: E402
+
+
+METHODS = ("SFDDM", "DDIM skipping", "progressive", "from scratch")
 
 
 def log(msg: str) -> None:
@@ -49,13 +56,25 @@ def swissroll(args) -> dict:
     clip = round(float(train.abs().max()) * 1.05 + 0.05, 1)
     info = {"kind": "teacher", "method": "ddpm", "data": {"name": "swissroll", "kind": "tabular", "dim": 2},
             "clip_sample": True, "clip_sample_range": clip, "default_sampler": "ddpm"}
-    torch.manual_seed(0)
-    net = MLPDenoiser(hidden_dim=args.hidden, num_blocks=3)
-    tcfg = FitConfig(iters=args.teacher_iters, batch_size=512, lr=2e-3, ema=0.999)
     t0 = time.perf_counter()
-    net, _ = fit(net, denoising_loss(chain), train, tcfg, cpu)
-    teacher = DiffusionModel(net, chain, info)
-    log(f"teacher trained in {time.perf_counter() - t0:.0f} s")
+    teacher_dir = Path(args.teacher) if args.teacher else None
+    if teacher_dir is not None and (teacher_dir / "kdtools.json").exists():
+        # reuse a teacher trained by an earlier run of this script (same data, chain and clipping)
+        teacher = load_diffusion(teacher_dir)
+        log(f"teacher loaded from {teacher_dir}")
+        teacher_s = None
+    else:
+        torch.manual_seed(0)
+        net = MLPDenoiser(hidden_dim=args.hidden, num_blocks=3)
+        tcfg = FitConfig(iters=args.teacher_iters, batch_size=512, lr=2e-3, ema=0.999)
+        net, _ = fit(net, denoising_loss(chain), train, tcfg, cpu)
+        teacher = DiffusionModel(net, chain, {**info, "fit": tcfg.to_json()})
+        teacher_s = time.perf_counter() - t0
+        log(f"teacher trained in {teacher_s:.0f} s")
+        if teacher_dir is not None:
+            save_diffusion(teacher, teacher_dir)
+    if teacher.steps != T or teacher.clip != clip:
+        raise SystemExit(f"{teacher_dir}: not a teacher of this benchmark ({teacher.steps} steps, clip {teacher.clip})")
 
     def sw(model, sampler=None):
         t1 = time.perf_counter()
@@ -64,7 +83,7 @@ def swissroll(args) -> dict:
 
     rows = []
     t_sw, t_time = sw(teacher)
-    rows.append({"method": "teacher (DDPM)", "steps": T, "sampler": "ddpm", "sw": t_sw, "train_s": None, "sample_s": t_time,
+    rows.append({"method": "teacher (DDPM)", "steps": T, "sampler": "ddpm", "sw": t_sw, "train_s": teacher_s, "sample_s": t_time,
                  "consistency": None})
     log(f"teacher SW {t_sw:.4f} (data floor {floor:.4f})")
     dcfg = FitConfig(iters=args.distill_iters, batch_size=512, lr=1e-3, ema=0.999, hidden_weight=args.hidden_weight)
@@ -76,10 +95,16 @@ def swissroll(args) -> dict:
                 ("from scratch", lambda: from_scratch(teacher, train, phi, FitConfig(iters=args.teacher_iters, batch_size=512,
                                                                                        lr=2e-3, ema=0.999), cpu))]
         for name, make in runs:
+            if name not in args.methods:
+                continue
             t1 = time.perf_counter()
             student = make()
             train_s = time.perf_counter() - t1 if name != "DDIM skipping" else 0.0
-            samplers = [None] + (["ddim"] if name == "SFDDM" else [])
+            if args.work:  # keep every student, so it can be sampled again without retraining
+                save_diffusion(student, Path(args.work) / f"{name.replace(' ', '-')}-{steps}")
+            # SFDDM with its own posterior sampler and with DDIM; the teacher's network on the same sub-chain
+            # also with the posterior sampler, to separate what the sampler costs from what distillation costs
+            samplers = [None] + {"SFDDM": ["ddim"], "DDIM skipping": ["ddpm"]}.get(name, [])
             for sampler in samplers:
                 value, sample_s = sw(student, sampler)
                 cons = consistency(teacher, student, 1000, seed=7)["distance"]
@@ -115,6 +140,9 @@ def main() -> None:
     p.add_argument("--distill-iters", type=int, default=2000)
     p.add_argument("--hidden-weight", type=float, default=0.1)
     p.add_argument("--steps", type=int, nargs="+", default=[50, 10])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="which students to build")
+    p.add_argument("--teacher", help="teacher directory: loaded if it holds one, else the trained teacher is saved there")
+    p.add_argument("--work", help="save every student under this directory")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="also write the raw results here")
     args = p.parse_args()

@@ -67,3 +67,42 @@ def test_student_ddpm_sampler_equals_diffusers_pipeline_loop():
         theirs_mean = (a_prev.sqrt() * beta / (1 - a[k])) * out + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a[k])) * x_theirs
         x_theirs = (theirs_mean + (sched._get_variance(k).double().sqrt() * noise if k > 0 else 0)).float()
         assert torch.allclose(x_ours, x_theirs, atol=1e-3)
+
+
+class _RecordingDenoiser(MLPDenoiser):
+    """Returns its timestep as the noise prediction and records what it was called with."""
+
+    def __init__(self):
+        super().__init__(hidden_dim=4, num_blocks=1)
+        self.calls = []
+
+    def forward(self, x, t):
+        self.calls.append((x.detach().clone(), t.detach().clone()))
+        out = t.float().view(-1, 1).expand_as(x)
+        return out, out
+
+
+def test_sfddm_loss_uses_the_aligned_teacher_step():
+    """Eq. 6.17 by hand: student step t (network timestep t-1) and teacher step phi_t (network timestep
+    phi_t - 1) see the same x = sqrt(a_{phi_t}) x_0 + sqrt(1 - a_{phi_t}) eps; with networks that output
+    their timestep the loss is mean((t-1 - (phi_t-1))^2) * (1 + hidden weight)."""
+    from kdtools.diffusion.schedules import q_sample
+    from kdtools.diffusion.sfddm import sfddm_loss
+
+    t = tiny_teacher()
+    teacher_net, student_net = _RecordingDenoiser(), _RecordingDenoiser()
+    t.net = teacher_net
+    phi = [0, 5, 11, 24]
+    x0 = swiss_roll(6)
+    loss = sfddm_loss(t, phi, hidden_weight=0.5, data_weight=0.0)(student_net, x0, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # replay the loss's draws
+    k = torch.randint(3, (6,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    teacher_t = torch.tensor([phi[i + 1] - 1 for i in k.tolist()])
+    x_t = q_sample(x0, eps, t.chain.alphas_cumprod.float()[teacher_t])
+    (xt_teacher, tt), = teacher_net.calls
+    (xt_student, ts), = student_net.calls
+    assert torch.equal(tt, teacher_t) and torch.equal(ts, k)
+    assert torch.allclose(xt_teacher, x_t) and torch.equal(xt_student, xt_teacher)
+    expected = ((k - teacher_t).float() ** 2).mean() * 1.5
+    assert torch.isclose(loss, expected)
