@@ -124,6 +124,9 @@ class SampleWriter:
             else:
                 self._create(header, oracle)
                 self.header = header
+            # handles and the spent counter are cached: looking them up per batch cost more than the writes
+            self._ds = {name: self.f[name] for name in (*self.header.fields, "batch_start", "batch_rows", "batch_time")}
+            self._spent = int(self.f.attrs["spent"])
             if budget is not None:
                 if budget < self.spent:
                     raise KdError(f"--budget {budget} is smaller than the {self.spent} queries {self.path} already spent")
@@ -160,11 +163,11 @@ class SampleWriter:
 
     @property
     def rows(self) -> int:
-        return int(self.f["x"].shape[0])
+        return int(self._ds["x"].shape[0])
 
     @property
     def spent(self) -> int:
-        return int(self.f.attrs["spent"])
+        return self._spent
 
     @property
     def budget(self) -> Optional[int]:
@@ -173,7 +176,8 @@ class SampleWriter:
 
     def reserve(self, n: int) -> None:
         """Record ``n`` oracle calls as spent, durably, before they are made."""
-        self.f.attrs["spent"] = self.spent + int(n)
+        self._spent += int(n)
+        self.f.attrs["spent"] = self._spent
         self.f.flush()
 
     def append(self, batch: dict) -> None:
@@ -185,13 +189,13 @@ class SampleWriter:
             n = t.shape[0] if n is None else n
         start = self.rows
         for name in self.header.fields:
-            d = self.f[name]
+            d = self._ds[name]
             d.resize(start + n, axis=0)
             d[start:start + n] = batch[name].detach().cpu().numpy()
-        m = self.f["batch_start"].shape[0]
+        m = self._ds["batch_start"].shape[0]
         for name, value in (("batch_start", start), ("batch_rows", n), ("batch_time", time.time())):
-            self.f[name].resize(m + 1, axis=0)
-            self.f[name][m] = value
+            self._ds[name].resize(m + 1, axis=0)
+            self._ds[name][m] = value
         self.f.flush()
 
     def set_attr(self, key: str, value) -> None:
@@ -199,7 +203,7 @@ class SampleWriter:
         self.f.flush()
 
     def read_rows(self, start: int, stop: int) -> dict:
-        return {name: torch.from_numpy(np.ascontiguousarray(self.f[name][start:stop])) for name in self.header.fields}
+        return {name: torch.from_numpy(np.ascontiguousarray(self._ds[name][start:stop])) for name in self.header.fields}
 
     def close(self) -> None:
         if self.f.id.valid:

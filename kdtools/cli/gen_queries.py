@@ -12,6 +12,7 @@ from ..errors import KdUsageError
 from ..queries import dataset_batches, noise_batches
 from ..stream import StreamHeader, fields_of
 from ..weights import load_model, parse_shape
+from .query import ApiKeyEnvOption, RateLimitOption, RetriesOption, TimeoutOption, WireOption, remote_options
 from ._common import DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, not_yet, open_sink, run_app, stderr
 
 app = make_app("Synthesise queries: noise, public data, or the data-free attacks TandemGAN, DFME and IDEAL (AEDM comes with #6).\n\n"
@@ -179,7 +180,10 @@ def _attack(method: str, common: dict, config) -> None:
     if getattr(config, "s_loss", "l1") not in ("l1", "l1-logit", "kl"):
         raise KdUsageError(f"--s-loss {config.s_loss!r}: expected l1, l1-logit or kl")
     device = resolve_device(c["device"])
-    oracle = open_oracle(c["oracle"], device, c["trust_pickle"], parse_shape(c["input_shape"]) if c["input_shape"] else None)
+    # the same remote-oracle options as kd-query (API key from the environment, timeouts, retries, rate limit)
+    remote = remote_options(c["api_key_env"], c["timeout"], c["retries"], c["rate_limit"], c["wire"], "error")
+    oracle = open_oracle(c["oracle"], device, c["trust_pickle"], parse_shape(c["input_shape"]) if c["input_shape"] else None,
+                         remote=remote)
     eval_set = None
     if c["eval_data"]:
         ds = load_dataset(c["eval_data"], c["eval_split"], data_root(c["data_root"]), False,
@@ -231,8 +235,16 @@ def _dispatch(method: str, common: dict, config, generator: Optional[str], n: Op
         _attack(method, common, config)
 
 
-def _common(**kw) -> dict:
-    return kw
+# the options every attack command shares, by parameter name (data_root_opt is renamed data_root)
+COMMON_OPTIONS = ("oracle", "mode", "budget", "substitute", "output", "log", "eval_data", "eval_split", "resume", "seed",
+                  "batch_size", "checkpoint_every", "state_every", "final_epochs", "final_lr", "final_optimizer",
+                  "input_shape", "trust_pickle", "device", "quiet", "pixel_mean", "pixel_std", "augment",
+                  "api_key_env", "timeout", "retries", "rate_limit", "wire")
+
+
+def _common(options: dict) -> dict:
+    """The shared options out of a command's locals(), so each command lists them once (in its signature)."""
+    return {**{k: options[k] for k in COMMON_OPTIONS}, "data_root": options["data_root_opt"]}
 
 
 @app.command()
@@ -254,6 +266,8 @@ def tandemgan(
     checkpoint_every: Optional[int] = CheckpointEvery, state_every: float = StateEvery, final_epochs: int = FinalEpochs,
     final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
     pixel_mean: Optional[float] = PixelMean, pixel_std: Optional[float] = PixelStd, augment: bool = Augment,
+    api_key_env: str = ApiKeyEnvOption, timeout: float = TimeoutOption, retries: int = RetriesOption,
+    rate_limit: Optional[float] = RateLimitOption, wire: str = WireOption,
     device: str = DeviceOption, quiet: bool = Quiet, debug: bool = DebugOption,
 ):
     """TandemGAN (chapter 3): explore with Gx, exploit with Ge, imitate with S; label or probs oracles."""
@@ -262,12 +276,7 @@ def tandemgan(
     if min(n_x, n_e, n_s) < 0 or n_s == 0 or directions <= 0 or eps <= 0:
         raise KdUsageError("--n-x/--n-e must be >= 0, --n-s and --directions >= 1, --eps > 0")
     cfg = TandemConfig(n_x, n_e, n_s, lr_s, lr_gx, lr_ge, directions, eps, z_dim, s_loss, replay_steps, s_optimizer)
-    _dispatch("tandemgan", _common(oracle=oracle, mode=mode, budget=budget, substitute=substitute, output=output, log=log,
-                                   eval_data=eval_data, eval_split=eval_split, data_root=data_root_opt, resume=resume,
-                                   seed=seed, batch_size=batch_size, checkpoint_every=checkpoint_every,
-                                   state_every=state_every, final_epochs=final_epochs, final_lr=final_lr, final_optimizer=final_optimizer,
-                                   input_shape=input_shape, trust_pickle=trust_pickle, device=device, quiet=quiet,
-                  pixel_mean=pixel_mean, pixel_std=pixel_std, augment=augment),
+    _dispatch("tandemgan", _common(locals()),
               cfg, generator, n)
 
 
@@ -287,6 +296,8 @@ def dfme(
     checkpoint_every: Optional[int] = CheckpointEvery, state_every: float = StateEvery, final_epochs: int = FinalEpochs,
     final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
     pixel_mean: Optional[float] = PixelMean, pixel_std: Optional[float] = PixelStd, augment: bool = Augment,
+    api_key_env: str = ApiKeyEnvOption, timeout: float = TimeoutOption, retries: int = RetriesOption,
+    rate_limit: Optional[float] = RateLimitOption, wire: str = WireOption,
     device: str = DeviceOption, quiet: bool = Quiet, debug: bool = DebugOption,
 ):
     """DFME (Truong et al. 2021): the data-free baseline; generator by forward differences through the oracle."""
@@ -295,12 +306,7 @@ def dfme(
     if g_iter < 0 or d_iter <= 0 or directions <= 0 or eps <= 0:
         raise KdUsageError("--g-iter must be >= 0, --d-iter and --directions >= 1, --eps > 0")
     cfg = DFMEConfig(g_iter, d_iter, lr_s, lr_g, directions, eps, z_dim, s_loss, replay_steps=replay_steps, s_optimizer=s_optimizer)
-    _dispatch("dfme", _common(oracle=oracle, mode=mode, budget=budget, substitute=substitute, output=output, log=log,
-                              eval_data=eval_data, eval_split=eval_split, data_root=data_root_opt, resume=resume,
-                              seed=seed, batch_size=batch_size, checkpoint_every=checkpoint_every,
-                              state_every=state_every, final_epochs=final_epochs, final_lr=final_lr, final_optimizer=final_optimizer,
-                              input_shape=input_shape, trust_pickle=trust_pickle, device=device, quiet=quiet,
-                  pixel_mean=pixel_mean, pixel_std=pixel_std, augment=augment),
+    _dispatch("dfme", _common(locals()),
               cfg, generator, n)
 
 
@@ -320,6 +326,8 @@ def ideal(
     checkpoint_every: Optional[int] = CheckpointEvery, state_every: float = StateEvery, final_epochs: int = FinalEpochs,
     final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
     pixel_mean: Optional[float] = PixelMean, pixel_std: Optional[float] = PixelStd, augment: bool = Augment,
+    api_key_env: str = ApiKeyEnvOption, timeout: float = TimeoutOption, retries: int = RetriesOption,
+    rate_limit: Optional[float] = RateLimitOption, wire: str = WireOption,
     device: str = DeviceOption, quiet: bool = Quiet, debug: bool = DebugOption,
 ):
     """IDEAL (ICLR 2023): hard labels, small budget; generator trained through the student, one query per sample."""
@@ -328,12 +336,7 @@ def ideal(
     if g_steps < 0 or pool_epochs < 0:
         raise KdUsageError("--g-steps and --pool-epochs must be >= 0")
     cfg = IDEALConfig(g_steps, lr_g, lr_s, lambda_info, z_dim, pool_epochs, s_optimizer=s_optimizer, balance_pool=balance_pool)
-    _dispatch("ideal", _common(oracle=oracle, mode=mode, budget=budget, substitute=substitute, output=output, log=log,
-                               eval_data=eval_data, eval_split=eval_split, data_root=data_root_opt, resume=resume,
-                               seed=seed, batch_size=batch_size, checkpoint_every=checkpoint_every,
-                               state_every=state_every, final_epochs=final_epochs, final_lr=final_lr, final_optimizer=final_optimizer,
-                               input_shape=input_shape, trust_pickle=trust_pickle, device=device, quiet=quiet,
-                  pixel_mean=pixel_mean, pixel_std=pixel_std, augment=augment),
+    _dispatch("ideal", _common(locals()),
               cfg, generator, n)
 
 
