@@ -277,3 +277,84 @@ def data_normalization(x: torch.Tensor, sample: int = 10000) -> tuple[list, list
     mean = xs.mean(dim=(0, 2, 3))
     std = xs.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return mean.tolist(), std.tolist()
+
+
+@dataclass
+class OnlineResult:
+    batches: int
+    samples: int
+    saves: int
+    loss: float
+    seconds: float
+
+
+def train_online(model: nn.Module, batches, num_classes: int, cfg: TrainConfig, device: torch.device,
+                 save: Callable[[nn.Module, dict], None], save_every: int = 1, replay_steps: int = 0,
+                 progress: ProgressCallback = no_progress) -> OnlineResult:
+    """Train on batches as they arrive (a stream on a pipe that never has an end to wait for): each arriving
+    batch gets one optimiser step per ``cfg.batch_size`` rows of it, plus ``replay_steps`` steps on random
+    rows of everything seen so far (kept in memory as uint8). ``save(model, info)`` is called every
+    ``save_every`` arriving batches and once at the end, so a process following the weights file (AEDM's
+    ``--follow``) sees the substitute improve while queries are still being asked. No learning-rate
+    schedule: the stream's length is unknown."""
+    cfg.validate()
+    if save_every < 1 or replay_steps < 0:
+        raise KdUsageError("--save-every must be >= 1 and --replay-steps >= 0")
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    optimizer = make_optimizer(model.parameters(), cfg)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    seen_x: list = []
+    seen_t: list = []
+    count, n_batches, saves, loss_value = 0, 0, 0, float("nan")
+    loss_name = None
+    t0 = time.perf_counter()
+
+    def step(xb: torch.Tensor, tb: Targets) -> float:
+        xb = to_float(xb)
+        if cfg.augment:
+            xb = random_affine(xb, g, hflip=cfg.hflip).clamp_(0, 1)
+        out = model(xb.to(device))
+        loss = distillation_loss(out, tb.labels.to(device), tb.probs.to(device) if tb.probs is not None else None,
+                                 tb.logits.to(device) if tb.logits is not None else None, loss_name, cfg.temperature)
+        if not torch.isfinite(loss):
+            raise KdError(f"training diverged after {count} samples (loss {loss.item()}); lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    for batch in batches:
+        targets = targets_from(batch, num_classes)
+        if loss_name is None:
+            loss_name = cfg.loss if cfg.loss != "auto" else ("kl" if targets.soft else "ce")
+            if loss_name in ("kl", "l1") and not targets.soft:
+                raise KdUsageError(f"--loss {loss_name} needs soft targets; the stream has hard labels only")
+        x = batch["x"]
+        if x.shape[0] == 0:
+            continue
+        for i in range(0, x.shape[0], cfg.batch_size):
+            sl = slice(i, i + cfg.batch_size)
+            loss_value = step(x[sl], Targets(targets.labels[sl], None if targets.probs is None else targets.probs[sl],
+                                             None if targets.logits is None else targets.logits[sl]))
+        seen_x.append(x if x.dtype == torch.uint8 else (x.clamp(0, 1) * 255).round().to(torch.uint8))
+        seen_t.append(targets)
+        count += x.shape[0]
+        n_batches += 1
+        if replay_steps:
+            all_x = torch.cat(seen_x)
+            seen_x = [all_x]
+            all_t = Targets(torch.cat([t.labels for t in seen_t]),
+                            None if targets.probs is None else torch.cat([t.probs for t in seen_t]),
+                            None if targets.logits is None else torch.cat([t.logits for t in seen_t]))
+            seen_t = [all_t]
+            for _ in range(replay_steps):
+                idx = torch.randint(0, count, (cfg.batch_size,), generator=g)
+                step(all_x[idx], Targets(all_t.labels[idx], None if all_t.probs is None else all_t.probs[idx],
+                                         None if all_t.logits is None else all_t.logits[idx]))
+        progress(ProgressEvent("online", count, None, {"loss": loss_value, "batches": n_batches}))
+        if n_batches % save_every == 0:
+            save(model, {"samples_seen": count, "batches_seen": n_batches, "train_loss": loss_value})
+            saves += 1
+    save(model, {"samples_seen": count, "batches_seen": n_batches, "train_loss": loss_value})
+    return OnlineResult(n_batches, count, saves + 1, loss_value, time.perf_counter() - t0)

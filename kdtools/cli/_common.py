@@ -16,6 +16,7 @@ try:  # typer >= 0.29 bundles its own click; its exceptions are not click's
 except ImportError:  # pragma: no cover - older typer uses click itself
     _typer_click_exceptions = click.exceptions
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import KdError, KdUsageError
@@ -42,16 +43,17 @@ def make_app(help: str) -> typer.Typer:
 
 def fail(message: str, code: int = 1) -> None:
     """Print one line on stderr and exit with ``code``."""
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # messages quote file names, server replies and library errors: never read them as rich markup
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise SystemExit(code)
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def info(message: str) -> None:
-    stderr.print(message, highlight=False, soft_wrap=True)
+    stderr.print(message, highlight=False, soft_wrap=True, markup=False)
 
 
 def run_app(app: typer.Typer, prog_name: str) -> None:

@@ -81,6 +81,9 @@ def distill(
     image_size: Optional[int] = typer.Option(None, "--image-size"),
     channels: Optional[int] = typer.Option(None, "--channels"),
     seed: int = typer.Option(0, "--seed"),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Online: train on batches as they arrive (one step per "
+                                             "--batch-size rows) and rewrite -o every N arriving batches (AEDM's closed loop)."),
+    replay_steps: int = typer.Option(0, "--replay-steps", help="Online: extra steps per arriving batch on random rows seen so far."),
     device: str = DeviceOption,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     debug: bool = DebugOption,
@@ -95,6 +98,13 @@ def distill(
     except ValueError:
         raise KdUsageError(f"--arch-args is not JSON: {arch_args!r}") from None
     root = data_root(data_root_opt)
+    if save_every is not None:
+        if data is not None or world > 1 or resume:
+            raise KdUsageError("--save-every (online training) reads a stream or file: not with --data, --resume or torchrun")
+        _online(input, output, init, arch, args, normalize, cfg, save_every, replay_steps, dev, quiet)
+        return
+    if replay_steps:
+        raise KdUsageError("--replay-steps belongs to online training (--save-every N)")
 
     # 1. training data
     if data is not None:
@@ -186,6 +196,50 @@ def distill(
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _online(input, output, init, arch, args, normalize, cfg, save_every, replay_steps, dev, quiet) -> None:
+    """kd-distill --save-every N: online training on a stream, the weights file rewritten as it learns."""
+    import itertools
+
+    from ..train import train_online
+
+    src = open_samples(input, stdin_if(input))
+    header = src.header
+    if header.num_classes is None:
+        raise KdError(f"{src.where}: the samples carry no answers to learn from (pipe queries through kd-query first)")
+    batches = iter(src)
+    first = next(batches, None)
+    if first is None:
+        raise KdError(f"{src.where}: no training samples")
+    input_shape = tuple(first["x"].shape[1:])
+    if init:
+        model = load_model(init).module
+        if not isinstance(model, ImageClassifier):
+            raise KdError(f"{init}: only kdtools weights files can be trained further")
+        if tuple(model.input_shape) != input_shape or model.num_classes != header.num_classes:
+            raise KdError(f"{init}: model takes {model.input_shape} with {model.num_classes} classes; "
+                          f"the stream has {input_shape} with {header.num_classes}")
+    else:
+        from ..data import to_float
+
+        mean, std = _normalization(normalize, to_float(first["x"]), input_shape[0])
+        model = ImageClassifier(arch, input_shape, header.num_classes, args, mean, std)
+    options = {"source": src.where, "arch": model.arch, "arch_args": model.arch_args, **cfg.__dict__, "init": init,
+               "online": True, "save_every": save_every, "replay_steps": replay_steps, "kdtools": __version__}
+
+    def save(m, extra):
+        save_model(m, output, options, extra)
+
+    with progress_bars(not quiet) as progress:
+        result = train_online(model, itertools.chain([first], batches), header.num_classes, cfg, dev, save, save_every,
+                              replay_steps, progress)
+    if src.end and src.end.get("status", "complete") != "complete":
+        warn(f"{src.where}: the input stopped early ({src.end.get('status')}): {src.end.get('message', '')}; "
+             f"trained on the {result.samples} rows it held")
+    if not quiet:
+        info(f"kd-distill: online on {result.samples} samples in {result.batches} batches, {result.saves} saves of {output} "
+             f"in {result.seconds:.1f} s; last loss {result.loss:.4f}")
 
 
 def main() -> None:

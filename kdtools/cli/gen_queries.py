@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -150,7 +151,7 @@ def _generate(method: str, generator: str, n: Optional[int], output: Optional[st
     _write(batches(), n, options, output or "-")
 
 
-def _attack(method: str, common: dict, config) -> None:
+def _attack(method: str, common: dict, config, make=None, substitute=None, client=None) -> None:
     """Attack mode: run the attack against an oracle under a hard budget, writing DIR."""
     import time
 
@@ -191,12 +192,14 @@ def _attack(method: str, common: dict, config) -> None:
         if ds.y is None:
             raise KdUsageError(f"--eval-data {c['eval_data']}: no labels to measure accuracy against")
         eval_set = (ds.x, ds.y)
-    cls, _ = METHODS[method]
     options = AttackOptions(method, kind, c["budget"], c["substitute"], c["batch_size"], c["seed"], c["checkpoint_every"],
                             c["state_every"], c["final_epochs"], c["final_lr"], c["final_optimizer"], c["augment"],
                             c["pixel_mean"], c["pixel_std"])
     run = AttackRun(c["output"], c["log"])
-    quiet = c["quiet"]
+    if client is not None:  # one torchrun rank of a federated attack: its own share, log and state
+        options.budget = client["budget"]
+        run = AttackRun(Path(c["output"]) / f"client-{client['rank']}", client.get("log"))
+    quiet = c["quiet"] or (client is not None and client["rank"] != 0)
 
     with progress_bars(not quiet) as bars:
         last = {"t": 0.0}
@@ -209,7 +212,11 @@ def _attack(method: str, common: dict, config) -> None:
                 last["t"] = now
                 info(f"{method}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in event.info.items()))
 
-        attack = cls(oracle, options, config, run, device, eval_set, progress, c["resume"])
+        if make is None:
+            attack = METHODS[method][0](oracle, options, config, run, device, eval_set, progress, c["resume"])
+        else:
+            attack = make(oracle=oracle, options=options, config=config, run=run, device=device, eval_set=eval_set,
+                          progress=progress, resume=c["resume"], substitute=substitute)
         if c["resume"] and attack.reused_rows:
             info(f"kd-gen-queries {method}: resuming {run.dir} at iteration {attack.iterations}: {attack.reused_rows} answers "
                  f"in the log reused, {attack.oracle.spent} of {c['budget']} queries spent")
@@ -221,7 +228,8 @@ def _attack(method: str, common: dict, config) -> None:
         line += f" and {run.generator_path}"
     if result.accuracy is not None:
         line += f"; substitute accuracy {100 * result.accuracy:.2f} % on {c['eval_data']}"
-    info(line)
+    if client is None or client["rank"] == 0:
+        info(line)
 
 
 def _dispatch(method: str, common: dict, config, generator: Optional[str], n: Optional[int]) -> None:
@@ -348,8 +356,167 @@ def _later(name: str, issue: int):
     _cmd.__doc__ = f"(not yet: issue #{issue})"
 
 
-for _name, _issue in (("cake", 4), ("aedm", 6)):
+for _name, _issue in (("cake", 4),):
     _later(_name, _issue)
+
+
+@app.command()
+def aedm(
+    diffusion: str = typer.Option(..., "--diffusion", help="The prior: a diffusers UNet2DModel + scheduler directory (kd-diffstep train/distill "
+                                  "output, or a hub id when online), trained on public data."),
+    substitute: str = typer.Option("vgg16", "--substitute", help="Attack mode: an architecture (paper: vgg16) or a weights file to start "
+                                   "from. Stream mode: the weights file to steer against (required)."),
+    follow: bool = typer.Option(False, "--follow", help="Stream mode: reload the substitute whenever its file changes (closed loop with "
+                                "kd-query | kd-distill --save-every)."),
+    oracle: Optional[str] = Oracle, mode: str = typer.Option("probs", "--mode", help="label | probs (the paper)"),
+    budget: Optional[int] = Budget,
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Attack mode: output DIR. Stream mode: file ('-' = stdout, default)."),
+    log: Optional[str] = Log, eval_data: Optional[str] = EvalData, eval_split: str = EvalSplit,
+    data_root_opt: Optional[str] = DataRootOption, resume: bool = Resume,
+    n: Optional[int] = typer.Option(None, "-n", help="Stream mode: number of queries to write."),
+    seed: int = Seed, batch_size: int = typer.Option(128, "--batch-size", help="Queries per round (per client when federated)."),
+    sampler_steps: int = typer.Option(8, "--sampler-steps", help="Deterministic DDIM steps of the prior D (paper: 8)."),
+    steer_steps: int = typer.Option(5, "--steer-steps", help="n_d: Adam steps on the input noise per batch (paper: 5)."),
+    lr_steer: float = typer.Option(0.01, "--lr-steer", help="mu_d (paper: 0.01)."),
+    lr_s: float = typer.Option(1e-4, "--lr-s", help="mu_s, the substitute's online step (paper: RMSprop 1e-4)."),
+    s_optimizer: str = typer.Option("rmsprop", "--s-optimizer", help="rmsprop (paper) | adam | sgd."),
+    s_loss: str = typer.Option("l1", "--s-loss", help="l1 (eq. 4.2) | kl."),
+    replay_steps: int = typer.Option(0, "--replay-steps", help="kdtools: substitute steps on random paid answers per round (no queries)."),
+    clients: int = typer.Option(1, "--clients", help="Federated extraction (Algorithm 4.2) with K clients simulated in one process; "
+                                "under torchrun every rank is one client instead."),
+    checkpoint_every: Optional[int] = CheckpointEvery, state_every: float = StateEvery, final_epochs: int = FinalEpochs,
+    final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
+    augment: bool = Augment,
+    api_key_env: str = ApiKeyEnvOption, timeout: float = TimeoutOption, retries: int = RetriesOption,
+    rate_limit: Optional[float] = RateLimitOption, wire: str = WireOption,
+    device: str = DeviceOption, quiet: bool = Quiet, debug: bool = DebugOption,
+):
+    """AEDM (chapter 4): queries steered through a diffusion prior to maximise the substitute's entropy.
+
+    Attack mode (--oracle --budget -o DIR) runs Algorithm 4.1 in this process (--clients K: Algorithm 4.2);
+    stream mode (-n N, no --oracle) writes steered queries for kd-query, steering against --substitute FILE,
+    reloaded as it changes with --follow."""
+    import os
+
+    from ..diffusion.teachers import load_diffusion
+    from ..extract.aedm import AEDMConfig, make_aedm
+
+    if sampler_steps < 1 or steer_steps < 0 or lr_steer <= 0 or lr_s <= 0 or replay_steps < 0 or clients < 1 or batch_size < 1:
+        raise KdUsageError("--sampler-steps, --clients and --batch-size must be >= 1, --steer-steps and --replay-steps >= 0, "
+                           "learning rates > 0")
+    if s_optimizer not in ("rmsprop", "adam", "sgd"):
+        raise KdUsageError(f"--s-optimizer {s_optimizer!r}: expected rmsprop, adam or sgd")
+    if s_loss not in ("l1", "kl"):
+        raise KdUsageError(f"--s-loss {s_loss!r}: expected l1 or kl")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if oracle is None:
+        if budget is not None or resume or clients != 1 or world > 1:
+            raise KdUsageError("stream mode (no --oracle) takes -n, not --budget, --resume or --clients; "
+                               "federated extraction needs --oracle")
+        prior = load_diffusion(diffusion)
+        _aedm_stream(prior, diffusion, substitute, follow, n, output or "-", seed, batch_size, sampler_steps, steer_steps,
+                     lr_steer, device, quiet)
+        return
+    if n is not None or follow:
+        raise KdUsageError("-n and --follow belong to stream mode (no --oracle); attack mode stops at --budget")
+    prior = load_diffusion(diffusion)
+    start = None
+    if Path(substitute).is_file():
+        from ..weights import load_model
+
+        start = load_model(substitute).module
+    elif substitute.endswith((".safetensors", ".pt")):
+        raise KdUsageError(f"--substitute {substitute}: no such weights file")
+    common = {**_common({**locals(), "pixel_mean": None, "pixel_std": None}),
+              "substitute": start.arch if start is not None else substitute}
+    cfg = AEDMConfig(str(diffusion), sampler_steps, steer_steps, lr_steer, lr_s, s_optimizer, s_loss, replay_steps, clients)
+    if world <= 1:
+        _attack("aedm", common, cfg, lambda **kw: _noted(make_aedm(prior, **kw), quiet), start)
+        return
+    _aedm_federated_rank(prior, common, cfg, start, world)
+
+
+def _noted(attack, quiet: bool):
+    if attack.steerer.note and not quiet:
+        info(f"kd-gen-queries aedm: {attack.steerer.note}")
+    return attack
+
+
+def _aedm_federated_rank(prior, common: dict, cfg, start, world: int) -> None:
+    """One torchrun rank = one client of Algorithm 4.2: its share of the budget, its own log and state in
+    DIR/client-RANK/, the substitutes averaged over gloo/nccl after every round; rank 0 writes the
+    averaged substitute to DIR/substitute.safetensors after every round (atomically), so a client that
+    dies leaves the last average behind."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from ..device import resolve_device
+    from ..extract.aedm import DistributedAverage, client_shares, make_aedm, plan_rounds
+    from ..weights import save_model
+
+    if cfg.clients != 1:
+        raise KdUsageError("under torchrun every rank is one client: drop --clients")
+    if common["budget"] is None or not common["output"] or common["output"] == "-":
+        raise KdUsageError("federated attack mode needs --oracle, --budget and -o DIR")
+    device = resolve_device(common["device"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        common = {**common, "device": str(device)}
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=300))
+    try:
+        rank = dist.get_rank()
+        cfg.rounds = plan_rounds(common["budget"], world, common["batch_size"])
+        share = client_shares(common["budget"], world)[rank]
+        out = Path(common["output"])
+        out.mkdir(parents=True, exist_ok=True)
+        log = None
+        if common["log"]:
+            p = Path(common["log"])
+            log = str(p.with_name(f"{p.stem}-client-{rank}{p.suffix}"))
+
+        def on_round(r: int, model) -> None:
+            if rank == 0:
+                save_model(model, out / "substitute.safetensors", {**cfg.__dict__, "method": "aedm", "clients": world},
+                           {"federated_round": r, "rounds": cfg.rounds, "clients": world})
+
+        torch.manual_seed(common["seed"])  # every client starts from the same substitute
+        _attack("aedm", {**common, "seed": common["seed"]}, cfg,
+                lambda **kw: _noted(make_aedm(prior, sync=DistributedAverage(str(out / "substitute.safetensors")), on_round=on_round, **kw), common["quiet"] or rank != 0), start,
+                client={"rank": rank, "budget": share, "log": log})
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _aedm_stream(prior, prior_path: str, substitute: str, follow: bool, n: Optional[int], output: str, seed: int,
+                 batch_size: int, sampler_steps: int, steer_steps: int, lr_steer: float, device_opt: str, quiet: bool) -> None:
+    from ..device import resolve_device
+    from ..extract.aedm import QuerySteerer, SubstituteFollower, steered_batches
+
+    if n is None or n <= 0:
+        raise KdUsageError("stream mode needs -n N (a positive number of queries)")
+    if not Path(substitute).is_file():
+        raise KdUsageError(f"stream mode steers against a substitute weights file: --substitute {substitute} is not a file")
+    device = resolve_device(device_opt)
+    follower = SubstituteFollower(substitute, device)
+    model = follower.model
+    if getattr(model, "input_shape", None) is None:
+        raise KdUsageError(f"{substitute}: the substitute does not record its input shape")
+    steerer = QuerySteerer(prior, model.input_shape, sampler_steps, steer_steps, lr_steer, device)
+    if steerer.note and not quiet:
+        info(f"kd-gen-queries aedm: {steerer.note}")
+    current = follower.current if follow else (lambda: model)
+    options = {"method": "aedm", "diffusion": prior_path, "substitute": substitute, "follow": follow, "n": n, "seed": seed,
+               "sampler_steps": steerer.sampler_steps, "steer_steps": steer_steps, "lr_steer": lr_steer}
+    _write(steered_batches(steerer, current, n, batch_size, seed), n, options, output)
+    if follow and not quiet:
+        info(f"kd-gen-queries aedm: substitute reloaded {follower.reloads} times"
+             + (f", {follower.skipped} unreadable versions skipped" if follower.skipped else ""))
 
 
 def main() -> None:

@@ -1,0 +1,234 @@
+"""AEDM (issue #6): query steering through a diffusion prior, the closed loop through the file system,
+federated extraction (simulated and over torchrun), and the bad inputs the issue lists."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+
+from conftest import ROOT, kd, kd_cmd
+from kdtools.diffusion.schedules import Chain, alphas_cumprod_from_betas, make_betas
+from kdtools.diffusion.teachers import DiffusionModel, build_unet
+from kdtools.errors import KdUsageError
+from kdtools.extract.aedm import (QuerySteerer, SubstituteFollower, average_state, check_adaptable, client_shares,
+                                  negative_entropy, plan_rounds, round_sizes)
+from kdtools.models import ImageClassifier
+from kdtools.weights import load_model, read_metadata, save_model
+
+
+# --- the pure parts -------------------------------------------------------------------------------
+
+def test_negative_entropy_by_hand():
+    # p = (1/2, 1/2): sum p log p = log 1/2; p = (3/4, 1/4): 0.75 ln 0.75 + 0.25 ln 0.25
+    got = negative_entropy(torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]]))
+    assert got[0].item() == pytest.approx(math.log(0.5), abs=1e-6)
+    assert got[1].item() == pytest.approx(0.75 * math.log(0.75) + 0.25 * math.log(0.25), abs=1e-6)
+
+
+def test_average_state_is_the_mean_of_floats_and_keeps_integer_buffers():
+    a = {"w": torch.tensor([1.0, 2.0]), "bn.num_batches_tracked": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "bn.num_batches_tracked": torch.tensor(5)}
+    avg = average_state([a, b])
+    assert avg["w"].tolist() == [2.0, 4.0]
+    assert avg["bn.num_batches_tracked"].item() == 3
+
+
+def test_budget_shares_and_rounds():
+    assert client_shares(10, 3) == [4, 3, 3]
+    assert round_sizes(4, 3) == [2, 1, 1]
+    assert sum(round_sizes(1000, 7)) == 1000
+    assert plan_rounds(300, 3, 64) == 2  # shares of 100 need two rounds of at most 64
+    with pytest.raises(KdUsageError, match="too small"):
+        plan_rounds(5, 3, 1)  # shares 2, 2, 1 cannot all last two rounds
+
+
+def test_prior_shape_checks():
+    assert check_adaptable((1, 28, 28), (1, 28, 28)) is None
+    assert "resized" in check_adaptable((1, 16, 16), (1, 28, 28))
+    assert "RGB -> grey" in check_adaptable((3, 32, 32), (1, 32, 32))
+    assert "grey -> RGB" in check_adaptable((1, 32, 32), (3, 32, 32))
+    with pytest.raises(KdUsageError, match="channels"):
+        check_adaptable((2, 28, 28), (1, 28, 28))
+    with pytest.raises(KdUsageError, match="tabular"):
+        check_adaptable((2,), (1, 28, 28))
+
+
+def _tiny_prior(size=8, channels=1, steps=50):
+    torch.manual_seed(0)
+    a = alphas_cumprod_from_betas(make_betas(steps))
+    info = {"data": {"kind": "image", "channels": channels, "image_size": size}}
+    return DiffusionModel(build_unet(size, channels, (8, 16), 1), Chain(list(range(steps)), a), info)
+
+
+def test_steering_backpropagates_through_every_prior_call_and_raises_the_entropy():
+    prior = _tiny_prior()
+    torch.manual_seed(1)
+    sub = ImageClassifier("mlp", (1, 12, 12), 10)
+    calls = []
+    prior.net.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    steerer = QuerySteerer(prior, (1, 12, 12), sampler_steps=4, steer_steps=10, lr=0.1)
+    assert steerer.sampler_steps == 4 and "resized" in steerer.note
+    x, stats = steerer.steer(sub, 16, torch.Generator().manual_seed(0))
+    # 10 steering steps x 4 sampler calls with gradients, then 4 calls for the final images without
+    assert calls == [True] * 40 + [False] * 4
+    assert x.shape == (16, 1, 12, 12) and float(x.min()) >= 0 and float(x.max()) <= 1 and not x.requires_grad
+    assert stats["entropy_after"] > stats["entropy_before"]
+    # the substitute is left as it was: trainable, in its mode, no gradients accumulated
+    assert all(p.requires_grad and p.grad is None for p in sub.parameters())
+
+
+def test_follower_reloads_renamed_files_and_skips_half_written_ones(tmp_path):
+    path = tmp_path / "s.safetensors"
+    torch.manual_seed(0)
+    a, b = ImageClassifier("mlp", (1, 8, 8), 3), ImageClassifier("mlp", (1, 8, 8), 3)
+    save_model(a, path)
+    f = SubstituteFollower(path, wait_s=0.0)
+    first = f.current()
+    assert f.reloads == 0 and torch.equal(next(first.parameters()), next(a.parameters()))
+    assert f.current() is first  # unchanged file: no reload
+    save_model(b, path)  # atomic rename by the writer
+    second = f.current()
+    assert f.reloads == 1 and torch.equal(next(second.parameters()), next(b.parameters()))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a writer that does not rename, caught mid-write
+    assert f.current() is second and f.skipped == 1
+    save_model(a, path)
+    assert torch.equal(next(f.current().parameters()), next(a.parameters())) and f.reloads == 2
+
+
+# --- the commands -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prior_dir(tmp_path_factory):
+    """A tiny (barely trained) diffusers prior on the bundled digits at 16 px: 16 -> 28 px queries."""
+    d = tmp_path_factory.mktemp("prior") / "prior"
+    kd("kd-diffstep", "train", "--data", "digits", "--image-size", 16, "--steps", 50, "--unet-channels", "8,16",
+       "--iters", 2, "--batch-size", 16, "-o", d, check=True)
+    return d
+
+
+FAST = ["--sampler-steps", 2, "--steer-steps", 1, "--substitute", "lenet5", "--batch-size", 50, "-q"]
+
+
+def test_attack_mode_spends_the_budget_exactly_and_resume_pays_nothing(prior_dir, victim_path, tmp_path):
+    out = tmp_path / "att"
+    kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--oracle", victim_path, "--budget", 120, "-o", out, *FAST, check=True)
+    with h5py.File(out / "queries.h5") as f:
+        assert f["x"].shape == (120, 1, 28, 28) and f["x"].dtype == "uint8" and f["probs"].shape == (120, 10)
+    meta = read_metadata(out / "substitute.safetensors")
+    assert meta["queries_spent"] == "120" and meta["method"] == "aedm"
+    assert load_model(out / "substitute.safetensors").module.arch == "lenet5"
+    p = kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--oracle", victim_path, "--budget", 120, "-o", out,
+           "--resume", *FAST[:-1])
+    assert p.returncode == 0, p.stderr.decode()
+    with h5py.File(out / "queries.h5") as f:
+        assert f["x"].shape[0] == 120
+
+
+def test_simulated_federation_splits_the_budget(prior_dir, victim_path, tmp_path):
+    out = tmp_path / "fed"
+    kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--oracle", victim_path, "--budget", 130, "--clients", 3,
+       "-o", out, *FAST, check=True)
+    with h5py.File(out / "queries.h5") as f:
+        assert f["x"].shape[0] == 130
+    p = kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--oracle", victim_path, "--budget", 4, "--clients", 5,
+           "-o", tmp_path / "small", *FAST)
+    assert p.returncode == 2 and b"too small" in p.stderr
+
+
+def test_bad_priors_are_clear_errors(prior_dir, victim_path, tmp_path):
+    flat = tmp_path / "flat"
+    kd("kd-diffstep", "train", "--data", "swissroll", "-n", 200, "--steps", 20, "--iters", 1, "-o", flat, check=True)
+    p = kd("kd-gen-queries", "aedm", "--diffusion", flat, "--oracle", victim_path, "--budget", 50, "-o", tmp_path / "a", *FAST)
+    assert p.returncode == 2 and b"tabular" in p.stderr and b"Traceback" not in p.stderr
+    p = kd("kd-gen-queries", "aedm", "--diffusion", tmp_path / "nowhere", "--oracle", victim_path, "--budget", 50,
+           "-o", tmp_path / "b", *FAST)
+    assert p.returncode == 1 and b"no such model directory" in p.stderr
+    # stream mode needs a substitute file to steer against
+    p = kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--substitute", "lenet5", "-n", 10)
+    assert p.returncode == 2 and b"substitute" in p.stderr
+
+
+def test_closed_loop_through_the_file_system(prior_dir, victim_path, tmp_path):
+    """kd-gen-queries aedm --follow | kd-query | kd-distill --save-every 1, as in the issue."""
+    sub = tmp_path / "substitute.safetensors"
+    torch.manual_seed(0)
+    save_model(ImageClassifier("lenet5", (1, 28, 28), 10), sub)
+    before = sub.read_bytes()
+    log = tmp_path / "q.h5"
+    gen = subprocess.Popen([*kd_cmd("kd-gen-queries"), "aedm", "--diffusion", str(prior_dir), "--substitute", str(sub), "--follow",
+                            "-n", "200", "--batch-size", "20", "--sampler-steps", "2", "--steer-steps", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    query = subprocess.Popen([*kd_cmd("kd-query"), str(victim_path), "--mode", "probs", "--budget", "200", "--log", str(log), "-q"],
+                             stdin=gen.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    gen.stdout.close()
+    distill = subprocess.run([*kd_cmd("kd-distill"), "--init", str(sub), "--save-every", "1", "--loss", "l1", "--optimizer",
+                              "rmsprop", "--lr", "1e-3", "-o", str(sub)], stdin=query.stdout, capture_output=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    query.stdout.close()
+    gen_err = gen.stderr.read().decode()
+    assert gen.wait() == 0, gen_err
+    assert query.wait() == 0, query.stderr.read().decode()
+    assert distill.returncode == 0, distill.stderr.decode()
+    with h5py.File(log) as f:
+        assert f["x"].shape[0] == 200
+    assert sub.read_bytes() != before
+    meta = read_metadata(sub)
+    assert meta["samples_seen"] == "200" and meta["batches_seen"] == "10"
+    # the generator saw the substitute change while it was steering
+    reloads = int(gen_err.split("reloaded ")[1].split(" ")[0])
+    assert reloads >= 1
+
+
+def test_online_distill_refuses_what_it_cannot_do(queries_path, tmp_path):
+    p = kd("kd-distill", "--data", "digits", "--save-every", 1, "-o", tmp_path / "x.safetensors")
+    assert p.returncode == 2
+    p = kd("kd-distill", str(queries_path), "--save-every", 1, "-o", tmp_path / "y.safetensors")
+    assert p.returncode == 1 and b"no answers" in p.stderr and not (tmp_path / "y.safetensors").exists()
+
+
+def _torchrun():
+    t = Path(sys.executable).with_name("torchrun")
+    if not t.exists():
+        pytest.skip("torchrun not installed next to this Python")
+    return str(t)
+
+
+def test_torchrun_federation_averages_every_round(prior_dir, victim_path, tmp_path):
+    out = tmp_path / "dist"
+    p = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "kdtools.cli.gen_queries", "aedm",
+                        "--diffusion", str(prior_dir), "--oracle", str(victim_path), "--budget", "200", "-o", str(out),
+                        *map(str, FAST)], capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    for k in (0, 1):
+        with h5py.File(out / f"client-{k}" / "queries.h5") as f:
+            assert f["x"].shape[0] == 100  # each client its half of the budget
+    a = load_model(out / "client-0" / "substitute.safetensors").module.state_dict()
+    b = load_model(out / "client-1" / "substitute.safetensors").module.state_dict()
+    g = load_model(out / "substitute.safetensors").module.state_dict()
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], g[k]) for k in a)
+    assert read_metadata(out / "substitute.safetensors")["federated_round"] == "2"
+
+
+def test_torchrun_client_that_dies_leaves_the_last_average(prior_dir, victim_path, tmp_path):
+    # client 1's oracle is a subprocess that stops after 50 answers: round 1 completes, round 2 fails
+    script = tmp_path / "oracle.sh"
+    query = " ".join([*kd_cmd("kd-query"), str(victim_path), "--mode", "probs", "-q"])
+    script.write_text(f'#!/bin/sh\nif [ "$RANK" = "1" ]; then exec {query} --budget 50; fi\nexec {query}\n')
+    script.chmod(0o755)
+    out = tmp_path / "dies"
+    p = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "kdtools.cli.gen_queries", "aedm",
+                        "--diffusion", str(prior_dir), "--oracle", f"exec:{script}", "--input-shape", "1x28x28",
+                        "--budget", "300", "-o", str(out), *map(str, FAST)],
+                       capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    err = p.stderr.decode()
+    assert p.returncode != 0
+    assert "ended its answers early" in err
+    kept = out / "substitute.safetensors"
+    assert load_model(kept).module.arch == "lenet5"  # complete and loadable
+    assert read_metadata(kept)["federated_round"] == "1"
