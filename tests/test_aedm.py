@@ -133,7 +133,7 @@ def test_attack_mode_spends_the_budget_exactly_and_resume_pays_nothing(prior_dir
 def test_simulated_federation_splits_the_budget(prior_dir, victim_path, tmp_path):
     out = tmp_path / "fed"
     kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--oracle", victim_path, "--budget", 130, "--clients", 3,
-       "-o", out, *FAST, check=True)
+       "--replay-steps", 1, "--batch-size", 20, "-o", out, *FAST[:-3], "-q", check=True)
     with h5py.File(out / "queries.h5") as f:
         assert f["x"].shape[0] == 130
     p = kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--oracle", victim_path, "--budget", 4, "--clients", 5,

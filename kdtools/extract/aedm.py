@@ -247,6 +247,8 @@ class AEDM(Attack):
             raise KdUsageError(f"--budget {o.budget} is too small for {self.rounds} rounds")
         self.shares = client_shares(o.budget, c.clients)
         self.plans = [round_sizes(s, self.rounds) for s in self.shares]
+        # which client asked each row of the log: rows are appended round by round, client by client
+        self.owner = torch.tensor([k for r in range(self.rounds) for k in range(c.clients) for _ in range(self.plans[k][r])])
         # client k's substitute and optimiser; with one client, client 0 *is* the substitute
         if c.clients == 1:
             self.locals = [self.substitute]
@@ -282,9 +284,16 @@ class AEDM(Attack):
         x = quantize(x)
         t = self.target_of(self.ask(x))
         loss = self._step(model, self.opts[k], x, t)
-        for _ in range(c.replay_steps):
-            xb, tb = self.pool.sample(self.options.batch_size, self.device)
-            self._step(model, self.opts[k], xb, tb)
+        if c.replay_steps:
+            # a client replays only the answers it paid for itself: clients do not share queries
+            mine = (self.owner[:self.pool.n] == k).nonzero().squeeze(1) if len(self.locals) > 1 else None
+            for _ in range(c.replay_steps):
+                if mine is None:
+                    xb, tb = self.pool.sample(self.options.batch_size, self.device)
+                else:
+                    idx = mine[torch.randint(0, mine.numel(), (self.options.batch_size,))]
+                    xb, tb = self.pool._images(idx).to(self.device), self.pool.y[idx].to(self.device)
+                self._step(model, self.opts[k], xb, tb)
         return loss
 
     def _step(self, model: nn.Module, opt, x: torch.Tensor, t: torch.Tensor) -> float:
