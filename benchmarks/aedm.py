@@ -60,14 +60,33 @@ def post_train(qlog: Path, dataset: str, epochs: int, out: Path, log: Path) -> f
     return test_accuracy(out, DATA_OF[dataset])
 
 
+def public_data_run(work: Path, victim_path: Path, public: str, dataset: str, budget: int, args, log: Path) -> dict:
+    """No prior, no steering: the public images themselves as queries (the paper's Table 4.2 motivation)."""
+    out = work / f"public-{public}-{dataset}-{budget}"
+    out.mkdir(exist_ok=True)
+    qlog = out / "queries.h5"
+    t = 0.0
+    if not (out / "answers.kds").exists():
+        qlog.unlink(missing_ok=True)
+        t0 = time.time()
+        sh(["bash", "-c", shlex.join([*tool("kd-gen-queries"), "dataset", "--data", public, "-n", str(budget)]) + " | "
+            + shlex.join([*tool("kd-query"), str(victim_path), "--mode", "probs", "--budget", str(budget), "--log", str(qlog),
+                          "-q", "-o", str(out / "answers.kds")])], log)
+        t = time.time() - t0
+    post = post_train(qlog, dataset, args.post_epochs, out / "post.safetensors", log)
+    return {"run": out.name, "method": f"{public} images as queries", "target": dataset, "budget": budget,
+            "calls": log_rows(qlog), "online": float("nan"), "post": post, "seconds": round(t)}
+
+
 def aedm_run(name: str, work: Path, victim_path: Path, prior_dir: Path, dataset: str, budget: int, args, log: Path,
-             clients: int = 1) -> dict:
+             clients: int = 1, steer_steps: int | None = None) -> dict:
     out = work / name
     t = 0.0
     if not (out / "substitute.safetensors").exists():
         cmd = [*tool("kd-gen-queries"), "aedm", "--diffusion", str(prior_dir), "--oracle", str(victim_path), "--mode", "probs",
                "--budget", str(budget), "--substitute", "lenet5", "--batch-size", str(args.batch_size),
-               "--sampler-steps", str(args.sampler_steps), "--steer-steps", str(args.steer_steps),
+               "--sampler-steps", str(args.sampler_steps),
+               "--steer-steps", str(args.steer_steps if steer_steps is None else steer_steps),
                "--s-optimizer", "adam", "--lr-s", "1e-3", "--s-loss", "kl", "--replay-steps", str(args.replay_steps),
                "--clients", str(clients), "--eval-data", DATA_OF[dataset], "-q", "-o", str(out)]
         if (out / "state.pt").exists():
@@ -75,7 +94,8 @@ def aedm_run(name: str, work: Path, victim_path: Path, prior_dir: Path, dataset:
         t = sh(cmd, log)
     online = test_accuracy(out / "substitute.safetensors", DATA_OF[dataset])
     post = post_train(out / "queries.h5", dataset, args.post_epochs, out / "post.safetensors", log)
-    return {"run": name, "method": "aedm" + (f" x{clients} clients" if clients > 1 else ""), "target": dataset,
+    method = "aedm" + (f" x{clients} clients" if clients > 1 else "") + (" (no steering)" if steer_steps == 0 else "")
+    return {"run": name, "method": method, "target": dataset,
             "budget": budget, "calls": log_rows(out / "queries.h5"), "online": online, "post": post, "seconds": round(t)}
 
 
@@ -144,6 +164,10 @@ def first_rows(src: Path, n: int, dst: Path) -> Path:
     return dst
 
 
+def pct(v: float) -> str:
+    return "-" if v != v else f"{100 * v:.2f} %"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/aedm-bench")
@@ -175,6 +199,9 @@ def main() -> None:
         fprior = Path(args.fmnist_prior) if args.fmnist_prior else prior(work, "fmnist", args.prior_iters, log)
     if "mnist" in only:
         results.append(aedm_run(f"aedm-mnist-{args.budget}", work, mnist_v, fprior, "mnist", args.budget, args, log))
+        results.append(aedm_run(f"aedm-mnist-{args.budget}-nosteer", work, mnist_v, fprior, "mnist", args.budget, args, log,
+                                steer_steps=0))
+        results.append(public_data_run(work, mnist_v, "fashion-mnist", "mnist", args.budget, args, log))
         for m in filter(None, args.baselines.split(",")):
             results.append(baseline_run(m, work, mnist_v, "mnist", args.budget, args, log))
     if "fed" in only:
@@ -212,8 +239,8 @@ def main() -> None:
         print("| target | method | budget | real oracle calls | substitute acc. (online) | after post-training | attack time |")
         print("|---|---|---|---|---|---|---|")
         for r in results:
-            print(f"| {r['target']} | {r['method']} | {r['budget']:,} | {r['calls']:,} | {100 * r['online']:.2f} % | "
-                  f"{100 * r['post']:.2f} % | {r['seconds']} s |")
+            print(f"| {r['target']} | {r['method']} | {r['budget']:,} | {r['calls']:,} | {pct(r['online'])} | "
+                  f"{pct(r['post'])} | {r['seconds']} s |")
     if dpr:
         print("\n| queries (first N of each run's log) | N | defence pass rate |")
         print("|---|---|---|")

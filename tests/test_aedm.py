@@ -232,3 +232,22 @@ def test_torchrun_client_that_dies_leaves_the_last_average(prior_dir, victim_pat
     kept = out / "substitute.safetensors"
     assert load_model(kept).module.arch == "lenet5"  # complete and loadable
     assert read_metadata(kept)["federated_round"] == "1"
+
+
+def test_train_online_saves_every_n_batches_and_learns():
+    from kdtools.train import TrainConfig, train_online
+
+    torch.manual_seed(0)
+    model = ImageClassifier("mlp", (1, 4, 4), 2)
+    # two separable classes: bright images are class 1
+    x = torch.cat([torch.full((40, 1, 4, 4), 0.1), torch.full((40, 1, 4, 4), 0.9)])
+    probs = torch.cat([torch.tensor([[0.9, 0.1]]).repeat(40, 1), torch.tensor([[0.1, 0.9]]).repeat(40, 1)])
+    order = torch.randperm(80)
+    batches = [{"x": x[order[i:i + 16]], "probs": probs[order[i:i + 16]]} for i in range(0, 80, 16)]
+    saved = []
+    result = train_online(model, iter(batches), 2, TrainConfig(optimizer="adam", lr=0.01, batch_size=8, loss="l1"),
+                          torch.device("cpu"), lambda m, info: saved.append(info), save_every=2, replay_steps=1)
+    assert [s["batches_seen"] for s in saved] == [2, 4, 5]  # every 2 batches, then the final save
+    assert saved[-1]["samples_seen"] == 80 and result.saves == 3 and result.batches == 5
+    model.eval()
+    assert (model(x).argmax(1) == torch.cat([torch.zeros(40), torch.ones(40)]).long()).all()
