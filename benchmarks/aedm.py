@@ -115,7 +115,7 @@ def baseline_run(method: str, work: Path, victim_path: Path, dataset: str, budge
             "online": online, "post": post, "seconds": round(t)}
 
 
-def pass_rates(work: Path, victim_path: Path, sets: dict, log: Path) -> list[dict]:
+def pass_rates(work: Path, victim_path: Path, sets: dict, log: Path, sides: str = "both") -> list[dict]:
     """Each query set through kd-serve --defense entropy over loopback HTTP; rejected rows counted from kd-query's log."""
     import h5py
     import torch
@@ -123,7 +123,8 @@ def pass_rates(work: Path, victim_path: Path, sets: dict, log: Path) -> list[dic
     port_file = work / "dpr.port"
     port_file.unlink(missing_ok=True)
     server = subprocess.Popen([*tool("kd-serve"), str(victim_path), "--mode", "probs", "--port", "0", "--port-file", str(port_file),
-                               "--defense", "entropy", "--defense-data", "mnist", "--defense-save", str(work / "defense.json")],
+                               "--defense", "entropy", "--defense-data", "mnist", "--defense-sides", sides,
+                               "--defense-save", str(work / f"defense-{sides}.json")],
                               stdout=subprocess.DEVNULL, stderr=open(log, "ab"), env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         for _ in range(600):
@@ -134,14 +135,14 @@ def pass_rates(work: Path, victim_path: Path, sets: dict, log: Path) -> list[dic
         rows = []
         for name, path in sets.items():
             slug = "".join(c if c.isalnum() else "-" for c in name)
-            qlog = work / f"dpr-answers-{slug}.h5"
+            qlog = work / f"dpr-answers-{sides}-{slug}.h5"
             qlog.unlink(missing_ok=True)
             sh([*tool("kd-query"), url, str(path), "--mode", "probs", "--on-rejected", "flag", "--log", str(qlog), "-q",
-                "-o", str(work / f"dpr-answers-{slug}.kds")], log)
+                "-o", str(work / f"dpr-answers-{sides}-{slug}.kds")], log)
             with h5py.File(qlog) as f:
                 probs = torch.from_numpy(f["probs"][:])
             rejected = int((probs.sum(1) == 0).sum())
-            rows.append({"queries": name, "n": probs.shape[0], "passed": 1 - rejected / probs.shape[0]})
+            rows.append({"queries": name, "n": probs.shape[0], "passed": 1 - rejected / probs.shape[0], "sides": sides})
         return rows
     finally:
         server.terminate()
@@ -229,7 +230,7 @@ def main() -> None:
         if not p.exists():
             sh([*tool("kd-gen-queries"), "dataset", "--data", "mnist", "--split", "test", "-n", str(args.dpr_n), "-o", str(p)], log)
         sets["MNIST test images (legitimate)"] = p
-        dpr = pass_rates(work, mnist_v, sets, log)
+        dpr = pass_rates(work, mnist_v, sets, log, "both") + pass_rates(work, mnist_v, sets, log, "low")
 
     settings = (f"substitute lenet5, batch {args.batch_size}, AEDM sampler {args.sampler_steps} DDIM steps, steering "
                 f"{args.steer_steps} Adam steps (lr 0.01), online Adam 1e-3 + {args.replay_steps} replay steps; post-training "
@@ -242,10 +243,13 @@ def main() -> None:
             print(f"| {r['target']} | {r['method']} | {r['budget']:,} | {r['calls']:,} | {pct(r['online'])} | "
                   f"{pct(r['post'])} | {r['seconds']} s |")
     if dpr:
-        print("\n| queries (first N of each run's log) | N | defence pass rate |")
-        print("|---|---|---|")
-        for r in dpr:
-            print(f"| {r['queries']} | {r['n']} | {r['passed']:.3f} |")
+        both = {r["queries"]: r for r in dpr if r["sides"] == "both"}
+        low = {r["queries"]: r for r in dpr if r["sides"] == "low"}
+        print("\n| queries (first N of each run's log) | N | pass rate, entropy outside [q01, q99] rejected | "
+              "pass rate, entropy below q01 rejected |")
+        print("|---|---|---|---|")
+        for name, r in both.items():
+            print(f"| {name} | {r['n']} | {r['passed']:.3f} | {low[name]['passed']:.3f} |")
     (work / "results.json").write_text(json.dumps({"results": results, "dpr": dpr, "settings": settings}, indent=1))
 
 

@@ -16,7 +16,7 @@ from ..weights import load_model, parse_shape
 from .query import ApiKeyEnvOption, RateLimitOption, RetriesOption, TimeoutOption, WireOption, remote_options
 from ._common import DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, not_yet, open_sink, run_app, stderr
 
-app = make_app("Synthesise queries: noise, public data, or the data-free attacks TandemGAN, DFME and IDEAL (AEDM comes with #6).\n\n"
+app = make_app("Synthesise queries: noise, public data, the data-free attacks TandemGAN, DFME and IDEAL, or AEDM (a steered diffusion prior).\n\n"
                "noise/dataset and generator mode (--generator G -n N) write a kdtools stream on stdout (pipe it into kd-query) "
                "or a file with -o (.h5 for HDF5). Attack mode (--oracle SPEC --budget N -o DIR) steals the oracle within the "
                "budget and writes DIR/substitute.safetensors, DIR/generator.safetensors, checkpoints and the query log.")
@@ -103,7 +103,7 @@ def dataset(
 
 # --- data-free attacks (issue #4): attack mode and generator mode -----------------------------------------
 
-Oracle = typer.Option(None, "--oracle", help="Attack mode: the victim (a model file; more oracle kinds as kdtools.oracle adds them).")
+Oracle = typer.Option(None, "--oracle", help="Attack mode: the victim: a model file, http(s)://URL, exec:CMD or replay:LOG.h5.")
 Budget = typer.Option(None, "--budget", help="Attack mode: hard cap on oracle calls, gradient probes included.")
 Substitute = typer.Option(None, "--substitute", help="Substitute architecture (any kd-distill --arch); default: the paper's.")
 OutDir = typer.Option(None, "-o", "--output", help="Attack mode: output DIR. Generator mode: stream file ('-' = stdout, the default).")
