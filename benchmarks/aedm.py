@@ -1,13 +1,14 @@
 """AEDM benchmark (issue #6): extraction with a diffusion prior trained on *other* public data.
 
-    KD_DATA=../shared/data python benchmarks/aedm.py --work /tmp/aedm-bench [--only mnist,fed,dpr,fmnist]
+    KD_DATA=../shared/data python benchmarks/aedm.py --work /tmp/aedm-bench [--only aedm,nosteer,public,baselines,fed,fmnist,dpr]
 
 Every step runs the real commands (kd-diffstep train, kd-gen-queries, kd-distill, kd-serve, kd-query) and
 is skipped when its output exists, so an interrupted benchmark continues where it stopped.
 
   priors   kd-diffstep train on Fashion-MNIST (the MNIST attack's public data) and on MNIST (the reverse);
-  mnist    MNIST LeNet-5 victim, probabilities, --budget queries (20 000): AEDM, TandemGAN and DFME with the
-           same budget, each substitute then post-trained on its own query log with the same kd-distill
+  aedm, nosteer, public, baselines
+           MNIST LeNet-5 victim, probabilities, --budget queries (20 000): AEDM, AEDM without steering, the
+           public images themselves as queries, TandemGAN and DFME with the same budget, each substitute then post-trained on its own query log with the same kd-distill
            command (the paper's step 2: epochs over the saved queries with augmentation);
   fed      AEDM federated with 5 and 10 simulated clients at the same total budget;
   fmnist   Fashion-MNIST victim, MNIST prior, 50 000 queries;
@@ -172,7 +173,7 @@ def pct(v: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/aedm-bench")
-    ap.add_argument("--only", default="mnist,fed,fmnist,dpr")
+    ap.add_argument("--only", default="aedm,nosteer,public,baselines,fed,fmnist,dpr")
     ap.add_argument("--mnist-victim")
     ap.add_argument("--fmnist-victim")
     ap.add_argument("--fmnist-prior", help="a prior trained on Fashion-MNIST (default: trained here)")
@@ -183,9 +184,9 @@ def main() -> None:
     ap.add_argument("--baselines", default="tandemgan,dfme")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--sampler-steps", type=int, default=4, help="CPU setting (paper: 8)")
-    ap.add_argument("--steer-steps", type=int, default=2, help="CPU setting (paper: 5)")
+    ap.add_argument("--steer-steps", type=int, default=1, help="CPU setting (paper: 5)")
     ap.add_argument("--replay-steps", type=int, default=2)
-    ap.add_argument("--post-epochs", type=int, default=30)
+    ap.add_argument("--post-epochs", type=int, default=20)
     ap.add_argument("--dpr-n", type=int, default=2000)
     args = ap.parse_args()
     if not os.environ.get("KD_DATA"):
@@ -196,13 +197,16 @@ def main() -> None:
     only = set(args.only.split(","))
     results, dpr = [], []
     mnist_v = victim("mnist", args.mnist_victim, work, 4)
-    if only & {"mnist", "fed", "dpr"}:
+    if only & {"aedm", "nosteer", "fed", "dpr"}:
         fprior = Path(args.fmnist_prior) if args.fmnist_prior else prior(work, "fmnist", args.prior_iters, log)
-    if "mnist" in only:
+    if "aedm" in only:
         results.append(aedm_run(f"aedm-mnist-{args.budget}", work, mnist_v, fprior, "mnist", args.budget, args, log))
+    if "nosteer" in only:
         results.append(aedm_run(f"aedm-mnist-{args.budget}-nosteer", work, mnist_v, fprior, "mnist", args.budget, args, log,
                                 steer_steps=0))
+    if "public" in only:
         results.append(public_data_run(work, mnist_v, "fashion-mnist", "mnist", args.budget, args, log))
+    if "baselines" in only:
         for m in filter(None, args.baselines.split(",")):
             results.append(baseline_run(m, work, mnist_v, "mnist", args.budget, args, log))
     if "fed" in only:

@@ -117,8 +117,9 @@ def test_usage_errors_exit_2(victim_path):
     assert kd("kd-query", victim_path, "--mode", "soft").returncode == 2
     assert kd("kd-distill", "--epochs", "x", "-o", "y").returncode == 2
     assert kd("kd-gen-queries", "noise", "-n", "5").returncode == 2  # no shape
-    placeholder = kd("kd-gen-queries", "aedm")  # a method another issue adds says which one, exit 1
-    assert placeholder.returncode == 1 and b"issue #6" in placeholder.stderr
+    assert kd("kd-gen-queries", "aedm").returncode == 2  # no --diffusion
+    placeholder = kd("kd-gen-queries", "cake")  # a method not built yet says which issue, exit 1
+    assert placeholder.returncode == 1 and b"issue #4" in placeholder.stderr
 
 
 def test_binary_is_never_written_to_a_terminal(tmp_path):
