@@ -80,14 +80,14 @@ def public_data_run(work: Path, victim_path: Path, public: str, dataset: str, bu
 
 
 def aedm_run(name: str, work: Path, victim_path: Path, prior_dir: Path, dataset: str, budget: int, args, log: Path,
-             clients: int = 1, steer_steps: int | None = None) -> dict:
+             clients: int = 1, steer_steps: int | None = None, lr_steer: float = 0.01) -> dict:
     out = work / name
     t = 0.0
     if not (out / "substitute.safetensors").exists():
         cmd = [*tool("kd-gen-queries"), "aedm", "--diffusion", str(prior_dir), "--oracle", str(victim_path), "--mode", "probs",
                "--budget", str(budget), "--substitute", "lenet5", "--batch-size", str(args.batch_size),
                "--sampler-steps", str(args.sampler_steps),
-               "--steer-steps", str(args.steer_steps if steer_steps is None else steer_steps),
+               "--steer-steps", str(args.steer_steps if steer_steps is None else steer_steps), "--lr-steer", str(lr_steer),
                "--s-optimizer", "adam", "--lr-s", "1e-3", "--s-loss", "kl", "--replay-steps", str(args.replay_steps),
                "--clients", str(clients), "--eval-data", DATA_OF[dataset], "-q", "-o", str(out)]
         if (out / "state.pt").exists():
@@ -96,6 +96,8 @@ def aedm_run(name: str, work: Path, victim_path: Path, prior_dir: Path, dataset:
     online = test_accuracy(out / "substitute.safetensors", DATA_OF[dataset])
     post = post_train(out / "queries.h5", dataset, args.post_epochs, out / "post.safetensors", log)
     method = "aedm" + (f" x{clients} clients" if clients > 1 else "") + (" (no steering)" if steer_steps == 0 else "")
+    if steer_steps and lr_steer != 0.01:
+        method += f" ({steer_steps} steering steps, lr {lr_steer})"
     return {"run": name, "method": method, "target": dataset,
             "budget": budget, "calls": log_rows(out / "queries.h5"), "online": online, "post": post, "seconds": round(t)}
 
@@ -173,7 +175,7 @@ def pct(v: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/aedm-bench")
-    ap.add_argument("--only", default="aedm,nosteer,public,baselines,fed,fmnist,dpr")
+    ap.add_argument("--only", default="aedm,nosteer,strong,public,baselines,fed,fmnist,dpr")
     ap.add_argument("--mnist-victim")
     ap.add_argument("--fmnist-victim")
     ap.add_argument("--fmnist-prior", help="a prior trained on Fashion-MNIST (default: trained here)")
@@ -197,13 +199,16 @@ def main() -> None:
     only = set(args.only.split(","))
     results, dpr = [], []
     mnist_v = victim("mnist", args.mnist_victim, work, 4)
-    if only & {"aedm", "nosteer", "fed", "dpr"}:
+    if only & {"aedm", "nosteer", "strong", "fed", "dpr"}:
         fprior = Path(args.fmnist_prior) if args.fmnist_prior else prior(work, "fmnist", args.prior_iters, log)
     if "aedm" in only:
         results.append(aedm_run(f"aedm-mnist-{args.budget}", work, mnist_v, fprior, "mnist", args.budget, args, log))
     if "nosteer" in only:
         results.append(aedm_run(f"aedm-mnist-{args.budget}-nosteer", work, mnist_v, fprior, "mnist", args.budget, args, log,
                                 steer_steps=0))
+    if "strong" in only:  # kdtools variant: ten times the paper's steering step, two steps
+        results.append(aedm_run(f"aedm-mnist-{args.budget}-strong", work, mnist_v, fprior, "mnist", args.budget, args, log,
+                                steer_steps=2, lr_steer=0.1))
     if "public" in only:
         results.append(public_data_run(work, mnist_v, "fashion-mnist", "mnist", args.budget, args, log))
     if "baselines" in only:
