@@ -223,9 +223,11 @@ def main() -> None:
         results.append(aedm_run(f"aedm-fmnist-{args.fmnist_budget}", work, fmnist_v, mprior, "fmnist", args.fmnist_budget, args, log))
     if "dpr" in only:
         sets = {}
-        a = work / f"aedm-mnist-{args.budget}" / "queries.h5"
-        if a.exists():
-            sets["aedm"] = first_rows(a, args.dpr_n, work / "dpr-aedm-queries.h5")
+        for run, label in ((f"aedm-mnist-{args.budget}", "aedm"), (f"aedm-mnist-{args.budget}-strong", "aedm (strong steering)"),
+                           (f"aedm-mnist-{args.budget}-nosteer", "aedm (no steering)")):
+            a = work / run / "queries.h5"
+            if a.exists():
+                sets[label] = first_rows(a, args.dpr_n, work / f"dpr-{run}-queries.h5")
         for m in filter(None, args.baselines.split(",")):
             q = work / f"{m}-mnist-{args.budget}" / "queries.h5"
             if q.exists():
@@ -239,6 +241,10 @@ def main() -> None:
         if not p.exists():
             sh([*tool("kd-gen-queries"), "dataset", "--data", "mnist", "--split", "test", "-n", str(args.dpr_n), "-o", str(p)], log)
         sets["MNIST test images (legitimate)"] = p
+        p = work / "dpr-fmnist-test.h5"
+        if not p.exists():
+            sh([*tool("kd-gen-queries"), "dataset", "--data", "fashion-mnist", "--split", "test", "-n", str(args.dpr_n), "-o", str(p)], log)
+        sets["Fashion-MNIST test images (the prior's public data)"] = p
         dpr = pass_rates(work, mnist_v, sets, log, "both") + pass_rates(work, mnist_v, sets, log, "low")
 
     settings = (f"substitute lenet5, batch {args.batch_size}, AEDM sampler {args.sampler_steps} DDIM steps, steering "
