@@ -121,28 +121,54 @@ def curve_json(points: list[CurvePoint], data_name: str, reference: Optional[str
             "reference_accuracy": reference_accuracy, "points": [asdict(p) for p in points], "options": options}
 
 
+def run_label(item: str) -> str:
+    """A short name for the run an input names: its directory (a log: the directory holding it)."""
+    p = Path(item)
+    if p.is_file() and sniff(p) == "hdf5":
+        return p.parent.name or p.stem
+    return p.name or str(p)
+
+
+def is_run(item: str) -> bool:
+    """A run directory or a query log (one series of a comparison), rather than a single weights file."""
+    p = Path(item)
+    return p.is_dir() or (p.is_file() and sniff(p) == "hdf5")
+
+
 def plot_curve(points: list[CurvePoint], path, title: str = "", reference_accuracy: Optional[float] = None,
                options: Optional[dict] = None) -> None:
     """Accuracy (and fidelity) against queries as a PNG, written atomically."""
+    plot_curves([("", points)], path, title, reference_accuracy, options)
+
+
+def plot_curves(series: Sequence[tuple[str, list[CurvePoint]]], path, title: str = "",
+                reference_accuracy: Optional[float] = None, options: Optional[dict] = None) -> None:
+    """One line per run (accuracy; fidelity dashed when measured) against queries, as a PNG written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; works on servers
     import matplotlib.pyplot as plt
 
-    q = [p.queries for p in points]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(q, [100 * p.accuracy for p in points], marker="o", label="substitute accuracy")
-    if points and points[0].fidelity is not None:
-        ax.plot(q, [100 * p.fidelity for p in points], marker="s", linestyle="--", label="fidelity to the victim")
+    all_q = []
+    for i, (name, points) in enumerate(series):
+        q = [p.queries for p in points]
+        all_q += q
+        color = f"C{i % 10}"
+        ax.plot(q, [100 * p.accuracy for p in points], marker="o", color=color,
+                label=f"{name}: accuracy" if name else "substitute accuracy")
+        if points and points[0].fidelity is not None:
+            ax.plot(q, [100 * p.fidelity for p in points], marker="s", linestyle="--", color=color, alpha=0.6,
+                    label=f"{name}: fidelity" if name else "fidelity to the victim")
     if reference_accuracy is not None:
         ax.axhline(100 * reference_accuracy, color="grey", linestyle=":", label="victim accuracy")
-    if q and max(q) > 0 and min(q) > 0 and max(q) / min(q) >= 100:
+    if all_q and min(all_q) > 0 and max(all_q) / min(all_q) >= 100:
         ax.set_xscale("log")  # budgets span orders of magnitude
     ax.set_xlabel("queries spent")
     ax.set_ylabel("%")
     ax.set_title(title or "accuracy vs queries")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     meta = {"Software": f"kdtools {__version__}", "Description": json.dumps(options or {}, default=str)}
     with atomic_path(path) as tmp:

@@ -71,3 +71,20 @@ def test_kd_eval_curve_command(run_dir, victim_path, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     p = kd("kd-eval", "curve", tmp_path / "nowhere", "--data", "digits")
     assert p.returncode == 1 and b"no such file or directory" in p.stderr and b"Traceback" not in p.stderr
+
+
+def test_several_runs_are_compared_one_series_each(run_dir, victim_path, tmp_path):
+    other = tmp_path / "other" / "checkpoints"
+    other.mkdir(parents=True)
+    save_model(load_model(victim_path).module, other / "substitute-300.safetensors", {}, {"queries_spent": 300})
+    png = tmp_path / "both.png"
+    p = kd("kd-eval", "curve", run_dir, tmp_path / "other", "--data", "digits", "--plot", png, "--json", check=True)
+    doc = json.loads(p.stdout)
+    assert [s["run"] for s in doc["series"]] == ["run", "other"]
+    assert [pt["queries"] for pt in doc["series"][0]["points"]] == [100, 2000, 5000]
+    assert [pt["queries"] for pt in doc["series"][1]["points"]] == [300] and doc["series"][1]["points"][0]["accuracy"] > 0.9
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # single weights files still make one series, sorted by queries
+    p = kd("kd-eval", "curve", other / "substitute-300.safetensors", run_dir / "checkpoints" / "substitute-100.safetensors",
+           "--data", "digits", "--json", check=True)
+    assert [pt["queries"] for pt in json.loads(p.stdout)["points"]] == [100, 300]

@@ -94,35 +94,53 @@ def curve(
     device: str = DeviceOption,
     debug: bool = DebugOption,
 ):
-    """Substitute accuracy (and fidelity) against queries spent, from the checkpoints an attack run saved."""
+    """Substitute accuracy (and fidelity) against queries spent, from the checkpoints an attack run saved.
+
+    Several run directories or query logs are compared: one line per run in the table, the plot and the JSON."""
     from pathlib import Path
 
-    from ..curve import curve_json, evaluate_curve, find_checkpoints, plot_curve
+    from ..curve import curve_json, evaluate_curve, find_checkpoints, is_run, plot_curves, run_label
 
-    checkpoints = find_checkpoints(inputs)
+    # several runs (directories or logs) are compared, one series each; weights files make one series
+    if len(inputs) > 1 and all(is_run(i) for i in inputs):
+        groups = [(run_label(i), find_checkpoints([i])) for i in inputs]
+    else:
+        groups = [("", find_checkpoints(inputs))]
     dev = resolve_device(device)
-    first = load_model(checkpoints[0][1])
+    first = load_model(groups[0][1][0][1])
     shape = first.input_shape
     ds = load_dataset(data, split, data_root(data_root_opt), download, image_size=shape[1], channels=shape[0])
     ref = load_model(reference) if reference else None
-    points, ref_acc = evaluate_curve(checkpoints, ds, dev, ref.module if ref else None, ref.input_shape if ref else None)
+    series = []
+    for name, checkpoints in groups:
+        points, ref_acc = evaluate_curve(checkpoints, ds, dev, ref.module if ref else None, ref.input_shape if ref else None)
+        series.append((name, points))
     options = {"inputs": inputs, "data": data, "split": split, "reference": reference, "plot": plot}
     if plot:
-        plot_curve(points, plot, title or f"{ds.name} ({ds.split})", ref_acc, options)
+        plot_curves(series, plot, title or f"{ds.name} ({ds.split})", ref_acc, options)
     if as_json:
-        sys.stdout.write(json.dumps(curve_json(points, f"{ds.name} ({ds.split})", reference, ref_acc, options)) + "\n")
+        if len(series) == 1:
+            doc = curve_json(series[0][1], f"{ds.name} ({ds.split})", reference, ref_acc, options)
+        else:
+            doc = curve_json([], f"{ds.name} ({ds.split})", reference, ref_acc, options)
+            del doc["points"]
+            doc["series"] = [{"run": name, "points": curve_json(pts, "", None, None, {})["points"]} for name, pts in series]
+        sys.stdout.write(json.dumps(doc) + "\n")
         return
     table = Table(title=f"kd-eval curve: {ds.name} ({ds.split}), {len(ds)} images")
+    if len(series) > 1:
+        table.add_column("run")
     table.add_column("queries", justify="right")
     table.add_column("accuracy", justify="right")
     if reference:
         table.add_column("fidelity", justify="right")
     table.add_column("checkpoint")
-    for p in points:
-        row = [f"{p.queries:,}", f"{100 * p.accuracy:.2f} %"]
-        if reference:
-            row.append(f"{100 * p.fidelity:.2f} %")
-        table.add_row(*row, Path(p.path).name)
+    for name, points in series:
+        for p in points:
+            row = ([name] if len(series) > 1 else []) + [f"{p.queries:,}", f"{100 * p.accuracy:.2f} %"]
+            if reference:
+                row.append(f"{100 * p.fidelity:.2f} %")
+            table.add_row(*row, Path(p.path).name)
     if ref_acc is not None:
         table.caption = f"victim accuracy {100 * ref_acc:.2f} %"
     Console().print(table)
