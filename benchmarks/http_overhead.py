@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the client and the server")
     ap.add_argument("--victim", help="a weights file (default: LeNet-5 trained 2 epochs on digits)")
+    ap.add_argument("--attack-budget", type=int, default=2500,
+                    help="also run an IDEAL attack with this budget against the file and through kd-serve (0: skip)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
@@ -112,6 +114,19 @@ def main() -> None:
                 subprocess.run([sys.executable, "-m", "kdtools.cli.query", spec, str(qfile), "--mode", "probs", "-q",
                                 "-o", str(out), *extra], check=True, env=env, stderr=subprocess.DEVNULL)
                 e2e.append((label, time.perf_counter() - t0))
+            # a whole attack, same seed, against the file and through kd-serve: the substitutes must be identical
+            attacks = []
+            for label, spec in (("IDEAL vs FILE", str(victim)), ("IDEAL vs http:// stream", url)):
+                out = tmp / label.split()[-1].replace(":", "").replace("/", "")
+                t0 = time.perf_counter()
+                if args.attack_budget > 0:
+                    subprocess.run([sys.executable, "-m", "kdtools.cli.gen_queries", "ideal", "--oracle", spec, "--mode", "label",
+                                    "--budget", str(args.attack_budget), "--substitute", "lenet5", "--seed", "0", "--s-optimizer", "adam",
+                                    "--lr-s", "0.001", "--pool-epochs", "2", "--eval-data",
+                                    "digits", "-q", "-o", str(out)], check=True, env=env, stderr=subprocess.DEVNULL)
+                    sub = load_model(out / "substitute.safetensors")
+                    acc = float(sub.metadata.get("eval_accuracy", "nan"))
+                    attacks.append((label, time.perf_counter() - t0, acc, sub.module.state_dict()))
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)
@@ -126,6 +141,14 @@ def main() -> None:
     print(f"{'end to end (probs, incl. start-up)':<40} {'seconds':>8} {'queries/s':>10}")
     for label, t in e2e:
         print(f"{label:<40} {t:8.2f} {n / t:10.0f}")
+    if attacks:
+        print()
+        ref = attacks[0][3]
+        print(f"{'attack (label mode, ' + str(args.attack_budget) + ' queries, seed 0)':<40} {'seconds':>8} {'digits test acc.':>17} "
+              f"{'substitute identical to FILE run':>33}")
+        for label, t, acc, state in attacks:
+            same = all(torch.equal(state[k], ref[k]) for k in ref)
+            print(f"{label:<40} {t:8.2f} {100 * acc:16.2f}% {str(same):>33}")
 
 
 if __name__ == "__main__":
