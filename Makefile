@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 KD_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export KD_DATA
 
-.PHONY: install demo test test-all bench help
+.PHONY: install demo test test-all bench bench-long help
 help:
 	@echo "make demo     install, then steal a digits classifier through a kd- pipe (no download, ~2 min)"
 	@echo "make test     install, then run the test suite (fast tests; CI runs this)"
 	@echo "make test-all also the slow tests"
 	@echo "make bench    benchmarks/ (minutes to hours; results go in docs/benchmarks.md)"
+	@echo "make bench-long  the extraction and AEDM benchmarks (hours on a CPU)"
 	@echo "recipes:      $(RECIPES)"
 
 install: $(VENV)/.installed
@@ -36,6 +37,11 @@ bench: install
 	$(PY) benchmarks/aggregate.py
 	$(PY) benchmarks/http_overhead.py
 	$(PY) benchmarks/diffstep.py swissroll
+
+# the attacks' benchmarks take hours on a CPU (they continue where they stopped when rerun)
+bench-long: install
+	$(PY) benchmarks/extraction.py
+	$(PY) benchmarks/aedm.py --work $(RUNS)/aedm-bench
 
 # every recipes/*.mk adds its targets to RECIPES
 include $(sort $(wildcard recipes/*.mk))
