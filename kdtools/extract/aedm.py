@@ -259,6 +259,10 @@ class AEDM(Attack):
         self.entropy = float("nan")
         self.noise_gen = torch.Generator().manual_seed(self.options.seed + 7919 * self.rank())
 
+    def progress_extra(self) -> dict:
+        # the substitute's mean softmax entropy (nats) on the last steered batch: what steering maximises
+        return {"entropy": self.entropy}
+
     def rank(self) -> int:
         return getattr(type(self).__dict__.get("sync"), "rank", 0) if self.sync is not None else 0
 

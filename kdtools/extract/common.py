@@ -306,6 +306,10 @@ class Attack:
     def generator(self) -> Optional[nn.Module]:
         return None
 
+    def progress_extra(self) -> dict:
+        """What a method adds to each progress report (e.g. AEDM: the steered queries' entropy)."""
+        return {}
+
     def generator_z(self) -> int:
         return 0
 
@@ -369,7 +373,7 @@ class Attack:
 
     def _after_iteration(self) -> None:
         spent = self.oracle.spent
-        info = {"spent": spent, "loss": self.last_loss}
+        info = {"spent": spent, "loss": self.last_loss, **self.progress_extra()}
         if self.history and "accuracy" in self.history[-1]:
             info["acc"] = self.history[-1]["accuracy"]
         self.progress(ProgressEvent(self.method, spent, self.options.budget, info))
