@@ -205,9 +205,12 @@ def test_torchrun_federation_averages_every_round(prior_dir, victim_path, tmp_pa
                         "--diffusion", str(prior_dir), "--oracle", str(victim_path), "--budget", "200", "-o", str(out),
                         *map(str, FAST)], capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr.decode()[-2000:]
+    xs = []
     for k in (0, 1):
         with h5py.File(out / f"client-{k}" / "queries.h5") as f:
             assert f["x"].shape[0] == 100  # each client its half of the budget
+            xs.append(f["x"][:10])
+    assert (xs[0] != xs[1]).any()  # each client draws its own noise
     a = load_model(out / "client-0" / "substitute.safetensors").module.state_dict()
     b = load_model(out / "client-1" / "substitute.safetensors").module.state_dict()
     g = load_model(out / "substitute.safetensors").module.state_dict()

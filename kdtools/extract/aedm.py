@@ -264,7 +264,8 @@ class AEDM(Attack):
         return {"entropy": self.entropy}
 
     def rank(self) -> int:
-        return getattr(type(self).__dict__.get("sync"), "rank", 0) if self.sync is not None else 0
+        # a staticmethod on the class returns the DistributedAverage itself through the instance
+        return getattr(self.sync, "rank", 0)
 
     def state(self) -> dict:
         return {"round": self.round, "opts": [o.state_dict() for o in self.opts],
@@ -301,14 +302,7 @@ class AEDM(Attack):
         return loss
 
     def _step(self, model: nn.Module, opt, x: torch.Tensor, t: torch.Tensor) -> float:
-        from .common import substitute_loss
-
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        loss = substitute_loss(model(x), t, self.options.mode, self.config.s_loss)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return self.train_substitute_on(x, t, opt, self.config.s_loss, model)
 
     def iteration(self) -> None:
         if self.round >= self.rounds:  # (a resumed run whose log holds more than its last state)

@@ -384,10 +384,13 @@ class Attack:
         elif time.monotonic() - self.last_state_save >= self.options.state_every:
             self._save_state()
 
-    def train_substitute_on(self, x: torch.Tensor, target: torch.Tensor, optimizer, kind: str) -> float:
-        self.substitute.train()
+    def train_substitute_on(self, x: torch.Tensor, target: torch.Tensor, optimizer, kind: str,
+                            model: Optional[nn.Module] = None) -> float:
+        """One optimiser step of the substitute (or of ``model``, e.g. a federated client's copy)."""
+        model = self.substitute if model is None else model
+        model.train()
         optimizer.zero_grad(set_to_none=True)
-        loss = substitute_loss(self.substitute(x), target, self.options.mode, kind)
+        loss = substitute_loss(model(x), target, self.options.mode, kind)
         loss.backward()
         optimizer.step()
         return loss.item()
