@@ -162,9 +162,11 @@ def test_closed_loop_through_the_file_system(prior_dir, victim_path, tmp_path):
     before = sub.read_bytes()
     log = tmp_path / "q.h5"
     gen = subprocess.Popen([*kd_cmd("kd-gen-queries"), "aedm", "--diffusion", str(prior_dir), "--substitute", str(sub), "--follow",
-                            "-n", "200", "--batch-size", "20", "--sampler-steps", "2", "--steer-steps", "1"],
+                            "-n", "800", "--batch-size", "20", "--sampler-steps", "2", "--steer-steps", "1"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    query = subprocess.Popen([*kd_cmd("kd-query"), str(victim_path), "--mode", "probs", "--budget", "200", "--log", str(log), "-q"],
+    # 800 queries (600 KB) are more than the two pipes buffer, so the generator must wait for kd-distill
+    # and sees the substitute file change
+    query = subprocess.Popen([*kd_cmd("kd-query"), str(victim_path), "--mode", "probs", "--budget", "800", "--log", str(log), "-q"],
                              stdin=gen.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
     gen.stdout.close()
     distill = subprocess.run([*kd_cmd("kd-distill"), "--init", str(sub), "--save-every", "1", "--loss", "l1", "--optimizer",
@@ -176,10 +178,10 @@ def test_closed_loop_through_the_file_system(prior_dir, victim_path, tmp_path):
     assert query.wait() == 0, query.stderr.read().decode()
     assert distill.returncode == 0, distill.stderr.decode()
     with h5py.File(log) as f:
-        assert f["x"].shape[0] == 200
+        assert f["x"].shape[0] == 800
     assert sub.read_bytes() != before
     meta = read_metadata(sub)
-    assert meta["samples_seen"] == "200" and meta["batches_seen"] == "10"
+    assert meta["samples_seen"] == "800" and meta["batches_seen"] == "40"
     # the generator saw the substitute change while it was steering
     reloads = int(gen_err.split("reloaded ")[1].split(" ")[0])
     assert reloads >= 1
