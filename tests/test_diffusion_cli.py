@@ -44,12 +44,16 @@ def test_tabular_train_distill_sample_compare(tabular_teacher, tmp_path):
     assert (t / "denoiser" / "config.json").is_file() and (t / "scheduler" / "scheduler_config.json").is_file()
     info = json.loads((t / "kdtools.json").read_text())
     assert info["kind"] == "teacher" and len(info["chain"]["timesteps"]) == 40 and info["kdtools.version"]
+    # the recorded options are the command's own parameters, nothing the function imported
+    assert info["options"]["steps"] == 40 and info["options"]["hidden_dim"] == 32
+    assert not {"Chain", "fit", "make_betas", "save_diffusion"} & set(info["options"])
     out = tmp_path / "sfddm"
     p = run("distill", t, "--steps", 5, "--iters", 20, "--batch-size", 64, "-o", out)
     assert p.returncode == 0, p.stderr.decode()
     # SFDDM: the student's alphas are the teacher's on phi, and its scheduler config reproduces them
     s = json.loads((out / "kdtools.json").read_text())
     assert s["method"] == "sfddm" and s["phi"] == [0, 8, 16, 24, 32, 40]
+    assert s["options"]["steps"] == 5 and not {"distill_sfddm", "load_diffusion", "METHODS"} & set(s["options"])
     assert s["chain"]["alphas_cumprod"] == [info["chain"]["alphas_cumprod"][p - 1] for p in s["phi"][1:]]
     from diffusers import DDPMScheduler
 

@@ -130,11 +130,12 @@ def train(
 ):
     """Train a DDPM (a teacher, or a from-scratch model with few steps) on images or 2-D points.
     Runs under torchrun (DistributedDataParallel; gloo on CPU)."""
+    # the resolved options, taken before the imports below add their names to locals()
+    options = {k: v for k, v in locals().items() if k not in ("debug",) and not k.startswith("_")}
     from ..diffusion.schedules import Chain, alphas_cumprod_from_betas, make_betas
     from ..diffusion.teachers import DiffusionModel, MLPDenoiser, build_unet, check_output_dir, save_diffusion, scheduler_config_for
     from ..diffusion.training import denoising_loss, fit
 
-    options = {k: v for k, v in locals().items() if k not in ("debug",) and not k.startswith("_")}
     if steps < 1:
         raise KdUsageError(f"--steps must be at least 1, not {steps}")
     out = check_output_dir(output, force)
@@ -195,12 +196,13 @@ def distill(
     debug: bool = DebugOption,
 ):
     """Shorten TEACHER to --steps sampling steps: SFDDM in one fold, or a baseline on the same teacher."""
+    # the resolved options, taken before the imports below add their names to locals()
+    options = {k: v for k, v in locals().items() if k not in ("debug",) and not k.startswith("_")}
     from ..diffusion.baselines import METHODS, ddim_skipping, from_scratch, progressive_distillation
     from ..diffusion.schedules import check_student_steps, make_subsequence
     from ..diffusion.sfddm import distill_sfddm, select_input_noise
     from ..diffusion.teachers import check_output_dir, load_diffusion, save_diffusion
 
-    options = {k: v for k, v in locals().items() if k not in ("debug",) and not k.startswith("_")}
     if method not in METHODS:
         raise KdUsageError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     out = check_output_dir(output, force)
