@@ -5,7 +5,14 @@ model, all on the same teacher.
               Wasserstein distance (SW) of 10 000 samples to 10 000 held-out points; teacher/student
               consistency (DDIM from the same noises); distillation wall time.
 
+  mnist       MNIST images (section 6.3): a 1000-step image teacher (kd-diffstep train --data mnist), students
+              at 16 and 100 steps; FID in LeNet-5 feature space against the MNIST test split; teacher/student
+              consistency; distillation wall time. The work is split into tasks (teacher sample parts,
+              distillations, student samples) claimed through files in --work, so two or more processes
+              started with the same arguments share it (one per core) and a killed run resumes.
+
   nice -n 10 .venv/bin/python benchmarks/diffstep.py swissroll [--quick] [--json out.json]
+  KD_DATA=../shared/data .venv/bin/python benchmarks/diffstep.py mnist --teacher DIR --lenet VICTIM --work DIR
       [--teacher DIR] [--work DIR] [--steps 50 10] [--methods SFDDM "DDIM skipping" progressive "from scratch"]
 
 --teacher DIR loads the teacher saved there by an earlier run (or trains it and saves it there), so the
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -116,6 +124,198 @@ def swissroll(args) -> dict:
     return {"benchmark": "swissroll", "teacher_steps": T, "data_floor_sw": floor, "rows": rows, "args": vars(args)}
 
 
+# ---------------------------------------------------------------------------------------------- MNIST
+
+MNIST_STEPS = (16, 100)
+
+
+def mnist_tasks(args) -> list[dict]:
+    """Every unit of work, in the order idle processes take them (so two processes stay busy: one
+    samples the teacher while the other distils). A task writes exactly one file (``out``) and needs
+    the files in ``needs``."""
+    w = Path(args.work)
+    parts = [args.part] * (args.teacher_n // args.part) + ([args.teacher_n % args.part] if args.teacher_n % args.part else [])
+    teacher_parts = [{"name": f"teacher ddpm part {k}", "kind": "teacher_part", "part": k, "n": n,
+                      "out": w / "samples" / f"teacher-{T_MNIST}-ddpm-part{k}.pt", "needs": []} for k, n in enumerate(parts)]
+    students = []
+    for steps in args.steps:
+        for method in args.methods:
+            if method == "progressive" and steps != min(args.steps):
+                continue  # the issue compares progressive distillation at the smallest step count only
+            if method == "from scratch":
+                continue
+            students.append({"name": f"{method} {steps}", "kind": "student", "method": method, "steps": steps,
+                             "out": w / "models" / f"{method.replace(' ', '-')}-{steps}", "needs": []})
+    samples = []
+    for st in students:
+        samplers = {"SFDDM": ["ddpm", "ddim"], "DDIM skipping": ["ddim"], "progressive": ["ddim"]}[st["method"]]
+        for sampler in samplers:
+            for n in sorted({args.n, args.teacher_n}):
+                if n > args.teacher_n and st["steps"] > min(args.steps):
+                    continue  # 10 000 samples at 100 steps cost ~2 h of CPU; compare those at teacher_n
+                samples.append({"name": f"{st['name']} {sampler} n={n}", "kind": "samples", "model": st["out"],
+                                "sampler": sampler, "n": n, "steps": st["steps"], "method": st["method"],
+                                "out": w / "samples" / f"{st['out'].name}-{sampler}-{n}.pt", "needs": [st["out"]]})
+        samples.append({"name": f"{st['name']} consistency", "kind": "student_consistency", "model": st["out"],
+                        "out": w / "samples" / f"{st['out'].name}-ddim-consistency.pt",
+                        "needs": [st["out"], w / "samples" / "teacher-ddim-consistency.pt"]})
+    cons = [{"name": "teacher ddim consistency", "kind": "teacher_consistency", "n": args.consistency_n,
+             "out": w / "samples" / "teacher-ddim-consistency.pt", "needs": []}]
+    # interleave: the slow teacher parts alternate with the distillations, then the rest
+    head = []
+    for i in range(max(len(teacher_parts), len(students))):
+        head += students[i:i + 1] + teacher_parts[i:i + 1]
+    # the 10 000-sample runs last: they only add precision, and can be left out when CPU time runs short
+    samples.sort(key=lambda t: t.get("n", 0) > args.teacher_n)
+    return head + cons + samples
+
+
+T_MNIST = 1000
+
+
+def _claim(task: dict) -> bool:
+    """Take a task through an O_EXCL claim file next to its output; a claim whose process is gone is taken over."""
+    claim = Path(str(task["out"]) + ".claim")
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return True
+        except FileExistsError:
+            try:
+                pid = int(claim.read_text() or "0")
+                os.kill(pid, 0)
+                return False  # alive: someone else is on it
+            except (ValueError, ProcessLookupError):
+                claim.unlink(missing_ok=True)  # its process died: take it over
+            except PermissionError:
+                return False
+    return False
+
+
+def _save_tensor(x: torch.Tensor, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(x, tmp)
+    os.replace(tmp, path)
+
+
+def _run_mnist_task(task: dict, args, teacher, x_train) -> None:
+    from kdtools.diffusion.sampling import to_uint8_images
+
+    cpu = torch.device("cpu")
+    kind = task["kind"]
+    t0 = time.perf_counter()
+    if kind == "teacher_part":
+        x = sample(teacher, task["n"], seed=1000 + task["part"], sampler="ddpm", batch_size=args.batch)
+        _save_tensor({"x": to_uint8_images(x), "seconds": time.perf_counter() - t0}, task["out"])
+    elif kind == "teacher_consistency":
+        x_T = torch.randn((task["n"], *teacher.sample_shape), generator=torch.Generator().manual_seed(7))
+        x = sample(teacher, task["n"], 7, "ddim", 0.0, args.batch, x_T=x_T)
+        _save_tensor({"x": x, "x_T": x_T, "seconds": time.perf_counter() - t0}, task["out"])
+    elif kind == "student":
+        steps, method = task["steps"], task["method"]
+        dcfg = FitConfig(iters=args.distill_iters, batch_size=args.distill_batch, lr=args.distill_lr, ema=0.999,
+                         hidden_weight=args.hidden_weight)
+        if method == "SFDDM":
+            student = distill_sfddm(teacher, x_train, make_subsequence(T_MNIST, steps, "uniform"), dcfg, cpu, "teacher")
+        elif method == "DDIM skipping":
+            student = ddim_skipping(teacher, make_subsequence(T_MNIST, steps, "uniform"))
+        else:
+            student = progressive_distillation(teacher, x_train, steps, dcfg, cpu)
+        student.info.setdefault("stats", {})["wall_seconds"] = time.perf_counter() - t0
+        save_diffusion(student, task["out"])  # built under a temporary name and renamed
+    elif kind == "samples":
+        student = load_diffusion(task["model"])
+        x = sample(student, task["n"], seed=123, sampler=task["sampler"], batch_size=args.batch)
+        _save_tensor({"x": to_uint8_images(x), "seconds": time.perf_counter() - t0}, task["out"])
+    elif kind == "student_consistency":
+        student = load_diffusion(task["model"])
+        ref = torch.load(Path(args.work) / "samples" / "teacher-ddim-consistency.pt", weights_only=True)
+        x = sample(student, ref["x_T"].shape[0], 7, "ddim", 0.0, args.batch, x_T=ref["x_T"])
+        dist = ((ref["x"].clamp(-1, 1) - x.clamp(-1, 1)).abs() / 2).mean().item()
+        _save_tensor({"distance": torch.tensor(dist), "n": torch.tensor(ref["x_T"].shape[0])}, task["out"])
+    log(f"[{os.getpid()}] done: {task['name']} ({time.perf_counter() - t0:.0f} s)")
+
+
+def mnist(args) -> dict:
+    from kdtools.data import load_dataset
+
+    if not (args.teacher and args.work and args.lenet):
+        raise SystemExit("mnist needs --teacher DIR (a kd-diffstep train --data mnist directory), --lenet WEIGHTS and --work DIR")
+    root = Path(os.environ.get("KD_DATA", "")) / "vision"
+    teacher = load_diffusion(args.teacher)
+    if teacher.steps != T_MNIST or teacher.data.get("kind") != "image":
+        raise SystemExit(f"{args.teacher}: expected a {T_MNIST}-step image teacher, got {teacher.steps} steps")
+    size = int(teacher.data["image_size"])
+    x_train = load_dataset("mnist", "train", root, image_size=size, channels=1).x
+    x_train = x_train if x_train.dtype == torch.uint8 else (x_train.clamp(0, 1) * 255).round().to(torch.uint8)
+    tasks = mnist_tasks(args)
+    if not args.report_only:
+        pending = [t for t in tasks if not t["out"].exists()]
+        while pending:
+            ready = [t for t in pending if all(Path(n).exists() for n in t["needs"])]
+            took = next((t for t in ready if _claim(t)), None)
+            if took is None:
+                if not any(Path(str(t["out"]) + ".claim").exists() for t in pending):
+                    raise SystemExit("tasks are waiting for files no process is making")
+                time.sleep(10)  # everything left is being done by, or waits for, another process
+            else:
+                try:
+                    if not took["out"].exists():
+                        _run_mnist_task(took, args, teacher, x_train)
+                finally:
+                    Path(str(took["out"]) + ".claim").unlink(missing_ok=True)
+            pending = [t for t in tasks if not t["out"].exists()]
+    return mnist_report(args, teacher, tasks, size)
+
+
+def mnist_report(args, teacher, tasks, size) -> dict:
+    from kdtools.data import load_dataset
+    from kdtools.fid import ClassifierFeatures, fid
+
+    root = Path(os.environ.get("KD_DATA", "")) / "vision"
+    ref = load_dataset("mnist", "test", root, image_size=size, channels=1).x
+    ref = ref if ref.dtype == torch.uint8 else (ref.clamp(0, 1) * 255).round().to(torch.uint8)
+    features = ClassifierFeatures(args.lenet)
+    w = Path(args.work)
+    parts = [torch.load(t["out"], weights_only=True) for t in tasks if t["kind"] == "teacher_part"]
+    x_teacher = torch.cat([p["x"] for p in parts])
+    rows = [{"method": "teacher", "steps": T_MNIST, "sampler": "ddpm", "n": int(x_teacher.shape[0]),
+             "fid": fid(x_teacher, ref, features)["fid"], "train_s": (teacher.info.get("stats") or {}).get("seconds"),
+             "sample_s": sum(p["seconds"] for p in parts), "consistency": None}]
+    floor = fid(ref[:x_teacher.shape[0]], load_dataset("mnist", "train", root, image_size=size, channels=1).x[:10000], features)["fid"]
+    for t in tasks:
+        if t["kind"] != "samples":
+            continue
+        s = torch.load(t["out"], weights_only=True)
+        student = load_diffusion(t["model"])
+        cons = torch.load(w / "samples" / f"{t['model'].name}-ddim-consistency.pt", weights_only=True)
+        stats = student.info.get("stats") or {}
+        rows.append({"method": t["method"], "steps": t["steps"], "sampler": t["sampler"], "n": t["n"],
+                     "fid": fid(s["x"], ref, features)["fid"], "train_s": stats.get("seconds", 0.0) if t["method"] != "DDIM skipping" else 0.0,
+                     "sample_s": s["seconds"], "consistency": float(cons["distance"]), "folds": student.info.get("folds")})
+    return {"benchmark": "mnist", "teacher_steps": T_MNIST, "image_size": size, "teacher": str(args.teacher),
+            "features": features.name, "reference": int(ref.shape[0]), "data_floor_fid": floor, "rows": rows, "args": vars(args)}
+
+
+def mnist_table(result: dict) -> str:
+    t_fid = result["rows"][0]["fid"]
+    lines = [f"FID in LeNet-5 feature space ({result['features']}) against the {result['reference']} MNIST test images; "
+             f"data floor ({result['rows'][0]['n']} test images vs 10 000 training images): {result['data_floor_fid']:.2f}", "",
+             "| method | steps | sampler | samples | FID | vs teacher | teacher/student DDIM distance | distill time (s) | sampling (s) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(result["rows"], key=lambda r: (-r["steps"] if r["method"] == "teacher" else 0, r["n"], r["steps"], r["method"])):
+        cons = "" if r["consistency"] is None else f"{r['consistency']:.4f}"
+        train_s = "" if r["train_s"] is None else f"{r['train_s']:.0f}"
+        name = r["method"] + (f" ({r['folds']} folds)" if r.get("folds") else "")
+        same_n = r["n"] == result["rows"][0]["n"]
+        vs = f"{r['fid'] / t_fid:.2f}x" if same_n else "(other n)"
+        lines.append(f"| {name} | {r['steps']} | {r['sampler']} | {r['n']} | {r['fid']:.2f} | {vs} | {cons} | {train_s} | {r['sample_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     t_sw = result["rows"][0]["sw"]
     lines = [f"data floor (train vs held-out sample): SW {result['data_floor_sw']:.4f}", "",
@@ -131,7 +331,7 @@ def table(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benchmark", choices=["swissroll"])
+    p.add_argument("benchmark", choices=["swissroll", "mnist"])
     p.add_argument("--quick", action="store_true", help="tiny budgets, to check the script runs")
     p.add_argument("--n", type=int, default=10000, help="samples and held-out points")
     p.add_argument("--train-points", type=int, default=20000)
@@ -145,15 +345,31 @@ def main() -> None:
     p.add_argument("--work", help="save every student under this directory")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="also write the raw results here")
+    g = p.add_argument_group("mnist")
+    g.add_argument("--lenet", help="MNIST classifier weights whose penultimate layer gives the FID features")
+    g.add_argument("--teacher-n", type=int, default=1000, help="teacher samples (1000 DDPM steps each); students are also "
+                   "scored at this count, the only FID comparable with the teacher's")
+    g.add_argument("--part", type=int, default=250, help="teacher samples per task")
+    g.add_argument("--batch", type=int, default=250, help="sampling batch")
+    g.add_argument("--consistency-n", type=int, default=100)
+    g.add_argument("--distill-batch", type=int, default=64)
+    g.add_argument("--distill-lr", type=float, default=2e-4)
+    g.add_argument("--report-only", action="store_true", help="print the table from the finished tasks in --work")
     args = p.parse_args()
-    if args.quick:
+    if args.benchmark == "mnist":
+        if "--steps" not in sys.argv:
+            args.steps = list(MNIST_STEPS)
+        args.methods = [m for m in args.methods if m != "from scratch"]
+    if args.quick and args.benchmark == "mnist":
+        args.n, args.teacher_n, args.part, args.batch, args.consistency_n, args.distill_iters, args.distill_batch = 8, 8, 4, 8, 4, 3, 8
+    elif args.quick:
         args.n, args.train_points, args.teacher_iters, args.distill_iters, args.hidden = 1000, 2000, 200, 100, 32
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    result = swissroll(args)
+    result = swissroll(args) if args.benchmark == "swissroll" else mnist(args)
     result["machine"] = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)"
     result["seconds"] = time.perf_counter() - t0
-    print(table(result))
+    print(table(result) if args.benchmark == "swissroll" else mnist_table(result))
     print(f"\ntotal {result['seconds']:.0f} s; {result['machine']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
