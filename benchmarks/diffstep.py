@@ -287,15 +287,17 @@ def mnist_report(args, teacher, tasks, size) -> dict:
              "sample_s": sum(p["seconds"] for p in parts), "consistency": None}]
     floor = fid(ref[:x_teacher.shape[0]], load_dataset("mnist", "train", root, image_size=size, channels=1).x[:10000], features)["fid"]
     for t in tasks:
-        if t["kind"] != "samples":
-            continue
+        if t["kind"] != "samples" or not t["out"].exists():
+            continue  # --report-only before every task is done: report what is there
         s = torch.load(t["out"], weights_only=True)
         student = load_diffusion(t["model"])
-        cons = torch.load(w / "samples" / f"{t['model'].name}-ddim-consistency.pt", weights_only=True)
+        cons_file = w / "samples" / f"{t['model'].name}-ddim-consistency.pt"
+        cons = torch.load(cons_file, weights_only=True) if cons_file.exists() else None
         stats = student.info.get("stats") or {}
         rows.append({"method": t["method"], "steps": t["steps"], "sampler": t["sampler"], "n": t["n"],
                      "fid": fid(s["x"], ref, features)["fid"], "train_s": stats.get("seconds", 0.0) if t["method"] != "DDIM skipping" else 0.0,
-                     "sample_s": s["seconds"], "consistency": float(cons["distance"]), "folds": student.info.get("folds")})
+                     "sample_s": s["seconds"], "consistency": None if cons is None else float(cons["distance"]),
+                     "folds": student.info.get("folds")})
     return {"benchmark": "mnist", "teacher_steps": T_MNIST, "image_size": size, "teacher": str(args.teacher),
             "features": features.name, "reference": int(ref.shape[0]), "data_floor_fid": floor, "rows": rows, "args": vars(args)}
 
