@@ -42,6 +42,9 @@ bench: install
 bench-long: install
 	$(PY) benchmarks/extraction.py
 	$(PY) benchmarks/aedm.py --work $(RUNS)/aedm-bench
+	# MNIST step distillation on the AEDM benchmark's MNIST prior and victim (run it twice in parallel to use two cores)
+	$(PY) benchmarks/diffstep.py mnist --teacher $(RUNS)/aedm-bench/prior-mnist --lenet $(RUNS)/aedm-bench/mnist-victim.safetensors \
+	  --work $(RUNS)/diffstep-mnist --distill-iters 800 --figure $(RUNS)/diffstep-mnist/samples.png
 
 # every recipes/*.mk adds its targets to RECIPES
 include $(sort $(wildcard recipes/*.mk))

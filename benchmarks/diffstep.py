@@ -298,8 +298,32 @@ def mnist_report(args, teacher, tasks, size) -> dict:
                      "fid": fid(s["x"], ref, features)["fid"], "train_s": stats.get("seconds", 0.0) if t["method"] != "DDIM skipping" else 0.0,
                      "sample_s": s["seconds"], "consistency": None if cons is None else float(cons["distance"]),
                      "folds": student.info.get("folds")})
+    if args.figure:
+        strips = [("teacher, 1000 DDPM steps", x_teacher)] + [
+            (f"{t['method']}, {t['steps']} steps ({t['sampler']})", torch.load(t["out"], weights_only=True)["x"])
+            for t in tasks if t["kind"] == "samples" and t["n"] == args.teacher_n and t["out"].exists()]
+        sample_rows_figure(strips, args.figure)
     return {"benchmark": "mnist", "teacher_steps": T_MNIST, "image_size": size, "teacher": str(args.teacher),
             "features": features.name, "reference": int(ref.shape[0]), "data_floor_fid": floor, "rows": rows, "args": vars(args)}
+
+
+def sample_rows_figure(strips: list, path: str, per_row: int = 12) -> None:
+    """One labelled row of the first samples of each model (the same noise seeds for every student)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(strips), 1, figsize=(per_row * 0.6 + 2.6, len(strips) * 0.75))
+    for ax, (name, x) in zip(axes, strips):
+        row = torch.cat([img[0] for img in x[:per_row]], dim=1)  # (H, per_row * W), uint8
+        ax.imshow(row.numpy(), cmap="gray", vmin=0, vmax=255)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def mnist_table(result: dict) -> str:
@@ -357,6 +381,7 @@ def main() -> None:
     g.add_argument("--distill-batch", type=int, default=64)
     g.add_argument("--distill-lr", type=float, default=2e-4)
     g.add_argument("--report-only", action="store_true", help="print the table from the finished tasks in --work")
+    g.add_argument("--figure", help="also write a PNG: the first samples of the teacher and of every student")
     args = p.parse_args()
     if args.benchmark == "mnist":
         if "--steps" not in sys.argv:
