@@ -127,6 +127,7 @@ def swissroll(args) -> dict:
 # ---------------------------------------------------------------------------------------------- MNIST
 
 MNIST_STEPS = (16, 100)
+T_MNIST = 1000  # the image teacher's steps (the issue's)
 
 
 def mnist_tasks(args) -> list[dict]:
@@ -142,8 +143,6 @@ def mnist_tasks(args) -> list[dict]:
         for method in args.methods:
             if method == "progressive" and steps != min(args.steps):
                 continue  # the issue compares progressive distillation at the smallest step count only
-            if method == "from scratch":
-                continue
             students.append({"name": f"{method} {steps}", "kind": "student", "method": method, "steps": steps,
                              "out": w / "models" / f"{method.replace(' ', '-')}-{steps}", "needs": []})
     samples = []
@@ -168,9 +167,6 @@ def mnist_tasks(args) -> list[dict]:
     # the 10 000-sample runs last: they only add precision, and can be left out when CPU time runs short
     samples.sort(key=lambda t: t.get("n", 0) > args.teacher_n)
     return head + cons + samples
-
-
-T_MNIST = 1000
 
 
 def _claim(task: dict) -> bool:
