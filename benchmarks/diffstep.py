@@ -212,7 +212,8 @@ def _run_mnist_task(task: dict, args, teacher, x_train) -> None:
         _save_tensor({"x": x, "x_T": x_T, "seconds": time.perf_counter() - t0}, task["out"])
     elif kind == "student":
         steps, method = task["steps"], task["method"]
-        dcfg = FitConfig(iters=args.distill_iters, batch_size=args.distill_batch, lr=args.distill_lr, ema=0.999,
+        iters = args.progressive_iters if method == "progressive" and args.progressive_iters else args.distill_iters
+        dcfg = FitConfig(iters=iters, batch_size=args.distill_batch, lr=args.distill_lr, ema=0.999,
                          hidden_weight=args.hidden_weight)
         if method == "SFDDM":
             student = distill_sfddm(teacher, x_train, make_subsequence(T_MNIST, steps, "uniform"), dcfg, cpu, "teacher")
@@ -376,6 +377,7 @@ def main() -> None:
     g.add_argument("--consistency-n", type=int, default=100)
     g.add_argument("--distill-batch", type=int, default=64)
     g.add_argument("--distill-lr", type=float, default=2e-4)
+    g.add_argument("--progressive-iters", type=int, help="steps per progressive fold (default: --distill-iters)")
     g.add_argument("--report-only", action="store_true", help="print the table from the finished tasks in --work")
     g.add_argument("--figure", help="also write a PNG: the first samples of the teacher and of every student")
     args = p.parse_args()
