@@ -6,7 +6,7 @@ import os
 import sys
 import traceback
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import click
 import typer
@@ -151,6 +151,7 @@ def stdin_if(path: str | None):
     return binary_stdin() if path is None or path == "-" else None
 
 
-def not_yet(command: str, issue: int, what: str) -> None:
-    """For commands another issue will add: say so and fail, never pretend to work."""
-    raise KdError(f"{command}: {what} is not implemented yet (issue #{issue} adds it)")
+def not_yet(command: str, issue: Optional[int], what: str) -> None:
+    """For commands not built yet: say so and fail, never pretend to work."""
+    where = f"issue #{issue} adds it" if issue else "no open issue asks for it yet"
+    raise KdError(f"{command}: {what} is not implemented yet ({where})")

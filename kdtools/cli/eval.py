@@ -15,7 +15,7 @@ from ..data import load_dataset
 from ..device import resolve_device
 from ..evaluate import evaluate_accuracy
 from ..weights import load_model, parse_shape
-from ._common import DataRootOption, DebugOption, DeviceOption, data_root, make_app, not_yet, run_app
+from ._common import DataRootOption, DebugOption, DeviceOption, data_root, make_app, run_app
 
 app = make_app("Evaluate models: accuracy on a labelled split and fidelity to a reference (the victim).")
 
@@ -69,14 +69,6 @@ def log(
     for k, v in facts.items():
         table.add_row(k.replace("_", " "), "unlimited" if k == "budget" and v < 0 else str(v))
     Console().print(table)
-
-
-def _later(name: str, issue: int, what: str):
-    @app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
-    def _cmd(ctx: typer.Context):
-        not_yet(f"kd-eval {name}", issue, what)
-
-    _cmd.__doc__ = f"(not yet: issue #{issue})"
 
 
 @app.command()

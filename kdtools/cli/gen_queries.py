@@ -348,15 +348,17 @@ def ideal(
               cfg, generator, n)
 
 
-def _later(name: str, issue: int):
+def _later(name: str, issue: Optional[int]):
     @app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
     def _cmd(ctx: typer.Context):
         not_yet(f"kd-gen-queries {name}", issue, f"the {name} query generator")
 
-    _cmd.__doc__ = f"(not yet: issue #{issue})"
+    _cmd.__doc__ = f"(not yet: issue #{issue})" if issue else "(not yet built)"
 
 
-for _name, _issue in (("cake", 4),):
+# CAKE (Braun et al., ../shared/papers/cake-classifier-mimicry-poster.txt) is in the design but no open
+# issue asks for it; the command exists so that `kd-gen-queries cake` fails clearly instead of "no such command".
+for _name, _issue in (("cake", None),):
     _later(_name, _issue)
 
 
