@@ -125,6 +125,9 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bench-extraction")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--extra", default="", help="Extra flags for every attack, e.g. '--final-epochs 0'.")
+    ap.add_argument("--method-args", action="append", default=[], metavar="METHOD=FLAGS",
+                    help="Replace a method's benchmark settings (METHOD_ARGS) for this run, e.g. "
+                         "\"ideal=--pool-epochs 1 --s-optimizer adam --lr-s 1e-3\"; the command is recorded with every result.")
     ap.add_argument("--table-only", action="store_true", help="Print the table of earlier results and stop.")
     ap.add_argument("--post-train", action="store_true",
                     help="After each attack (or on its existing log), also train a fresh substitute on the attack's "
@@ -138,6 +141,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = work / "results.jsonl"
     victims = {"mnist": args.mnist_victim, "fashion-mnist": args.fmnist_victim}
+    method_args = dict(METHOD_ARGS)
+    for item in args.method_args:
+        name, sep, flags = item.partition("=")
+        if not sep or name not in METHOD_ARGS:
+            raise SystemExit(f"--method-args {item!r}: expected METHOD=FLAGS with METHOD one of {', '.join(METHOD_ARGS)}")
+        method_args[name] = shlex.split(flags)
 
     if not args.table_only:
         for name in args.targets:
@@ -150,7 +159,7 @@ def main() -> None:
                 out = work / f"{name}-{method}-{budget}"
                 cmd = [*tool("kd-gen-queries"), method, "--oracle", str(vpath), "--mode", mode, "--budget", str(budget),
                        "--substitute", args.substitute, "-o", str(out), "--eval-data", dataset, "--device", args.device,
-                       "-q", *PIXELS[dataset], *METHOD_ARGS[method], *shlex.split(args.extra)]
+                       "-q", *PIXELS[dataset], *method_args[method], *shlex.split(args.extra)]
                 if (out / "state.pt").exists():
                     cmd.append("--resume")  # an interrupted earlier run: continue it, nothing is paid twice
                 base = {"target": name, "dataset": dataset, "mode": mode, "budget": budget, "full_budget": TARGETS[name][2],
