@@ -116,6 +116,29 @@ def test_ideal_asks_once_per_sample_and_logs_exactly_what_it_asked(victim_path, 
         assert np.array_equal(f["label"][:], attack.pool.y[:150].numpy())
 
 
+def test_ideal_pool_steps_caps_the_substitute_steps_per_epoch(victim_path, tmp_path):
+    # pool of 50, 100, 150, 200 answers, batches of 50: full passes take 1, 2, 3, 4 steps; --pool-steps 2 caps them
+    for pool_steps, expected in ((0, [1, 2, 3, 4]), (2, [1, 2, 2, 2])):
+        oracle, attack = _attack(IDEAL, IDEALConfig(g_steps=1, pool_epochs=1, pool_steps=pool_steps), victim_path,
+                                 tmp_path / str(pool_steps), "label", 200, 50)
+        steps, train = [], attack.train_substitute_on
+
+        def counting(*a, **kw):
+            steps[-1] += 1
+            return train(*a, **kw)
+
+        attack.train_substitute_on = counting
+        iteration = attack.iteration
+
+        def counted_iteration():
+            steps.append(0)
+            iteration()
+
+        attack.iteration = counted_iteration
+        result = attack.run_attack()
+        assert steps == expected and result.spent == 200 == sum(oracle.calls)
+
+
 def test_budget_reached_mid_batch_keeps_every_paid_answer(victim_path, tmp_path):
     # a round costs 144 (see above); 100 runs out inside the substitute stage: 32 + 32 + 16 + 16 + 4
     out = tmp_path / "att"

@@ -329,6 +329,8 @@ def ideal(
     lr_g: float = typer.Option(1e-3, "--lr-g"), lr_s: float = typer.Option(1e-2, "--lr-s"),
     lambda_info: float = typer.Option(5.0, "--lambda-info"), z_dim: int = typer.Option(100, "--z-dim"),
     pool_epochs: int = typer.Option(1, "--pool-epochs", help="Passes over every paid answer per epoch (0: one step on the new batch)."),
+    pool_steps: int = typer.Option(0, "--pool-steps", help="kdtools: cap each epoch's pool training at this many random mini-batches "
+                                   "(0: --pool-epochs full passes, whose cost grows with the pool)."),
     s_optimizer: str = typer.Option("sgd", "--s-optimizer", help="sgd (paper) | adam (kdtools; use --lr-s 1e-3)."),
     balance_pool: bool = typer.Option(False, "--balance-pool", help="kdtools: ask the generator for the classes the oracle answered least."),
     checkpoint_every: Optional[int] = CheckpointEvery, state_every: float = StateEvery, final_epochs: int = FinalEpochs,
@@ -341,9 +343,10 @@ def ideal(
     """IDEAL (ICLR 2023): hard labels, small budget; generator trained through the student, one query per sample."""
     from ..extract import IDEALConfig
 
-    if g_steps < 0 or pool_epochs < 0:
-        raise KdUsageError("--g-steps and --pool-epochs must be >= 0")
-    cfg = IDEALConfig(g_steps, lr_g, lr_s, lambda_info, z_dim, pool_epochs, s_optimizer=s_optimizer, balance_pool=balance_pool)
+    if g_steps < 0 or pool_epochs < 0 or pool_steps < 0:
+        raise KdUsageError("--g-steps, --pool-epochs and --pool-steps must be >= 0")
+    cfg = IDEALConfig(g_steps, lr_g, lr_s, lambda_info, z_dim, pool_epochs, s_optimizer=s_optimizer, balance_pool=balance_pool,
+                      pool_steps=pool_steps)
     _dispatch("ideal", _common(locals()),
               cfg, generator, n)
 

@@ -11,7 +11,9 @@ Defaults from the paper: B = 250, E_G = 5, lambda = 5, generator Adam 1e-3, stud
 momentum 0.9. The paper's Algorithm 1 takes one student step per epoch on the new batch; its public
 code trains on the whole growing sample set every epoch and re-labels all of it with the oracle, so its
 real oracle calls grow quadratically. kdtools trains on every answer paid so far (``pool_epochs``
-passes per epoch; 1 by default) and never asks twice: real oracle calls = samples = budget.
+passes per epoch; 1 by default) and never asks twice: real oracle calls = samples = budget. Full passes
+make an epoch's cost grow with the pool (the whole run quadratic in the budget); ``pool_steps`` K caps an
+epoch at K random mini-batches of the pool, which keeps large budgets linear.
 
 Queries are rounded to the 8-bit grid before they are asked, so the uint8 log holds exactly what the
 oracle saw.
@@ -19,6 +21,7 @@ oracle saw.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +41,7 @@ class IDEALConfig:
     s_loss: str = "kl"  # probability mode only; hard labels always use cross-entropy
     s_optimizer: str = "sgd"  # sgd (paper: 1e-2, momentum 0.9) | adam (kdtools: lr_s 1e-3 fits the pool far better)
     balance_pool: bool = False  # kdtools: draw the generator's target classes against the pool's label counts
+    pool_steps: int = 0  # kdtools: at most this many random pool mini-batches per epoch (0: pool_epochs full passes)
 
     def queries_per_epoch(self, batch_size: int) -> int:
         return batch_size
@@ -112,8 +116,12 @@ class IDEAL(Attack):
             self.last_loss = self.train_substitute_on(x, t, self.opt_s, c.s_loss)
             return
         total, count = 0.0, 0
-        for _ in range(c.pool_epochs):
-            for xb, tb in self.pool.batches(b, self.device):
-                total += self.train_substitute_on(xb, tb, self.opt_s, c.s_loss) * xb.shape[0]
-                count += xb.shape[0]
+        full_steps = c.pool_epochs * math.ceil(self.pool.n / b)
+        if c.pool_steps and c.pool_steps < full_steps:
+            batches = (self.pool.sample(b, self.device) for _ in range(c.pool_steps))
+        else:
+            batches = (batch for _ in range(c.pool_epochs) for batch in self.pool.batches(b, self.device))
+        for xb, tb in batches:
+            total += self.train_substitute_on(xb, tb, self.opt_s, c.s_loss) * xb.shape[0]
+            count += xb.shape[0]
         self.last_loss = total / max(1, count)
