@@ -57,7 +57,18 @@ def test_tabular_train_distill_sample_compare(tabular_teacher, tmp_path):
     assert s["chain"]["alphas_cumprod"] == [info["chain"]["alphas_cumprod"][p - 1] for p in s["phi"][1:]]
     from diffusers import DDPMScheduler
 
+    # aligned (default): the teacher's 40-step schedule, which diffusers walks on phi - 1 with 5 inference steps
+    assert s["student_timesteps"] == "aligned" and s["chain"]["timesteps"] == [p - 1 for p in s["phi"][1:]]
     sched = DDPMScheduler.from_pretrained(str(out), subfolder="scheduler")
+    sched.set_timesteps(5)
+    walked = list(reversed(sched.timesteps.tolist()))
+    assert walked == s["chain"]["timesteps"]
+    assert torch.allclose(sched.alphas_cumprod[walked].double(), torch.tensor(s["chain"]["alphas_cumprod"], dtype=torch.float64), rtol=1e-4)
+    # own: a plain 5-step DDPM directory whose scheduler reproduces the student's alphas
+    own = tmp_path / "sfddm-own"
+    p = run("distill", t, "--steps", 5, "--iters", 5, "--batch-size", 64, "--student-timesteps", "own", "-o", own)
+    assert p.returncode == 0, p.stderr.decode()
+    sched = DDPMScheduler.from_pretrained(str(own), subfolder="scheduler")
     assert torch.allclose(sched.alphas_cumprod.double(), torch.tensor(s["chain"]["alphas_cumprod"], dtype=torch.float64), rtol=1e-4)
     # sample to a file and a PNG; the same seed gives the same samples
     p = run("sample", out, "-n", 50, "-o", tmp_path / "a.h5", "--grid", tmp_path / "g.png")
@@ -107,7 +118,11 @@ def test_image_teacher_is_a_diffusers_pipeline(image_teacher, tmp_path):
     assert p.returncode == 0, p.stderr.decode()
     assert (out / "noise_bank.safetensors").is_file()
     student = DDPMPipeline.from_pretrained(str(out), local_files_only=True)
-    assert student.scheduler.config.num_train_timesteps == 7
+    # aligned (default): the teacher's 20-step schedule; a scattered phi is walked with custom timesteps
+    chain = json.loads((out / "kdtools.json").read_text())["chain"]["timesteps"]
+    assert student.scheduler.config.num_train_timesteps == 20 and len(chain) == 7
+    student.scheduler.set_timesteps(timesteps=list(reversed(chain)))
+    assert list(reversed(student.scheduler.timesteps.tolist())) == chain
     p = run("sample", out, "-n", 6, "-o", tmp_path / "x.h5", "--input-noise", "bank", "--grid", tmp_path / "grid.png")
     assert p.returncode == 0, p.stderr.decode()
     from kdtools.sources import read_all

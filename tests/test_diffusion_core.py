@@ -26,9 +26,11 @@ def test_every_method_in_process():
     data = swiss_roll(500)
     cfg = FitConfig(iters=5, batch_size=32)
     phi = make_subsequence(24, 3)
-    s = distill_sfddm(t, data, phi, cfg, CPU)
-    assert s.steps == 3 and s.chain.timesteps == [0, 1, 2]
+    s = distill_sfddm(t, data, phi, cfg, CPU)  # aligned: the network sees the teacher's timesteps on phi
+    assert s.steps == 3 and s.chain.timesteps == [7, 15, 23] and s.info["student_timesteps"] == "aligned"
     assert torch.equal(s.chain.alphas_cumprod, t.chain.alphas_cumprod[[7, 15, 23]])
+    own = distill_sfddm(t, data, phi, cfg, CPU, timesteps="own")
+    assert own.chain.timesteps == [0, 1, 2] and torch.equal(own.chain.alphas_cumprod, s.chain.alphas_cumprod)
     p = progressive_distillation(t, data, 3, cfg, CPU)  # 24 -> 12 -> 6 -> 3
     assert p.info["folds"] == 3 and p.steps == 3 and p.chain.timesteps[-1] == 23
     d = ddim_skipping(t, phi)
@@ -69,6 +71,59 @@ def test_student_ddpm_sampler_equals_diffusers_pipeline_loop():
         assert torch.allclose(x_ours, x_theirs, atol=1e-3)
 
 
+def test_aligned_student_from_the_teacher_starts_and_stays_at_the_optimum_of_eq_6_17():
+    """With the teacher's timesteps and weights the student's prediction is the teacher's at every aligned step:
+    the loss is 0, Adam takes zero steps, and the student equals the teacher on phi (DDIM skipping's network)."""
+    from kdtools.diffusion.sfddm import sfddm_loss
+
+    t = tiny_teacher()
+    phi = make_subsequence(24, 4)
+    student = distill_sfddm(t, swiss_roll(300), phi, FitConfig(iters=6, batch_size=32, ema=0.9), CPU)
+    for a, b in zip(student.net.state_dict().values(), t.net.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+    loss = sfddm_loss(t, phi, 0.1, 0.0, "aligned")(student.net, swiss_roll(64), torch.Generator().manual_seed(0))
+    assert loss.item() == 0.0
+    # the own-index student starts away from it: its time conditioning is the teacher's at the wrong noise levels
+    assert sfddm_loss(t, phi, 0.1, 0.0, "own")(student.net, swiss_roll(64), torch.Generator().manual_seed(0)).item() > 0
+    skip = ddim_skipping(t, phi)
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(sample(student, 16, seed=2, sampler="ddpm", x_T=x_T), sample(skip, 16, seed=2, sampler="ddpm", x_T=x_T),
+                          atol=1e-5)
+
+
+def test_aligned_student_scheduler_walks_phi_in_diffusers():
+    """The aligned student's directory keeps the teacher's schedule with trailing spacing: DDPMScheduler.set_timesteps(T')
+    lands on phi - 1 for a uniform phi, and its step() is our posterior step (eqs. 6.10-6.14) on the student chain."""
+    from diffusers import DDPMScheduler
+
+    from kdtools.diffusion.schedules import betas_from_alphas_cumprod, posterior, predict_x0
+
+    t = tiny_teacher()
+    phi = make_subsequence(24, 5)
+    student = distill_sfddm(t, swiss_roll(100), phi, FitConfig(iters=1, batch_size=16), CPU)
+    cfg = dict(student.scheduler_config)
+    cfg["trained_betas"] = betas_from_alphas_cumprod(t.chain.alphas_cumprod).tolist()  # the tiny teacher has no saved config
+    cfg["clip_sample"] = False
+    sched = DDPMScheduler.from_config(cfg)
+    sched.set_timesteps(5)
+    assert sched.timesteps.tolist() == list(reversed(student.chain.timesteps)) == [p - 1 for p in reversed(phi[1:])]
+    a = student.chain.alphas_cumprod
+    post = posterior(a)
+    g = torch.Generator().manual_seed(0)
+    x_ours = x_theirs = torch.randn(4, 2, generator=g)
+    for k in reversed(range(5)):
+        eps, noise = torch.randn(4, 2, generator=g), torch.randn(4, 2, generator=g)
+        mean = post.coef_xt[k] * x_ours + post.coef_x0[k] * predict_x0(x_ours, eps, a[k])
+        x_ours = (mean + (post.variance[k].sqrt() * noise if k > 0 else 0)).float()
+        tk = int(sched.timesteps[4 - k])
+        out = sched.step(eps, tk, x_theirs).pred_original_sample
+        a_prev = a[k - 1] if k > 0 else torch.tensor(1.0, dtype=torch.float64)
+        beta = 1 - a[k] / a_prev
+        theirs_mean = (a_prev.sqrt() * beta / (1 - a[k])) * out + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a[k])) * x_theirs
+        x_theirs = (theirs_mean + (sched._get_variance(tk).double().sqrt() * noise if k > 0 else 0)).float()
+        assert torch.allclose(x_ours, x_theirs, atol=1e-3)
+
+
 class _RecordingDenoiser(MLPDenoiser):
     """Returns its timestep as the noise prediction and records what it was called with."""
 
@@ -106,3 +161,8 @@ def test_sfddm_loss_uses_the_aligned_teacher_step():
     assert torch.allclose(xt_teacher, x_t) and torch.equal(xt_student, xt_teacher)
     expected = ((k - teacher_t).float() ** 2).mean() * 1.5
     assert torch.isclose(loss, expected)
+    # aligned: the student network is called with the teacher's timestep phi_t - 1 on the same x
+    aligned_net = _RecordingDenoiser()
+    loss = sfddm_loss(t, phi, 0.5, 0.0, "aligned")(aligned_net, x0, torch.Generator().manual_seed(3))
+    (xt_aligned, ta), = aligned_net.calls
+    assert torch.equal(ta, teacher_t) and torch.equal(xt_aligned, x_t) and loss.item() == 0.0

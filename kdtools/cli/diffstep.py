@@ -176,6 +176,10 @@ def distill(
     subsequence: str = typer.Option("uniform", "--subsequence",
                                     help="uniform | scattered | concentrated:P | an explicit list 0,...,T (sfddm, ddim, scratch)"),
     init: str = typer.Option("teacher", "--init", help="SFDDM student weights to start from: teacher | fresh"),
+    student_timesteps: str = typer.Option("aligned", "--student-timesteps",
+                                          help="SFDDM: the network timestep of student step t: aligned (the teacher's at "
+                                               "phi_t; with --init teacher eq. 6.17 starts at its optimum) | own (t-1, a plain "
+                                               "T'-step DDPM directory)"),
     hidden_weight: float = typer.Option(0.1, "--hidden-weight", help="SFDDM hidden-variable term weight."),
     data_weight: float = typer.Option(0.0, "--data-weight", help="SFDDM: weight of the plain denoising loss (eq. 6.15)."),
     data: Optional[str] = typer.Option(None, "--data", help="Training data x_0 (default: the teacher's, from its kdtools.json)."),
@@ -200,11 +204,13 @@ def distill(
     options = {k: v for k, v in locals().items() if k not in ("debug",) and not k.startswith("_")}
     from ..diffusion.baselines import METHODS, ddim_skipping, from_scratch, progressive_distillation
     from ..diffusion.schedules import check_student_steps, make_subsequence
-    from ..diffusion.sfddm import distill_sfddm, select_input_noise
+    from ..diffusion.sfddm import STUDENT_TIMESTEPS, distill_sfddm, select_input_noise
     from ..diffusion.teachers import check_output_dir, load_diffusion, save_diffusion
 
     if method not in METHODS:
         raise KdUsageError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    if student_timesteps not in STUDENT_TIMESTEPS:
+        raise KdUsageError(f"--student-timesteps {student_timesteps!r}: expected one of {', '.join(STUDENT_TIMESTEPS)}")
     out = check_output_dir(output, force)
     t = load_diffusion(teacher)
     check_student_steps(t.steps, steps)
@@ -227,7 +233,7 @@ def distill(
             raise KdError(f"--data {name}: rows of shape {tuple(x.shape[1:])} do not fit the teacher's {tuple(t.sample_shape)}")
     with progress_bars(rank == 0) as progress:
         if method == "sfddm":
-            student = distill_sfddm(t, x, phi, cfg, dev, init, progress, rank, world)
+            student = distill_sfddm(t, x, phi, cfg, dev, init, progress, rank, world, student_timesteps)
             if noise_bank and rank == 0:
                 student.noise_bank = select_input_noise(student, x, noise_bank, noise_iters, seed=seed, device=dev, progress=progress)
         elif method == "ddim":

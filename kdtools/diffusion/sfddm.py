@@ -32,16 +32,32 @@ from .training import FitConfig, fit, rand_steps, to_model_space
 INITS = ("teacher", "fresh")
 
 
-def student_chain(teacher: DiffusionModel, phi: Sequence[int]) -> Chain:
-    """The student's chain: its own network timesteps 0..T'-1, the teacher's alphas on phi (eq. 6.9)."""
+# What the student network is called with at its step t (t = 1..T'):
+#   aligned: the teacher's network timestep at phi_t. The student's time conditioning then starts where
+#            eq. 6.17 wants it (with the teacher's weights the loss is 0 from the first step), and the saved
+#            directory is the teacher's scheduler with trailing spacing, which diffusers' DDPMPipeline walks
+#            exactly on a uniform phi (num_inference_steps=T').
+#   own:     its own index t-1 (0..T'-1) with a T'-step scheduler: a plain T'-step DDPM directory, but a student
+#            started from the teacher's weights meets every noise level at the wrong timestep embedding and
+#            must relearn the time conditioning first.
+STUDENT_TIMESTEPS = ("aligned", "own")
+
+
+def student_chain(teacher: DiffusionModel, phi: Sequence[int], timesteps: str = "own") -> Chain:
+    """The student's chain: the teacher's alphas on phi (eq. 6.9), and the network timestep of each step."""
     check_subsequence(phi, teacher.steps)
-    return Chain(list(range(len(phi) - 1)), student_alphas_cumprod(teacher.chain.alphas_cumprod, phi))
+    if timesteps not in STUDENT_TIMESTEPS:
+        raise KdUsageError(f"--student-timesteps {timesteps!r}: expected one of {', '.join(STUDENT_TIMESTEPS)}")
+    steps = [teacher.chain.timesteps[p - 1] for p in phi[1:]] if timesteps == "aligned" else list(range(len(phi) - 1))
+    return Chain(steps, student_alphas_cumprod(teacher.chain.alphas_cumprod, phi))
 
 
-def sfddm_loss(teacher: DiffusionModel, phi: Sequence[int], hidden_weight: float, data_weight: float):
-    chain = student_chain(teacher, phi)
+def sfddm_loss(teacher: DiffusionModel, phi: Sequence[int], hidden_weight: float, data_weight: float,
+               timesteps: str = "own"):
+    chain = student_chain(teacher, phi, timesteps)
     alphas = chain.alphas_cumprod.float()
     teacher_steps = torch.tensor([teacher.chain.timesteps[p - 1] for p in phi[1:]], dtype=torch.long)
+    student_steps = torch.tensor(chain.timesteps, dtype=torch.long)
     teacher_net = teacher.net
 
     def loss_fn(student_net, x0, g):
@@ -50,7 +66,7 @@ def sfddm_loss(teacher: DiffusionModel, phi: Sequence[int], hidden_weight: float
         x_t = q_sample(x0, eps, alphas[k].to(x0.device))  # = the teacher's x_{phi_t} (eq. 6.16)
         with torch.no_grad():
             eps_teacher, h_teacher = denoise(teacher_net, x_t, teacher_steps[k].to(x0.device), want_hidden=True)
-        eps_student, h_student = denoise(student_net, x_t, k.to(x0.device), want_hidden=True)
+        eps_student, h_student = denoise(student_net, x_t, student_steps[k].to(x0.device), want_hidden=True)
         loss = F.mse_loss(eps_student, eps_teacher)  # eq. 6.17
         if hidden_weight > 0 and h_student.shape == h_teacher.shape:
             loss = loss + hidden_weight * F.mse_loss(h_student, h_teacher)
@@ -63,21 +79,31 @@ def sfddm_loss(teacher: DiffusionModel, phi: Sequence[int], hidden_weight: float
 
 def distill_sfddm(teacher: DiffusionModel, data: torch.Tensor, phi: Sequence[int], cfg: FitConfig,
                   device: torch.device, init: str = "teacher", progress: ProgressCallback = no_progress,
-                  rank: int = 0, world_size: int = 1) -> DiffusionModel:
+                  rank: int = 0, world_size: int = 1, timesteps: str = "aligned") -> DiffusionModel:
     """Train a len(phi)-1 step SFDDM student of ``teacher`` on images/points ``data`` (the teacher's data)."""
     if init not in INITS:
         raise KdUsageError(f"--init {init!r}: expected one of {', '.join(INITS)}")
-    chain = student_chain(teacher, phi)
+    chain = student_chain(teacher, phi, timesteps)
     torch.manual_seed(cfg.seed)
     # the student has the teacher's architecture; starting from its weights keeps what the teacher knows
     # about images and only relearns the time conditioning (the authors' code starts fresh: --init fresh)
     student_net = copy.deepcopy(teacher.net) if init == "teacher" else fresh_copy(teacher.net)
     teacher.net.to(device).eval().requires_grad_(False)
-    net, stats = fit(student_net, sfddm_loss(teacher, phi, cfg.hidden_weight, cfg.data_weight), data, cfg, device,
-                     progress, f"SFDDM {teacher.steps}->{len(chain)}", rank, world_size)
+    net, stats = fit(student_net, sfddm_loss(teacher, phi, cfg.hidden_weight, cfg.data_weight, timesteps), data, cfg,
+                     device, progress, f"SFDDM {teacher.steps}->{len(chain)}", rank, world_size)
     info = {"kind": "student", "method": "sfddm", "teacher_steps": teacher.steps, "phi": list(phi), **teacher.inherited(),
-            "default_sampler": "ddpm", "fit": cfg.to_json(), "init": init, "stats": stats}
-    sched = scheduler_config_for(chain.alphas_cumprod, info["clip_sample"], "DDPMScheduler", info["clip_sample_range"])
+            "default_sampler": "ddpm", "fit": cfg.to_json(), "init": init, "student_timesteps": timesteps, "stats": stats}
+    if timesteps == "aligned":
+        # the teacher's schedule; trailing spacing puts DDPMPipeline(num_inference_steps=T') on phi - 1 when phi is
+        # uniform (tests pin it); for another phi, diffusers needs scheduler.set_timesteps(timesteps=chain timesteps)
+        sched = dict(teacher.scheduler_config) or scheduler_config_for(teacher.chain.alphas_cumprod, info["clip_sample"],
+                                                                       "DDPMScheduler", info["clip_sample_range"])
+        chosen = {"_class_name": "DDPMScheduler", "timestep_spacing": "trailing", "variance_type": "fixed_small"}
+        sched.update(chosen)
+        # diffusers drops keys listed as defaulted when it loads a config: ours are chosen, not defaults
+        sched["_use_default_values"] = [k for k in sched.get("_use_default_values", []) if k not in chosen]
+    else:
+        sched = scheduler_config_for(chain.alphas_cumprod, info["clip_sample"], "DDPMScheduler", info["clip_sample_range"])
     return DiffusionModel(net.cpu(), chain, info, sched)
 
 
