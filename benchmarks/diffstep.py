@@ -46,7 +46,9 @@ from kdtools.diffusion.teachers import DiffusionModel, MLPDenoiser, load_diffusi
 from kdtools.diffusion.training import FitConfig, denoising_loss, fit  # noqa: E402
 
 
-METHODS = ("SFDDM", "DDIM skipping", "progressive", "from scratch")
+# "SFDDM" is the student network called with its own step index (--student-timesteps own), as every figure before
+# 2026-11-21 was measured; "SFDDM aligned" is kd-diffstep's default since then (the teacher's timesteps on phi)
+METHODS = ("SFDDM", "SFDDM aligned", "DDIM skipping", "progressive", "from scratch")
 
 
 def log(msg: str) -> None:
@@ -97,7 +99,8 @@ def swissroll(args) -> dict:
     dcfg = FitConfig(iters=args.distill_iters, batch_size=512, lr=1e-3, ema=0.999, hidden_weight=args.hidden_weight)
     for steps in args.steps:
         phi = make_subsequence(T, steps, "uniform")
-        runs = [("SFDDM", lambda: distill_sfddm(teacher, train, phi, dcfg, cpu, "teacher")),
+        runs = [("SFDDM", lambda: distill_sfddm(teacher, train, phi, dcfg, cpu, "teacher", timesteps="own")),
+                ("SFDDM aligned", lambda: distill_sfddm(teacher, train, phi, dcfg, cpu, "teacher", timesteps="aligned")),
                 ("DDIM skipping", lambda: ddim_skipping(teacher, phi)),
                 ("progressive", lambda: progressive_distillation(teacher, train, steps, dcfg, cpu)),
                 ("from scratch", lambda: from_scratch(teacher, train, phi, FitConfig(iters=args.teacher_iters, batch_size=512,
@@ -112,7 +115,7 @@ def swissroll(args) -> dict:
                 save_diffusion(student, Path(args.work) / f"{name.replace(' ', '-')}-{steps}")
             # SFDDM with its own posterior sampler and with DDIM; the teacher's network on the same sub-chain
             # also with the posterior sampler, to separate what the sampler costs from what distillation costs
-            samplers = [None] + {"SFDDM": ["ddim"], "DDIM skipping": ["ddpm"]}.get(name, [])
+            samplers = [None] + {"SFDDM": ["ddim"], "SFDDM aligned": ["ddim"], "DDIM skipping": ["ddpm"]}.get(name, [])
             for sampler in samplers:
                 value, sample_s = sw(student, sampler)
                 cons = consistency(teacher, student, 1000, seed=7)["distance"]
@@ -149,7 +152,8 @@ def mnist_tasks(args) -> list[dict]:
     for st in students:
         # DDIM skipping with the posterior sampler (ddpm) is the teacher's network sampled exactly as an SFDDM
         # student is: the row that tells what SFDDM's training changed and what its sampler alone does
-        samplers = {"SFDDM": ["ddpm", "ddim"], "DDIM skipping": ["ddim", "ddpm"], "progressive": ["ddim"]}[st["method"]]
+        samplers = {"SFDDM": ["ddpm", "ddim"], "SFDDM aligned": ["ddpm", "ddim"], "DDIM skipping": ["ddim", "ddpm"],
+                    "progressive": ["ddim"]}[st["method"]]
         for sampler in samplers:
             for n in sorted({args.n, args.teacher_n}):
                 if n > args.teacher_n and st["steps"] > min(args.steps):
@@ -219,8 +223,9 @@ def _run_mnist_task(task: dict, args, teacher, x_train) -> None:
         iters = args.progressive_iters if method == "progressive" and args.progressive_iters else args.distill_iters
         dcfg = FitConfig(iters=iters, batch_size=args.distill_batch, lr=args.distill_lr, ema=0.999,
                          hidden_weight=args.hidden_weight)
-        if method == "SFDDM":
-            student = distill_sfddm(teacher, x_train, make_subsequence(T_MNIST, steps, "uniform"), dcfg, cpu, "teacher")
+        if method.startswith("SFDDM"):
+            student = distill_sfddm(teacher, x_train, make_subsequence(T_MNIST, steps, "uniform"), dcfg, cpu, "teacher",
+                                    timesteps="aligned" if method == "SFDDM aligned" else "own")
         elif method == "DDIM skipping":
             student = ddim_skipping(teacher, make_subsequence(T_MNIST, steps, "uniform"))
         else:
