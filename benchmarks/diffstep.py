@@ -320,7 +320,7 @@ def sample_rows_figure(strips: list, path: str, per_row: int = 12) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(strips), 1, figsize=(per_row * 0.6 + 2.6, len(strips) * 0.75))
+    fig, axes = plt.subplots(len(strips), 1, figsize=(per_row * 0.6 + 3.6, len(strips) * 0.75))
     for ax, (name, x) in zip(axes, strips):
         row = torch.cat([img[0] for img in x[:per_row]], dim=1)  # (H, per_row * W), uint8
         ax.imshow(row.numpy(), cmap="gray", vmin=0, vmax=255)
