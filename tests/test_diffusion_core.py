@@ -47,27 +47,36 @@ def test_student_ddpm_sampler_equals_diffusers_pipeline_loop():
     """Our posterior sampler and diffusers' DDPMScheduler, given the same model outputs and noises."""
     from diffusers import DDPMScheduler
 
-    from kdtools.diffusion.schedules import betas_from_alphas_cumprod, predict_x0, posterior
+    from kdtools.diffusion.schedules import betas_from_alphas_cumprod
 
     t = tiny_teacher()
     phi = make_subsequence(24, 5, "scattered", seed=2)
     a = t.chain.sub(phi).alphas_cumprod
     sched = DDPMScheduler(num_train_timesteps=5, trained_betas=betas_from_alphas_cumprod(a).tolist(), clip_sample=False)
     sched.set_timesteps(5)
+    _assert_scheduler_walks_our_posterior(sched, a)
+
+
+def _assert_scheduler_walks_our_posterior(sched, a):
+    """Walk the chain with cumulative alphas ``a`` twice, with our posterior step (eqs. 6.10-6.14) and with
+    ``sched.step`` at its own timesteps (descending), on the same model outputs and noises."""
+    from kdtools.diffusion.schedules import posterior, predict_x0
+
+    n = a.numel()
     post = posterior(a)
     g = torch.Generator().manual_seed(0)
     x_ours = x_theirs = torch.randn(4, 2, generator=g)
-    for k in reversed(range(5)):
-        eps = torch.randn(4, 2, generator=g)
-        noise = torch.randn(4, 2, generator=g)
+    for k in reversed(range(n)):
+        eps, noise = torch.randn(4, 2, generator=g), torch.randn(4, 2, generator=g)
         mean = post.coef_xt[k] * x_ours + post.coef_x0[k] * predict_x0(x_ours, eps, a[k])
         x_ours = (mean + (post.variance[k].sqrt() * noise if k > 0 else 0)).float()
-        out = sched.step(eps, k, x_theirs).pred_original_sample
+        tk = int(sched.timesteps[n - 1 - k])
+        out = sched.step(eps, tk, x_theirs).pred_original_sample
         # diffusers draws its own noise; rebuild its step with ours from its own coefficients
         a_prev = a[k - 1] if k > 0 else torch.tensor(1.0, dtype=torch.float64)
         beta = 1 - a[k] / a_prev
         theirs_mean = (a_prev.sqrt() * beta / (1 - a[k])) * out + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a[k])) * x_theirs
-        x_theirs = (theirs_mean + (sched._get_variance(k).double().sqrt() * noise if k > 0 else 0)).float()
+        x_theirs = (theirs_mean + (sched._get_variance(tk).double().sqrt() * noise if k > 0 else 0)).float()
         assert torch.allclose(x_ours, x_theirs, atol=1e-3)
 
 
@@ -96,7 +105,7 @@ def test_aligned_student_scheduler_walks_phi_in_diffusers():
     lands on phi - 1 for a uniform phi, and its step() is our posterior step (eqs. 6.10-6.14) on the student chain."""
     from diffusers import DDPMScheduler
 
-    from kdtools.diffusion.schedules import betas_from_alphas_cumprod, posterior, predict_x0
+    from kdtools.diffusion.schedules import betas_from_alphas_cumprod
 
     t = tiny_teacher()
     phi = make_subsequence(24, 5)
@@ -107,21 +116,7 @@ def test_aligned_student_scheduler_walks_phi_in_diffusers():
     sched = DDPMScheduler.from_config(cfg)
     sched.set_timesteps(5)
     assert sched.timesteps.tolist() == list(reversed(student.chain.timesteps)) == [p - 1 for p in reversed(phi[1:])]
-    a = student.chain.alphas_cumprod
-    post = posterior(a)
-    g = torch.Generator().manual_seed(0)
-    x_ours = x_theirs = torch.randn(4, 2, generator=g)
-    for k in reversed(range(5)):
-        eps, noise = torch.randn(4, 2, generator=g), torch.randn(4, 2, generator=g)
-        mean = post.coef_xt[k] * x_ours + post.coef_x0[k] * predict_x0(x_ours, eps, a[k])
-        x_ours = (mean + (post.variance[k].sqrt() * noise if k > 0 else 0)).float()
-        tk = int(sched.timesteps[4 - k])
-        out = sched.step(eps, tk, x_theirs).pred_original_sample
-        a_prev = a[k - 1] if k > 0 else torch.tensor(1.0, dtype=torch.float64)
-        beta = 1 - a[k] / a_prev
-        theirs_mean = (a_prev.sqrt() * beta / (1 - a[k])) * out + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a[k])) * x_theirs
-        x_theirs = (theirs_mean + (sched._get_variance(tk).double().sqrt() * noise if k > 0 else 0)).float()
-        assert torch.allclose(x_ours, x_theirs, atol=1e-3)
+    _assert_scheduler_walks_our_posterior(sched, student.chain.alphas_cumprod)
 
 
 class _RecordingDenoiser(MLPDenoiser):
