@@ -169,6 +169,10 @@ def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
         p = run("distill", image_teacher, "--steps", steps, "-o", tmp_path / "o3")
         assert p.returncode == 2 and b"--steps" in p.stderr, p.stderr
         _no_partial(tmp_path, "o3")
+    # an unknown --student-timesteps is a usage error before any work
+    p = run("distill", tabular_teacher, "--steps", 4, "--student-timesteps", "teacher", "-o", tmp_path / "o5")
+    assert p.returncode == 2 and b"aligned, own" in p.stderr, p.stderr
+    _no_partial(tmp_path, "o5")
     # sub-sequences that do not start at 0 or do not end at T
     for phi, what in (("1,10,20,30,40", b"start at 0"), ("0,10,20,30,39", b"end at")):
         p = kd("kd-diffstep", "distill", tabular_teacher, "--steps", 4, "--subsequence", phi, "-o", tmp_path / "o4", env=FAST)
