@@ -359,7 +359,7 @@ def _later(name: str, issue: Optional[int]):
     _cmd.__doc__ = f"(not yet: issue #{issue})" if issue else "(not yet built)"
 
 
-# CAKE (Braun et al., ../shared/papers/cake-classifier-mimicry-poster.txt) is in the design but no open
+# CAKE (Braun et al., "Deep Classifier Mimicry without Data Access") is in the design but no open
 # issue asks for it; the command exists so that `kd-gen-queries cake` fails clearly instead of "no such command".
 for _name, _issue in (("cake", None),):
     _later(_name, _issue)
