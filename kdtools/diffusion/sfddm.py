@@ -86,7 +86,8 @@ def distill_sfddm(teacher: DiffusionModel, data: torch.Tensor, phi: Sequence[int
     chain = student_chain(teacher, phi, timesteps)
     torch.manual_seed(cfg.seed)
     # the student has the teacher's architecture; starting from its weights keeps what the teacher knows
-    # about images and only relearns the time conditioning (the authors' code starts fresh: --init fresh)
+    # about images (aligned: the student starts at eq. 6.17's optimum; own: it must relearn the time
+    # conditioning first). The authors' code starts fresh: --init fresh
     student_net = copy.deepcopy(teacher.net) if init == "teacher" else fresh_copy(teacher.net)
     teacher.net.to(device).eval().requires_grad_(False)
     net, stats = fit(student_net, sfddm_loss(teacher, phi, cfg.hidden_weight, cfg.data_weight, timesteps), data, cfg,
