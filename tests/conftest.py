@@ -56,3 +56,36 @@ def queries_path(tmp_path_factory) -> Path:
 def kd_data() -> Path | None:
     v = os.environ.get("KD_DATA")
     return Path(v) if v and Path(v).is_dir() else None
+
+
+COUNTING_CHILD = """
+# An exec: oracle that answers with a model file's probabilities and, before answering each batch, appends
+# its row count to a file: an independent count of what the oracle was really sent (tests compare it
+# with the budget and with the query log the caller keeps).
+import sys
+sys.path.insert(0, {root!r})
+from kdtools.oracle import ModelOracle
+from kdtools.stream import StreamHeader, StreamReader, StreamWriter
+from kdtools.weights import load_model
+
+oracle = ModelOracle(load_model({victim!r}))
+reader = StreamReader(sys.stdin.buffer, "stdin")
+out = StreamWriter(sys.stdout.buffer, StreamHeader("samples", {{"probs": {{"dtype": "float32", "shape": [oracle.num_classes]}}}},
+                                                   oracle.num_classes, mode="probs"))
+for batch in reader:
+    with open({count!r}, "a") as f:
+        f.write(f"{{batch['x'].shape[0]}}\\n")
+    out.write(oracle.answer(batch["x"].float(), "probs"))
+out.close()
+"""
+
+
+def counting_exec_oracle(directory: Path, victim: Path) -> tuple[str, Path]:
+    """(oracle spec, count file): an exec: oracle over ``victim`` that records every batch it receives."""
+    script, count = directory / "counting_oracle.py", directory / "received.txt"
+    script.write_text(COUNTING_CHILD.format(root=str(ROOT), victim=str(victim), count=str(count)))
+    return f"exec:{sys.executable} {script}", count
+
+
+def rows_received(count: Path) -> int:
+    return sum(int(line) for line in count.read_text().split()) if count.exists() else 0

@@ -4,6 +4,7 @@ federated extraction (simulated and over torchrun), and the bad inputs the issue
 import math
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from conftest import ROOT, kd, kd_cmd
 from kdtools.diffusion.schedules import Chain, alphas_cumprod_from_betas, make_betas
 from kdtools.diffusion.teachers import DiffusionModel, build_unet
-from kdtools.errors import KdUsageError
+from kdtools.errors import KdError, KdUsageError
 from kdtools.extract.aedm import (QuerySteerer, SubstituteFollower, average_state, check_adaptable, client_shares,
                                   negative_entropy, plan_rounds, round_sizes)
 from kdtools.models import ImageClassifier
@@ -101,6 +102,41 @@ def test_follower_reloads_renamed_files_and_skips_half_written_ones(tmp_path):
     assert torch.equal(next(f.current().parameters()), next(a.parameters())) and f.reloads == 2
 
 
+def test_follower_retries_when_a_newer_file_lands_mid_read(tmp_path, monkeypatch):
+    import os
+
+    import kdtools.weights as weights
+
+    path = tmp_path / "s.safetensors"
+    torch.manual_seed(0)
+    a, b, c = (ImageClassifier("mlp", (1, 8, 8), 3) for _ in range(3))
+    save_model(a, path)
+    f = SubstituteFollower(path, wait_s=0.0)
+    save_model(b, path)
+    # the writer renames c into place while the follower is reading b: what was read is already stale
+    real, calls = weights.load_model, []
+
+    def load_while_a_writer_renames(*args, **kw):
+        loaded = real(*args, **kw)
+        calls.append(1)
+        if len(calls) == 1:
+            save_model(c, path)
+        return loaded
+
+    monkeypatch.setattr(weights, "load_model", load_while_a_writer_renames)
+    got = f.current()
+    assert len(calls) == 2 and torch.equal(next(got.parameters()), next(c.parameters())) and f.reloads == 1
+    # the writers' side of the contract: save_model renames a complete file into place, no temporary left
+    inode = os.stat(path).st_ino
+    save_model(a, path)
+    assert os.stat(path).st_ino != inode and not list(tmp_path.glob(".*.tmp"))
+    # a follower whose very first read finds only a half-written file says so instead of using it
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(KdError, match="cannot read the substitute"):
+        SubstituteFollower(path, wait_s=0.0)
+
+
 # --- the commands -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -152,6 +188,31 @@ def test_bad_priors_are_clear_errors(prior_dir, victim_path, tmp_path):
     # stream mode needs a substitute file to steer against
     p = kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--substitute", "lenet5", "-n", 10)
     assert p.returncode == 2 and b"substitute" in p.stderr
+
+
+def test_the_user_is_told_when_queries_are_resized_or_converted_and_refused_otherwise(prior_dir, victim_path, tmp_path):
+    from kdtools.diffusion.teachers import save_diffusion
+
+    # a 16 px grey prior against the 28 px grey victim: it runs, and says (without -q) what it does
+    fast = [a for a in FAST if a != "-q"]
+    p = kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--oracle", victim_path, "--budget", 50, "-o", tmp_path / "a", *fast)
+    assert p.returncode == 0, p.stderr.decode()
+    assert "makes 1x16x16 images; the victim takes 1x28x28: queries are resized (bilinear)" in p.stderr.decode()
+    # an RGB prior against the grey victim: converted (luma) and resized, said so, and the log holds grey images
+    rgb = tmp_path / "rgb-prior"
+    save_diffusion(_tiny_prior(size=8, channels=3), rgb)
+    p = kd("kd-gen-queries", "aedm", "--diffusion", rgb, "--oracle", victim_path, "--budget", 50, "-o", tmp_path / "b", *fast)
+    assert p.returncode == 0, p.stderr.decode()
+    assert "resized (bilinear) and converted RGB -> grey" in p.stderr.decode()
+    with h5py.File(tmp_path / "b" / "queries.h5") as f:
+        assert f["x"].shape == (50, 1, 28, 28)
+    # a 2-channel prior cannot be converted: a usage error in one line, nothing written
+    two = tmp_path / "two-prior"
+    save_diffusion(_tiny_prior(size=8, channels=2), two)
+    p = kd("kd-gen-queries", "aedm", "--diffusion", two, "--oracle", victim_path, "--budget", 50, "-o", tmp_path / "c", *FAST)
+    err = p.stderr.decode()
+    assert p.returncode == 2 and "makes 2-channel images and the victim takes 1 channels" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c").exists()  # nothing left to trip a rerun
 
 
 def test_closed_loop_through_the_file_system(prior_dir, victim_path, tmp_path):
@@ -237,6 +298,32 @@ def test_torchrun_client_that_dies_leaves_the_last_average(prior_dir, victim_pat
     kept = out / "substitute.safetensors"
     assert load_model(kept).module.arch == "lenet5"  # complete and loadable
     assert read_metadata(kept)["federated_round"] == "1"
+
+
+def test_torchrun_rank_killed_mid_round_leaves_the_last_average(prior_dir, victim_path, tmp_path):
+    # rank 1 is killed outright (SIGKILL from its own oracle process once it has answered round 1): no
+    # orderly error on that rank. The run must still end, in bounded time, with a non-zero exit code, a
+    # message naming what happened, and the round-1 average intact on disk.
+    script = tmp_path / "oracle.sh"
+    query = " ".join([*kd_cmd("kd-query"), str(victim_path), "--mode", "probs", "-q"])
+    script.write_text(f'#!/bin/sh\nif [ "$RANK" = "1" ]; then {query} --budget 50 2>/dev/null; kill -9 $PPID; exit 1; fi\n'
+                      f'exec {query}\n')
+    script.chmod(0o755)
+    out = tmp_path / "killed"
+    t0 = time.monotonic()
+    p = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "kdtools.cli.gen_queries", "aedm",
+                        "--diffusion", str(prior_dir), "--oracle", f"exec:{script}", "--input-shape", "1x28x28",
+                        "--budget", "300", "-o", str(out), *map(str, FAST)],
+                       capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    err = p.stderr.decode()
+    assert p.returncode != 0
+    assert time.monotonic() - t0 < 300
+    kept = out / "substitute.safetensors"
+    # torchrun stops the surviving rank (SIGTERM); it says so in one line, naming what is kept
+    assert f"the last averaged substitute is kept in {kept}" in err
+    assert load_model(kept).module.arch == "lenet5"  # complete and loadable
+    assert read_metadata(kept)["federated_round"] == "1"
+    assert not list(out.glob(".*.tmp"))  # no half-written file left beside it
 
 
 def test_train_online_saves_every_n_batches_and_learns():

@@ -288,6 +288,46 @@ def test_aggregator_online_handles_real_data_quirks():
     assert n == 150 and err < 0.2
 
 
+@pytest.mark.parametrize("method", ["bila", "mv", "ds"])
+def test_labels_across_chunks_merge_and_a_relabelled_pair_counts_once(method, tmp_path):
+    """A task seen again keeps its earlier labels and gains the new ones; a (task, worker) pair labelled
+    again in a later chunk replaces the old label (documented rule: the last label wins), and the class
+    counts behind BiLA-CM's prior count it once; a lone label on an item with a known class still gives
+    a proper posterior. The state file round-trips after a class first seen late."""
+    from kdtools.aggregate.state import load_state, save_state
+
+    agg = Aggregator(method, seed=0)
+    agg.process([("a", "w1", "x"), ("a", "w2", "x"), ("a", "w3", "y"), ("b", "w1", "y"), ("b", "w2", "y")])
+    counts_before = agg.class_counts.copy()
+    x, y = agg.classes.index["x"], agg.classes.index["y"]
+    assert counts_before.tolist() == [2, 3]
+    # chunk 2: w3 relabels task a (y -> x), w4 (new) labels a, c gets one label of a known class,
+    # d brings a class never seen before
+    r2 = agg.process([("a", "w3", "x"), ("a", "w4", "x"), ("c", "w2", "y"), ("d", "w1", "z")])
+    assert r2.replaced == 1 and r2.new_workers == 1 and r2.new_classes == ["z"]
+    a, w = agg.tasks.index["a"], agg.workers.index
+    # merged: chunk 1's w1, w2 kept, w3 replaced, w4 added
+    assert agg.store[a] == {w["w1"]: x, w["w2"]: x, w["w3"]: x, w["w4"]: x}
+    assert r2.tasks == ["a", "c", "d"]  # each task once, in order of first appearance
+    # 4 labels of x (a: w1 w2 w3 w4), 3 of y (b: w1 w2; c: w2), 1 of z; the replaced y is gone
+    assert agg.class_counts.tolist() == [4, 3, 1]
+    assert agg.labels_seen == 9
+    i = r2.tasks.index("c")
+    assert np.isfinite(r2.proba[i]).all() and abs(r2.proba[i].sum() - 1) < 1e-5
+    assert 0 <= r2.confidence[i] <= 1
+    if method == "mv":
+        assert r2.labels[i] == "y"
+    # round trip after the late class: continuing from the file equals continuing in memory
+    path = tmp_path / "s.state"
+    save_state(path, agg, {})
+    back = load_state(path)
+    assert back.classes.items == ["x", "y", "z"] and back.class_counts.tolist() == [4, 3, 1]
+    assert back.store == agg.store
+    more = [("e", "w1", "z"), ("e", "w4", "z"), ("a", "w5", "y")]
+    ra, rb = agg.process(more), back.process(more)
+    assert ra.labels == rb.labels and np.allclose(ra.proba, rb.proba)
+
+
 def test_declared_classes_reject_unknown_label():
     agg = Aggregator("mv", classes=["a", "b"])
     with pytest.raises(KdError, match="not one of"):

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
-from conftest import ROOT, kd, kd_cmd, sha
+from conftest import ROOT, counting_exec_oracle, kd, kd_cmd, rows_received, sha
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -136,8 +137,10 @@ def test_binary_is_never_written_to_a_terminal(tmp_path):
 def test_sigkill_loses_no_answered_batch_and_resume_respects_the_budget(victim_path, queries_path, tmp_path):
     """kd-query reads batches from a pipe we control; after it has streamed some answers on, kill -9 it."""
     log = tmp_path / "q.h5"
+    # the victim behind an exec: oracle that counts every row it is sent: an account kept outside our log
+    oracle, received = counting_exec_oracle(tmp_path, victim_path)
     data = Path(queries_path).read_bytes()  # header + 6 batches of 100 + end record
-    q = subprocess.Popen(kd_cmd("kd-query") + [str(victim_path), "--budget", "500", "--log", str(log), "-q"],
+    q = subprocess.Popen(kd_cmd("kd-query") + [oracle, "--input-shape", "1x28x28", "--budget", "500", "--log", str(log), "-q"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     from kdtools.stream import read_record
     pos = 0
@@ -160,12 +163,26 @@ def test_sigkill_loses_no_answered_batch_and_resume_respects_the_budget(victim_p
     with h5py.File(log) as f:
         rows, spent = f["x"].shape[0], int(f.attrs["spent"])
     assert rows >= 300 and spent >= rows
+    sent_before = rows_received(received)
+    assert rows <= sent_before <= spent  # at most the batch in flight was sent and never logged
     # rerun the whole query set with the same log: answered rows come from the log, the budget holds
-    p = kd("kd-query", victim_path, queries_path, "--budget", "500", "--log", log, "-o", tmp_path / "out.kds")
+    p = kd("kd-query", oracle, queries_path, "--input-shape", "1x28x28", "--budget", "500", "--log", log,
+           "-o", tmp_path / "out.kds")
     assert p.returncode == 1 and b"budget of 500 reached" in p.stderr
-    assert f"{rows} from the log".encode() in p.stderr or b"replayed" in p.stderr
+    assert f"{rows} from the log".encode() in p.stderr
     facts = json.loads(kd("kd-eval", "log", log, "--json").stdout)
     assert facts["spent"] == 500 and facts["rows"] <= 500
+    # by the oracle's own count: the rerun sent only rows that were not in the log, and never more in
+    # total than the budget
+    assert rows_received(received) - sent_before == facts["rows"] - rows
+    assert rows_received(received) <= 500
+    # and the log holds the query set's rows once each, in order: nothing logged (so paid) twice
+    from kdtools.sources import open_samples
+    source = np.concatenate([b["x"].numpy() for b in open_samples(queries_path)])
+    with h5py.File(log) as f:
+        x = f["x"][:]
+    unit = lambda a: a.astype(np.float32) / 255 if a.dtype == np.uint8 else a.astype(np.float32)
+    assert len(x) == facts["rows"] and np.array_equal(unit(x), unit(source[:len(x)]))
 
 
 def test_torchrun_trains_with_two_gloo_processes(victim_path, queries_path, tmp_path):

@@ -152,6 +152,11 @@ def _no_partial(parent: Path, name: str) -> None:
     assert not [q for q in parent.iterdir() if q.name.startswith(f".{name}")], list(parent.iterdir())
 
 
+def _one_line(p):
+    err = p.stderr.decode()
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
     # a teacher directory without a scheduler
     broken = tmp_path / "noscheduler"
@@ -159,24 +164,34 @@ def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
     shutil.rmtree(broken / "scheduler")
     p = run("distill", broken, "--steps", 4, "-o", tmp_path / "o1")
     assert p.returncode == 1 and b"no scheduler" in p.stderr
+    _one_line(p)
     _no_partial(tmp_path, "o1")
     # a teacher with a different image size than asked for
     p = run("distill", image_teacher, "--steps", 4, "--image-size", 32, "-o", tmp_path / "o2")
     assert p.returncode == 1 and b"8x8" in p.stderr
+    _one_line(p)
     _no_partial(tmp_path, "o2")
+    # training data that does not fit the teacher (2-D points for an image teacher)
+    p = run("distill", image_teacher, "--steps", 4, "--data", "swissroll", "-n", 100, "-o", tmp_path / "o6")
+    assert p.returncode == 1 and b"do not fit the teacher" in p.stderr, p.stderr
+    _one_line(p)
+    _no_partial(tmp_path, "o6")
     # --steps larger than the teacher's, or zero
     for steps in (21, 0):
         p = run("distill", image_teacher, "--steps", steps, "-o", tmp_path / "o3")
         assert p.returncode == 2 and b"--steps" in p.stderr, p.stderr
+        _one_line(p)
         _no_partial(tmp_path, "o3")
     # an unknown --student-timesteps is a usage error before any work
     p = run("distill", tabular_teacher, "--steps", 4, "--student-timesteps", "teacher", "-o", tmp_path / "o5")
     assert p.returncode == 2 and b"aligned, own" in p.stderr, p.stderr
+    _one_line(p)
     _no_partial(tmp_path, "o5")
     # sub-sequences that do not start at 0 or do not end at T
     for phi, what in (("1,10,20,30,40", b"start at 0"), ("0,10,20,30,39", b"end at")):
         p = kd("kd-diffstep", "distill", tabular_teacher, "--steps", 4, "--subsequence", phi, "-o", tmp_path / "o4", env=FAST)
         assert p.returncode == 2 and what in p.stderr
+        _one_line(p)
         _no_partial(tmp_path, "o4")
     # an existing output directory is kept as it was
     keep = tmp_path / "keep"
@@ -188,6 +203,7 @@ def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
     assert len(p.stderr.decode().strip().splitlines()) == 1
     p = run("sample", tmp_path / "nowhere", "-n", 2, "-o", tmp_path / "s.h5")
     assert p.returncode == 1 and not (tmp_path / "s.h5").exists()
+    _one_line(p)
 
 
 def test_train_under_torchrun_two_processes(tmp_path):

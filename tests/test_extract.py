@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, kd, kd_cmd, sha
+from conftest import ROOT, counting_exec_oracle, kd, kd_cmd, rows_received, sha
 from kdtools.errors import KdError
 from kdtools.extract import DFME, IDEAL, AttackOptions, AttackRun, DFMEConfig, IDEALConfig, TandemConfig, TandemGAN
 from kdtools.extract.common import forward_difference
@@ -165,9 +165,24 @@ def test_budget_reached_mid_batch_keeps_every_paid_answer(victim_path, tmp_path)
     assert log_info(out / "queries.h5")["spent"] == 100
 
 
+def test_the_oracle_itself_is_sent_exactly_the_budget(victim_path, tmp_path):
+    # counted by the oracle process, not by our log: the batch that crosses the budget is cut before it
+    # is sent (a round costs 144 at batch 16; 100 runs out inside the substitute stage)
+    oracle, received = counting_exec_oracle(tmp_path, victim_path)
+    out = tmp_path / "att"
+    p = kd("kd-gen-queries", "tandemgan", "--oracle", oracle, "--input-shape", "1x28x28", "--budget", 100,
+           "--batch-size", 16, "--substitute", "lenet5-half", "-o", out, "--state-every", 0, "-q")
+    assert p.returncode == 0, p.stderr.decode()
+    assert [int(n) for n in received.read_text().split()] == [32, 32, 16, 16, 4]
+    info = log_info(out / "queries.h5")
+    assert rows_received(received) == info["spent"] == info["rows"] == 100
+
+
 def test_kill_9_then_resume_pays_nothing_twice_and_stays_in_budget(victim_path, tmp_path):
     out, budget = tmp_path / "att", 1500
-    args = ["ideal", "--oracle", str(victim_path), "--budget", str(budget), "--batch-size", "100", "--g-steps", "3",
+    # the victim answers through an exec: oracle that counts what it is sent, independently of our log
+    oracle, received = counting_exec_oracle(tmp_path, victim_path)
+    args = ["ideal", "--oracle", oracle, "--input-shape", "1x28x28", "--budget", str(budget), "--batch-size", "100", "--g-steps", "3",
             "--substitute", "lenet5-half", "-o", str(out), "--checkpoint-every", "100", "--state-every", "0", "-q"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*kd_cmd("kd-gen-queries"), *args], env=env, stderr=subprocess.PIPE)
@@ -195,6 +210,36 @@ def test_kill_9_then_resume_pays_nothing_twice_and_stays_in_budget(victim_path, 
     with h5py.File(out / "queries.h5", "r") as f:
         assert np.array_equal(f["x"][:before["rows"]], x_before)
     assert (out / "substitute.safetensors").is_file() and (out / "generator.safetensors").is_file()
+    # the oracle's own count: every row it was sent is in the log, except at most the batch in flight at
+    # the kill; in total never more than the budget
+    assert after["rows"] <= rows_received(received) <= after["spent"] <= budget
+
+
+def test_sigterm_stops_an_attack_with_one_line_and_resume_finishes_it(victim_path, tmp_path):
+    # what a batch scheduler does at its time limit: SIGTERM, then (later) SIGKILL
+    out, budget = tmp_path / "att", 1000
+    args = ["ideal", "--oracle", str(victim_path), "--budget", str(budget), "--batch-size", "100", "--g-steps", "3",
+            "--substitute", "lenet5-half", "-o", str(out), "--checkpoint-every", "100", "--state-every", "0", "-q"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*kd_cmd("kd-gen-queries"), *args], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list((out / "checkpoints").glob("*.safetensors")):
+        time.sleep(0.1)
+    assert proc.poll() is None, "the attack ended before it could be stopped: " + proc.stderr.read().decode()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 143
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0] == (f"error: terminated (SIGTERM); every answer paid for is in {out / 'queries.h5'}; the same command "
+                        "with --resume continues without paying twice")
+    assert not list(out.glob(".*.tmp")) and not list((out / "checkpoints").glob(".*.tmp"))
+    stopped = log_info(out / "queries.h5")
+    assert 0 < stopped["rows"] < budget
+    p = subprocess.run([*kd_cmd("kd-gen-queries"), *args, "--resume"], env=env, capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()
+    after = log_info(out / "queries.h5")
+    assert after["spent"] <= budget and after["spent"] - stopped["spent"] == after["rows"] - stopped["rows"]
 
 
 def test_generator_mode_pipes_into_kd_query_and_kd_distill(victim_path, tmp_path):

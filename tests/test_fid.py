@@ -72,6 +72,12 @@ def test_kd_eval_fid_bad_inputs(lenet, tmp_path):
     small = _write(tmp_path / "small.h5", torch.randint(0, 256, (20, 1, 16, 16), dtype=torch.uint8))
     p = kd("kd-eval", "fid", small, "--ref", a, "--features", f"lenet:{lenet}")
     assert p.returncode == 1 and b"shape" in p.stderr and len(p.stderr.decode().strip().splitlines()) == 1
+    rgb = _write(tmp_path / "rgb.h5", torch.randint(0, 256, (20, 3, 28, 28), dtype=torch.uint8))
+    p = kd("kd-eval", "fid", rgb, "--ref", a, "--features", "raw")
+    assert p.returncode == 1 and b"but the reference has" in p.stderr and len(p.stderr.decode().strip().splitlines()) == 1
+    pts = _write(tmp_path / "pts.h5", torch.randn(50, 2))
+    p = kd("kd-eval", "fid", pts, "--ref", a, "--features", "raw")
+    assert p.returncode == 1 and b"but the reference has" in p.stderr and len(p.stderr.decode().strip().splitlines()) == 1
     p = kd("kd-eval", "fid", a, "--ref", a, "--features", f"inception:{tmp_path / 'missing.pth'}")
     assert p.returncode == 1 and b"Inception weights" in p.stderr
     p = kd("kd-eval", "fid", a, "--ref", a, "--features", "nonsense")

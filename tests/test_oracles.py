@@ -36,6 +36,7 @@ class FakeServer:
         self.script = list(script)
         self.delay = delay
         self.posts = 0
+        self.rows = []  # rows received per POST: what the server was really sent
         self.auth = []
         fake = self
 
@@ -65,6 +66,7 @@ class FakeServer:
                 x = decode_array(req["inputs"], torch.float32, "test")
                 labels = (x.flatten(1).long().sum(1) % 10).tolist()
                 n = len(labels)
+                fake.rows.append(n)
                 if what == "ok":
                     self.reply(200, json.dumps({"answers": {"label": labels}, "n": n}).encode())
                 elif what == "500":
@@ -76,6 +78,8 @@ class FakeServer:
                     self.reply(200, b'{"answers": {"label": [1, 2,', "application/json")
                 elif what == "short":
                     self.reply(200, json.dumps({"answers": {"label": labels[:-1]}}).encode())
+                elif what == "long":
+                    self.reply(200, json.dumps({"answers": {"label": labels + [0]}}).encode())
                 elif what == "badlabel":
                     self.reply(200, json.dumps({"answers": {"label": [11] * n}}).encode())
                 elif what == "quota":
@@ -159,6 +163,7 @@ def test_http_timeout_is_retried_then_a_clear_error(fake):
 
 
 @pytest.mark.parametrize("what, message", [("badjson", "not valid JSON"), ("short", "answered 2 rows for 3 queries"),
+                                           ("long", "answered 4 rows for 3 queries"),
                                            ("badlabel", "class index outside 0..9"), ("quota", "quota for this key is exhausted")])
 def test_http_bad_answers_fail_at_once_without_retrying(fake, what, message):
     s = fake([what])
@@ -196,6 +201,7 @@ def test_budget_reached_mid_batch_answers_and_logs_what_fits(fake, tmp_path):
     assert torch.equal(e.value.partial["label"], want[:5])
     facts = log_info(tmp_path / "q.h5")
     assert facts["rows"] == facts["spent"] == 5 and s.posts == 1
+    assert s.rows == [5]  # the 3 rows over the budget were never sent
 
 
 def test_rejected_rows_error_keeps_the_prefix_or_flag_marks_them(fake, tmp_path):
@@ -273,6 +279,24 @@ def test_exec_oracle_that_dies_mid_run_is_a_clear_error(tmp_path):
     with pytest.raises(KdError, match="died before this batch"):
         orc.answer(queries(2)[0], "label")
     orc.close()
+
+
+def test_kd_query_through_an_exec_oracle_that_dies_keeps_what_was_answered(queries_path, tmp_path):
+    # the child answers two batches of 100 and dies on the third: kd-query stops with one line and exit 1,
+    # the log keeps the 200 answered rows and counts the 300 paid (the third batch was sent, so it is spent)
+    from conftest import kd
+
+    script = tmp_path / "victim.py"
+    script.write_text(CHILD.format(root=str(ROOT), die=2))
+    log = tmp_path / "q.h5"
+    p = kd("kd-query", f"exec:{sys.executable} {script}", queries_path, "--input-shape", "1x28x28", "--log", log,
+           "-o", tmp_path / "out.kds")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "exited with code 7" in err and "out of memory" in err
+    assert "Traceback" not in err and len([l for l in err.splitlines() if l.startswith("error")]) == 1
+    facts = log_info(log)
+    assert facts["rows"] == 200 and facts["spent"] == 300
+    assert [int(v) for b in iter_batches(log) for v in b["label"]] == [3] * 200
 
 
 def test_exec_oracle_that_hangs_times_out(tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
@@ -36,6 +38,25 @@ def debug_option(value: bool) -> bool:
 DebugOption = typer.Option(False, "--debug", help="Show full tracebacks on errors.", callback=debug_option, is_eager=True)
 
 
+class Terminated(BaseException):
+    """SIGTERM: a batch scheduler's time limit, `kill`, or torchrun stopping the other ranks when one dies.
+    Raised in the main thread and unwound like Ctrl-C (a BaseException, so no `except Exception` in the
+    library swallows it), so temporary files are removed and the one-line contract still holds."""
+
+
+# what a long command keeps when it is stopped, and how to go on; set by the command before the long
+# work starts, appended to the "interrupted" / "terminated" line
+STOP_HINT = {"text": ""}
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _stopped(what: str) -> str:
+    return what + (f"; {STOP_HINT['text']}" if STOP_HINT["text"] else "")
+
+
 def make_app(help: str) -> typer.Typer:
     return typer.Typer(help=help, add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                        context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,6 +79,8 @@ def info(message: str) -> None:
 
 def run_app(app: typer.Typer, prog_name: str) -> None:
     """Run a typer app with kdtools' exit-code contract: 0 ok, 1 data/runtime error, 2 usage error."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)  # kd-serve installs its own (a clean shutdown)
     try:
         app(prog_name=prog_name, standalone_mode=False)
     except (click.exceptions.Exit, typer.Exit) as e:  # --help and explicit typer.Exit
@@ -79,7 +102,9 @@ def run_app(app: typer.Typer, prog_name: str) -> None:
             pass
         raise SystemExit(1)
     except KeyboardInterrupt:
-        fail("interrupted", 130)
+        fail(_stopped("interrupted"), 130)
+    except Terminated:
+        fail(_stopped("terminated (SIGTERM)"), 143)
     except Exception as e:  # anything else is a bug or an environment problem: still one line
         if DEBUG["on"]:
             traceback.print_exc()

@@ -14,7 +14,7 @@ from ..queries import dataset_batches, noise_batches
 from ..stream import StreamHeader, fields_of
 from ..weights import load_model, parse_shape
 from .query import ApiKeyEnvOption, RateLimitOption, RetriesOption, TimeoutOption, WireOption, remote_options
-from ._common import DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, not_yet, open_sink, run_app, stderr
+from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, not_yet, open_sink, run_app, stderr
 
 app = make_app("Synthesise queries: noise, public data, the data-free attacks TandemGAN, DFME and IDEAL, or AEDM (a steered diffusion prior).\n\n"
                "noise/dataset and generator mode (--generator G -n N) write a kdtools stream on stdout (pipe it into kd-query) "
@@ -200,6 +200,12 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
         options.budget = client["budget"]
         run = AttackRun(Path(c["output"]) / f"client-{client['rank']}", client.get("log"))
     quiet = c["quiet"] or (client is not None and client["rank"] != 0)
+    if client is None:
+        STOP_HINT["text"] = (f"every answer paid for is in {run.log_path}; the same command with --resume continues "
+                             "without paying twice")
+    else:
+        STOP_HINT["text"] = (f"client {client['rank']}: its paid answers are in {run.log_path}; the last averaged "
+                             f"substitute is kept in {Path(c['output']) / 'substitute.safetensors'}")
 
     with progress_bars(not quiet) as bars:
         last = {"t": 0.0}

@@ -15,7 +15,7 @@ from ..oracle import RemoteOptions, open_oracle, parse_mode, safe_spec
 from ..query import output_header, run_queries
 from ..sources import open_samples
 from ..weights import parse_shape
-from ._common import DebugOption, DeviceOption, info, make_app, open_sink, progress_bars, run_app, stdin_if, warn
+from ._common import STOP_HINT, DebugOption, DeviceOption, info, make_app, open_sink, progress_bars, run_app, stdin_if, warn
 
 app = make_app("Answer queries with an oracle under a hard budget: a model file, http(s)://HOST:PORT (e.g. kd-serve), "
                "exec:CMD (a subprocess speaking kdtools streams) or replay:LOG.h5 (answers from a recorded log).\n\n"
@@ -81,6 +81,8 @@ def _run(orc, oracle: str, input, mode, budget, log, output, remote: RemoteOptio
     if writer and writer.spent:
         info(f"kd-query: resuming {log}: {writer.rows} answers logged, {writer.spent} queries spent"
              + (f" of {budget}" if budget is not None else ""))
+    if writer:
+        STOP_HINT["text"] = f"every answer paid for is in {log}; rerun with the same --log and nothing is paid twice"
     status, message = "complete", ""
     try:
         with progress_bars(not no_progress) as progress:

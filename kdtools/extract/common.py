@@ -108,6 +108,15 @@ class AttackRun:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir.mkdir(exist_ok=True)
 
+    def discard_unstarted(self, dir_existed: bool) -> None:
+        """Remove what ``prepare`` and a new, empty log created for an attack that stopped before it began."""
+        self.log_path.unlink(missing_ok=True)
+        for d in (self.checkpoint_dir, *(() if dir_existed else (self.dir,))):
+            try:
+                d.rmdir()  # only if empty
+            except OSError:
+                pass
+
     def save_state(self, state: dict) -> None:
         with atomic_path(self.state_path) as tmp:
             torch.save(state, tmp)
@@ -264,6 +273,7 @@ class Attack:
         self.input_shape = tuple(oracle.input_shape)
         self.num_classes = int(oracle.num_classes)
         self.resolved = {"kdtools": __version__, **asdict(options), **asdict(config)}
+        dir_existed, log_existed = run.dir.exists(), run.log_path.exists()
         run.prepare(resume)
         torch.manual_seed(options.seed)
         self.log = open_attack_log(run.log_path, oracle, options.mode, options.budget, self.log_dtype, self.resolved)
@@ -284,6 +294,10 @@ class Attack:
             self._restore()
         except BaseException:
             self.log.close()
+            if not log_existed and self.log.spent == 0:
+                # refused before a query was paid (e.g. a prior that does not fit the victim): leave no empty
+                # log behind, or the corrected command would be told to --resume an attack that never ran
+                run.discard_unstarted(dir_existed)
             raise
         every = options.checkpoint_every or max(1, options.budget // 10)
         self.checkpoint_every = every
