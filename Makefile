@@ -13,7 +13,7 @@ help:
 	@echo "make test     install, then run the test suite (fast tests; CI runs this)"
 	@echo "make test-all also the slow tests"
 	@echo "make bench    benchmarks/ (minutes to hours; results go in docs/benchmarks.md)"
-	@echo "make bench-long  the extraction and AEDM benchmarks (hours on a CPU)"
+	@echo "make bench-long  the extraction, AEDM and MNIST step-distillation benchmarks (hours on a CPU)"
 	@echo "recipes:      $(RECIPES)"
 
 install: $(VENV)/.installed

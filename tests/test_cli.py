@@ -208,3 +208,15 @@ def test_resume_flag_continues_training(tmp_path):
     p = kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", "3", "--resume", out, "-o", out, check=True)
     from kdtools.weights import read_metadata
     assert read_metadata(out)["epochs_done"] == "3"
+
+
+@pytest.mark.parametrize("module", ["aggregate", "query", "serve", "gen_queries", "distill", "diffstep", "eval"])
+def test_help_starts_with_what_the_command_does(module):
+    import importlib
+
+    from typer.testing import CliRunner
+
+    app = importlib.import_module(f"kdtools.cli.{module}").app
+    out = CliRunner().invoke(app, ["--help"], terminal_width=200).output
+    squash = lambda t: " ".join(t.replace("│", " ").split())
+    assert squash(app.info.help)[:60] in squash(out)

@@ -120,7 +120,8 @@ def _write_confusion(path: str, agg, options: dict) -> None:
             f.attrs["chunks"] = agg.chunks
 
 
-@app.command()
+# a one-command typer app shows the command's help, not the app's: pass it on
+@app.command(help=app.info.help)
 def aggregate(
     inputs: Optional[List[str]] = typer.Argument(None, help="Label files (task,worker,label), each a chunk; '-' = stdin."),
     state: Optional[str] = typer.Option(None, "--state", help="State file: created when missing, updated when the command succeeds."),
@@ -297,7 +298,7 @@ def aggregate(
         del labels_total
 
 
-@sim_app.command()
+@sim_app.command(help=sim_app.info.help)
 def simulate(
     truth: Optional[str] = typer.Option(None, "--truth", help="CSV of true labels (task,truth)."),
     mnist: bool = typer.Option(False, "--mnist", help="Use MNIST's labels (torchvision raw files under --data-root)."),

@@ -52,7 +52,7 @@ def _distributed(device_opt: str):
     return dist.get_rank(), world, device
 
 
-@app.command()
+@app.command(help=app.info.help)  # one-command app: show the app's help
 def distill(
     input: Optional[str] = typer.Argument(None, help="Query log (.h5) or stream file; '-' or nothing = stdin. Not with --data."),
     output: str = typer.Option(..., "-o", "--output", help="Weights file to write (.safetensors)."),

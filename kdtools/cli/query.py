@@ -34,7 +34,7 @@ OnRejectedOption = typer.Option("error", "--on-rejected", help="Queries a server
 
 
 
-@app.command()
+@app.command(help=app.info.help)  # one-command app: show the app's help
 def query(
     oracle: str = typer.Argument(..., help="The victim: a model file (.safetensors, TorchScript .pt, torch.export .pt2), http(s)://HOST:PORT, exec:CMD or replay:LOG.h5."),
     input: Optional[str] = typer.Argument(None, help="Queries: stream file or HDF5; default '-' (stdin)."),

@@ -21,7 +21,7 @@ app = make_app("Serve a model as an HTTP victim speaking the kdtools oracle prot
                "Stops cleanly on Ctrl-C or SIGTERM. The protocol and the defence are described in docs/oracles.md.")
 
 
-@app.command()
+@app.command(help=app.info.help)  # one-command app: show the app's help
 def serve(
     model: str = typer.Argument(..., help="The victim: a model file (or any oracle spec, e.g. replay:log.h5)."),
     mode: str = typer.Option("label", "--mode", help="Response mode(s) answered, comma-separated: label | probs | logits | topk:K."),
@@ -34,7 +34,7 @@ def serve(
     defense_data: Optional[str] = typer.Option(None, "--defense-data", help="Victim training data to learn the entropy thresholds from."),
     defense_split: str = typer.Option("train", "--defense-split"),
     defense_quantile: float = typer.Option(0.01, "--defense-quantile", help="Thresholds at this quantile (and 1 - it) of the data's entropies."),
-    defense_sides: str = typer.Option("both", "--defense-sides", help="both | low: reject outside [low, high], or only below low."),
+    defense_sides: str = typer.Option("both", "--defense-sides", help="both | low: reject outside \\[low, high], or only below low."),
     defense_load: Optional[str] = typer.Option(None, "--defense-load", help="Load learned thresholds (JSON) instead of --defense-data."),
     defense_save: Optional[str] = typer.Option(None, "--defense-save", help="Save the learned thresholds (JSON)."),
     max_batch: int = typer.Option(4096, "--max-batch", help="Most query rows in one request (HTTP 413 above)."),
