@@ -229,6 +229,21 @@ def rejected_placeholders(answer: dict, rejected: torch.Tensor) -> dict:
     return out
 
 
+def rejected_rows(answer: dict) -> torch.Tensor:
+    """(n,) bool: the rows that carry the placeholders of a refused query (the inverse of
+    ``rejected_placeholders``), so a student never learns from them."""
+    n = next(iter(answer.values())).shape[0]
+    out = torch.zeros(n, dtype=torch.bool)
+    for name, v in answer.items():
+        if name in ("label", "topk_index"):
+            out |= (v.reshape(n, -1) < 0).any(1)
+        elif name == "logits":
+            out |= torch.isnan(v.float()).any(1)
+        elif name == "probs":
+            out |= v.float().sum(1) <= 0
+    return out
+
+
 def check_answer(answer: dict, mode: str, n: int, num_classes: Optional[int], where: str,
                  rejected: Optional[torch.Tensor] = None) -> dict:
     """Validate a remote answer (fields, row count, shapes, value ranges) and cast it to our dtypes."""

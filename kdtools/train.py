@@ -77,6 +77,22 @@ class Targets:
         return self.probs is not None or self.logits is not None
 
 
+def without_rejected(batch: dict) -> tuple[dict, int]:
+    """Drop the rows a query defence refused (``kd-query --on-rejected flag`` placeholders: label -1,
+    probs all 0, logits NaN, topk_index -1): they hold no answer. Returns (batch, rows dropped)."""
+    from .oracle import rejected_rows
+
+    answers = {k: v for k, v in batch.items() if k in ("label", "probs", "logits", "topk_index")}
+    if not answers:
+        return batch, 0
+    bad = rejected_rows(answers)
+    n_bad = int(bad.sum())
+    if not n_bad:
+        return batch, 0
+    keep = ~bad
+    return {k: (v[keep] if isinstance(v, torch.Tensor) and v.shape[:1] == bad.shape else v) for k, v in batch.items()}, n_bad
+
+
 def targets_from(batch: dict, num_classes: int) -> Targets:
     """Build targets from the answer fields of a sample set (see kdtools.oracle)."""
     if "logits" in batch:
@@ -286,6 +302,7 @@ class OnlineResult:
     saves: int
     loss: float
     seconds: float
+    rejected: int = 0  # rows a query defence refused (placeholders), skipped
 
 
 def train_online(model: nn.Module, batches, num_classes: int, cfg: TrainConfig, device: torch.device,
@@ -307,6 +324,7 @@ def train_online(model: nn.Module, batches, num_classes: int, cfg: TrainConfig, 
     seen_x: list = []
     seen_t: list = []
     count, n_batches, saves, loss_value = 0, 0, 0, float("nan")
+    rejected = 0  # rows a query defence refused: skipped
     loss_name = None
     t0 = time.perf_counter()
 
@@ -325,6 +343,10 @@ def train_online(model: nn.Module, batches, num_classes: int, cfg: TrainConfig, 
         return loss.item()
 
     for batch in batches:
+        batch, dropped = without_rejected(batch)
+        rejected += dropped
+        if batch["x"].shape[0] == 0:
+            continue
         targets = targets_from(batch, num_classes)
         if loss_name is None:
             loss_name = cfg.loss if cfg.loss != "auto" else ("kl" if targets.soft else "ce")
@@ -357,4 +379,4 @@ def train_online(model: nn.Module, batches, num_classes: int, cfg: TrainConfig, 
             save(model, {"samples_seen": count, "batches_seen": n_batches, "train_loss": loss_value})
             saves += 1
     save(model, {"samples_seen": count, "batches_seen": n_batches, "train_loss": loss_value})
-    return OnlineResult(n_batches, count, saves + 1, loss_value, time.perf_counter() - t0)
+    return OnlineResult(n_batches, count, saves + 1, loss_value, time.perf_counter() - t0, rejected)

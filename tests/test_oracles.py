@@ -340,3 +340,19 @@ def test_replay_round_trip_and_unknown_queries(victim_path, queries_path, tmp_pa
         rep.answer(torch.cat([x[:1], torch.rand(1, 1, 28, 28)]), "probs")
     with pytest.raises(KdError, match="does not give 'logits'"):
         rep.answer(x[:1], "logits")
+
+
+@pytest.mark.parametrize("mode", ["label", "probs", "logits", "topk:3"])
+def test_rejected_rows_finds_exactly_the_placeholder_rows(victim_path, mode):
+    from kdtools.oracle import rejected_placeholders, rejected_rows
+    from kdtools.train import without_rejected
+
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    answer = ModelOracle(load_model(victim_path)).answer(x, mode)
+    assert not rejected_rows(answer).any()  # real answers are never taken for placeholders
+    refused = torch.tensor([False, True, False, False, True, True])
+    flagged = rejected_placeholders(answer, refused)
+    assert torch.equal(rejected_rows(flagged), refused)
+    kept, dropped = without_rejected({"x": x, **flagged})
+    assert dropped == 3 and torch.equal(kept["x"], x[~refused])
+    assert all(torch.equal(kept[k], answer[k][~refused]) for k in answer)

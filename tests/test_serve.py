@@ -175,6 +175,25 @@ def test_entropy_defence_over_http(victim_path, tmp_path):
         assert (orc.answer(torch.rand(8, 1, 28, 28), "label")["label"] == -1).all()
         labels = orc.answer(digits.float() / 255, "label")["label"]
         assert (labels >= 0).float().mean() > 0.9 and orc.rejected_total == 8 + int((labels < 0).sum())
+        # a mixed stream with --on-rejected flag: the refused rows are logged as placeholders (label -1)...
+        noise = (torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(2)) * 255).round().to(torch.uint8)
+        write_queries(tmp_path / "mixed.kds", torch.cat([digits[:100], noise]))
+        p = kd("kd-query", url, tmp_path / "mixed.kds", "--mode", "label", "--on-rejected", "flag",
+               "--log", tmp_path / "m.h5", "-o", tmp_path / "m.kds")
+        assert p.returncode == 0, p.stderr
+    import h5py
+
+    with h5py.File(tmp_path / "m.h5") as f:
+        refused = int((f["label"][:] < 0).sum())
+    assert 20 <= refused < 30
+    # ... and kd-distill learns from the answered rows only, saying how many it skipped (file and online)
+    p = kd("kd-distill", tmp_path / "m.h5", "--arch", "lenet5-half", "--epochs", 1, "-o", tmp_path / "s.safetensors")
+    assert p.returncode == 0, p.stderr
+    assert f"skipped {refused} rows whose query the oracle refused".encode() in p.stderr
+    assert f"training on the {120 - refused} answered ones".encode() in p.stderr
+    p = kd("kd-distill", tmp_path / "m.kds", "--arch", "lenet5-half", "--save-every", 1, "-o", tmp_path / "o.safetensors")
+    assert p.returncode == 0, p.stderr
+    assert f"online on {120 - refused} samples".encode() in p.stderr and f"skipped {refused} rows".encode() in p.stderr
     assert json.loads((tmp_path / "defense.json").read_text())["kind"] == "entropy"
     assert b"entropy defence: pass" in err.read_bytes()
 

@@ -17,7 +17,7 @@ from ..device import resolve_device
 from ..errors import KdError, KdUsageError
 from ..models import ImageClassifier, count_parameters
 from ..sources import collect, open_samples
-from ..train import TrainConfig, data_normalization, load_checkpoint, targets_from, train
+from ..train import TrainConfig, data_normalization, load_checkpoint, targets_from, train, without_rejected
 from ..weights import load_model, save_model
 from ._common import DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, warn, progress_bars, run_app, stdin_if
 
@@ -124,6 +124,10 @@ def distill(
                  "training on the rows it holds")
         if header.num_classes is None:
             raise KdError(f"{input or 'stdin'}: the samples carry no answers to learn from (pipe queries through kd-query first)")
+        batch, rejected = without_rejected(batch)
+        if rejected:
+            warn(f"{input or 'stdin'}: skipped {rejected} rows whose query the oracle refused (a query defence); "
+                 f"training on the {batch['x'].shape[0]} answered ones")
         x, num_classes, source = batch["x"], header.num_classes, input or "stdin"
         targets = targets_from(batch, num_classes)
         if image_size or channels:
@@ -239,7 +243,8 @@ def _online(input, output, init, arch, args, normalize, cfg, save_every, replay_
              f"trained on the {result.samples} rows it held")
     if not quiet:
         info(f"kd-distill: online on {result.samples} samples in {result.batches} batches, {result.saves} saves of {output} "
-             f"in {result.seconds:.1f} s; last loss {result.loss:.4f}")
+             f"in {result.seconds:.1f} s; last loss {result.loss:.4f}"
+             + (f"; skipped {result.rejected} rows the oracle refused" if result.rejected else ""))
 
 
 def main() -> None:
