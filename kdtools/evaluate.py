@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -21,6 +21,10 @@ class AccuracyReport:
     reference: Optional[str] = None
     reference_accuracy: Optional[float] = None
     fidelity: Optional[float] = None  # fraction of inputs where model and reference agree
+    # one entry per true class: {"class", "name", "samples", "accuracy"[, "reference_accuracy", "fidelity"]}.
+    # A stolen model's average hides where it fails (e.g. one garment class of Fashion-MNIST at a third of
+    # the victim's accuracy); this shows it.
+    per_class: list = field(default_factory=list)
 
     def rows(self) -> list[tuple[str, str]]:
         rows = [("model", self.model), ("data", self.data), ("samples", str(self.samples)),
@@ -51,4 +55,22 @@ def evaluate_accuracy(model: torch.nn.Module, model_name: str, input_shape: tupl
         report.reference = reference_name
         report.reference_accuracy = (ref == data.y).float().mean().item()
         report.fidelity = (ref == pred).float().mean().item()
+    report.per_class = per_class(pred, data.y, data.num_classes or int(data.y.max()) + 1, data.classes,
+                                 ref if reference is not None else None)
     return report
+
+
+def per_class(pred: torch.Tensor, y: torch.Tensor, num_classes: int, names: list,
+              ref: Optional[torch.Tensor] = None) -> list[dict]:
+    """Accuracy (and, with the reference's predictions, its accuracy and the agreement) per true class."""
+    out = []
+    for c in range(num_classes):
+        on = y == c
+        n = int(on.sum())
+        row = {"class": c, "name": names[c] if c < len(names) else str(c), "samples": n,
+               "accuracy": (pred[on] == c).float().mean().item() if n else float("nan")}
+        if ref is not None:
+            row["reference_accuracy"] = (ref[on] == c).float().mean().item() if n else float("nan")
+            row["fidelity"] = (ref[on] == pred[on]).float().mean().item() if n else float("nan")
+        out.append(row)
+    return out

@@ -84,6 +84,29 @@ def log_info(path) -> dict:
                 "kdtools_version": str(f.attrs["kdtools.version"])}
 
 
+def answer_counts(path, chunk: int = 65536) -> Optional[dict]:
+    """How the oracle's answers in a log spread over the classes: {"by_class": [count per class of the
+    answered label / argmax], "rejected": rows holding a refused query's placeholders}; None for a file
+    without answers. Queries that all land in two classes teach a substitute little about the others."""
+    from .oracle import rejected_rows
+
+    with _open(path, "r") as f:
+        _check_ours(f, path)
+        header = _header_from_attrs(f)
+        field = next((k for k in ("label", "probs", "logits", "topk_index") if k in header.fields), None)
+        if field is None or not header.num_classes:
+            return None
+        n, counts, rejected = int(f["x"].shape[0]), np.zeros(int(header.num_classes), np.int64), 0
+        for i in range(0, n, chunk):
+            v = torch.from_numpy(np.ascontiguousarray(f[field][i:i + chunk]))
+            bad = rejected_rows({field: v})
+            rejected += int(bad.sum())
+            v = v[~bad]
+            top = v if field == "label" else v[:, 0] if field == "topk_index" else v.float().argmax(1)
+            counts += np.bincount(top.long().numpy(), minlength=len(counts))[:len(counts)]
+    return {"by_class": counts.tolist(), "rejected": rejected}
+
+
 def iter_batches(path, batch_size: int = READ_CHUNK, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
     """Rows of a sample file as dicts of tensors, ``batch_size`` rows at a time."""
     with _open(path, "r") as f:

@@ -34,8 +34,15 @@ def test_three_process_pipe_steals_the_victim(victim_path, tmp_path):
     r = kd("kd-eval", "accuracy", student, "--data", "digits", "--reference", victim_path, "--json", check=True)
     report = json.loads(r.stdout)
     assert report["fidelity"] > 0.8 and report["accuracy"] > 0.8
+    per = report["per_class"]  # the per-class rows add up to the overall figures
+    assert [r["class"] for r in per] == list(range(10)) and sum(r["samples"] for r in per) == report["samples"]
+    assert sum(r["accuracy"] * r["samples"] for r in per) / report["samples"] == pytest.approx(report["accuracy"], abs=1e-6)
+    assert sum(r["fidelity"] * r["samples"] for r in per) / report["samples"] == pytest.approx(report["fidelity"], abs=1e-6)
+    table = kd("kd-eval", "accuracy", student, "--data", "digits", "--per-class", check=True).stdout.decode()
+    assert "per class" in table and "samples" in table
     facts = json.loads(kd("kd-eval", "log", log, "--json", check=True).stdout)
     assert facts["rows"] == facts["spent"] == 3000 and facts["mode"] == "probs"
+    assert sum(facts["answers_by_class"]) == 3000 and facts["rejected"] == 0
     # the log is itself a training set: the same student trains from it without the pipe
     kd("kd-distill", log, "--arch", "mlp", "--epochs", "1", "-o", tmp_path / "s2.safetensors", check=True)
     # and the stream on stdout is all data: messages went to stderr

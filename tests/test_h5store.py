@@ -97,3 +97,39 @@ def test_stream_file_and_hdf5_read_the_same(tmp_path):
     hb, b = read_all(tmp_path / "a.kds")
     assert ha.fields == hb.fields and ha.num_classes == hb.num_classes == 3
     assert torch.equal(a["x"], b["x"]) and torch.equal(a["probs"], b["probs"])
+
+
+def test_answer_counts_by_class_and_refused_rows(tmp_path):
+    from kdtools.h5store import answer_counts
+
+    p = tmp_path / "log.h5"
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
+    with SampleWriter(p, header()) as w:
+        w.reserve(5)
+        w.append({"x": torch.zeros(5, 1, 4, 4, dtype=torch.uint8), "probs": probs})
+    # argmax classes 0, 2, (refused: all-zero placeholder), 1, 0; read in chunks of 2 to cross a boundary
+    assert answer_counts(p, chunk=2) == {"by_class": [2, 1, 1], "rejected": 1}
+    q = tmp_path / "labels.h5"
+    hl = StreamHeader("samples", {"x": {"dtype": "uint8", "shape": [1, 4, 4]}, "label": {"dtype": "int64", "shape": []}}, 3, mode="label")
+    with SampleWriter(q, hl) as w:
+        w.reserve(4)
+        w.append({"x": torch.zeros(4, 1, 4, 4, dtype=torch.uint8), "label": torch.tensor([2, -1, 2, 1])})
+    assert answer_counts(q) == {"by_class": [0, 1, 2], "rejected": 1}
+    # a file of queries without answers has nothing to count
+    hq = StreamHeader("queries", {"x": {"dtype": "uint8", "shape": [1, 4, 4]}})
+    write_samples(tmp_path / "q.h5", hq, [{"x": torch.zeros(2, 1, 4, 4, dtype=torch.uint8)}])
+    assert answer_counts(tmp_path / "q.h5") is None
+
+
+def test_per_class_accuracy_by_hand():
+    from kdtools.evaluate import per_class
+
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 1, 0, 1, 1, 0])
+    ref = torch.tensor([0, 1, 1, 1, 0, 2])
+    rows = per_class(pred, y, 4, ["a", "b", "c"], ref)
+    assert [r["samples"] for r in rows] == [3, 2, 1, 0]
+    assert [r["accuracy"] for r in rows[:3]] == pytest.approx([2 / 3, 1.0, 0.0])
+    assert [r["reference_accuracy"] for r in rows[:3]] == pytest.approx([1 / 3, 0.5, 1.0])
+    assert [r["fidelity"] for r in rows[:3]] == pytest.approx([2 / 3, 0.5, 0.0])
+    assert rows[3]["name"] == "3" and rows[3]["accuracy"] != rows[3]["accuracy"]  # no sample: NaN

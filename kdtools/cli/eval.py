@@ -30,6 +30,7 @@ def accuracy(
     data_root_opt: Optional[str] = DataRootOption,
     download: bool = typer.Option(False, "--download"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of a table."),
+    by_class: bool = typer.Option(False, "--per-class", help="Also a table per true class (the JSON always has per_class)."),
     device: str = DeviceOption,
     debug: bool = DebugOption,
 ):
@@ -50,6 +51,17 @@ def accuracy(
     for k, v in report.rows():
         table.add_row(k, v)
     Console().print(table)
+    if by_class:
+        pct = lambda v: "-" if v != v else f"{100 * v:.2f} %"  # NaN: no sample of the class
+        t = Table(title="per class")
+        for col in ["class", "samples", "accuracy"] + (["reference accuracy", "fidelity"] if reference else []):
+            t.add_column(col, justify="left" if col == "class" else "right")
+        for r in report.per_class:
+            cells = [f"{r['class']} {r['name']}" if r["name"] != str(r["class"]) else r["name"], str(r["samples"]), pct(r["accuracy"])]
+            if reference:
+                cells += [pct(r["reference_accuracy"]), pct(r["fidelity"])]
+            t.add_row(*cells)
+        Console().print(t)
 
 
 @app.command()
@@ -58,15 +70,22 @@ def log(
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of a table."),
     debug: bool = DebugOption,
 ):
-    """Accounting of a query log: rows answered, queries spent (probes included), budget, oracle, mode."""
-    from ..h5store import log_info
+    """Accounting of a query log: rows answered, queries spent (probes included), budget, oracle, mode,
+    and how the answers spread over the classes."""
+    from ..h5store import answer_counts, log_info
 
     facts = log_info(path)
+    answers = answer_counts(path)
+    if answers is not None:
+        facts["answers_by_class"], facts["rejected"] = answers["by_class"], answers["rejected"]
     if as_json:
         sys.stdout.write(json.dumps(facts) + "\n")
         return
     table = Table(title=f"kd-eval log {path}", show_header=False)
     for k, v in facts.items():
+        if k == "answers_by_class":
+            total = max(1, sum(v))
+            v = "  ".join(f"{c}: {100 * n / total:.1f} %" for c, n in enumerate(v))
         table.add_row(k.replace("_", " "), "unlimited" if k == "budget" and v < 0 else str(v))
     Console().print(table)
 
