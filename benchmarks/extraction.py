@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--method-args", action="append", default=[], metavar="METHOD=FLAGS",
                     help="Replace a method's benchmark settings (METHOD_ARGS) for this run, e.g. "
                          "\"ideal=--pool-epochs 1 --s-optimizer adam --lr-s 1e-3\"; the command is recorded with every result.")
+    ap.add_argument("--tag", default="", help="Name a variant (e.g. one with --method-args): its run directory gets the suffix "
+                                                 "-TAG and its rows say 'METHOD [TAG]', so it sits beside the default run.")
     ap.add_argument("--table-only", action="store_true", help="Print the table of earlier results and stop.")
     ap.add_argument("--post-train", action="store_true",
                     help="After each attack (or on its existing log), also train a fresh substitute on the attack's "
@@ -156,7 +158,8 @@ def main() -> None:
             victims[dataset] = str(vpath)
             vacc = test_accuracy(vpath, dataset)
             for method in [m for m in METHODS_FOR[mode] if m in args.methods]:
-                out = work / f"{name}-{method}-{budget}"
+                out = work / (f"{name}-{method}-{budget}" + (f"-{args.tag}" if args.tag else ""))
+                label = f"{method} [{args.tag}]" if args.tag else method
                 cmd = [*tool("kd-gen-queries"), method, "--oracle", str(vpath), "--mode", mode, "--budget", str(budget),
                        "--substitute", args.substitute, "-o", str(out), "--eval-data", dataset, "--device", args.device,
                        "-q", *PIXELS[dataset], *method_args[method], *shlex.split(args.extra)]
@@ -165,15 +168,15 @@ def main() -> None:
                 base = {"target": name, "dataset": dataset, "mode": mode, "budget": budget, "full_budget": TARGETS[name][2],
                         "substitute": args.substitute, "victim_accuracy": vacc, "goal": goal, "paper": paper}
                 if not args.post_train_only:
-                    seconds = sh(cmd, work / f"{name}-{method}.log")
-                    record(results, {**base, "method": method, "seconds": round(seconds, 1),
+                    seconds = sh(cmd, work / f"{out.name}.log")
+                    record(results, {**base, "method": label, "seconds": round(seconds, 1),
                                      "command": shlex.join(["kd-gen-queries", *cmd[3:]])}, out / "substitute.safetensors", out)
                 if (args.post_train or args.post_train_only) and (out / "queries.h5").exists():
                     post = out / "post-trained.safetensors"
                     pcmd = [*tool("kd-distill"), str(out / "queries.h5"), "--arch", args.substitute, *POST_TRAIN_ARGS,
                             "--device", args.device, "-q", "-o", str(post)]
-                    seconds = sh(pcmd, work / f"{name}-{method}.log")
-                    record(results, {**base, "method": f"{method} + post-training on its log", "seconds": round(seconds, 1),
+                    seconds = sh(pcmd, work / f"{out.name}.log")
+                    record(results, {**base, "method": f"{label} + post-training on its log", "seconds": round(seconds, 1),
                                      "command": shlex.join(["kd-distill", *pcmd[3:]])}, post, out)
 
     rows = [json.loads(line) for line in open(results)] if results.exists() else []

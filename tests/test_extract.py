@@ -276,3 +276,28 @@ def test_bad_command_lines_give_one_line_and_the_right_exit_code(victim_path, tm
     err = p.stderr.decode().strip()
     assert p.returncode == code and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_ideal_boundary_queries_mix_two_classes_and_keep_one_query_per_sample(victim_path, tmp_path):
+    cfg = IDEALConfig(g_steps=1, mix_fraction=0.5, s_optimizer="adam", lr_s=1e-3)
+    oracle, attack = _attack(IDEAL, cfg, victim_path, tmp_path, "label", 300, 50)
+    # nothing answered yet: no mixes possible
+    assert attack.boundary_queries(10).shape[0] == 0
+    # a pool of black images answered 0 and white ones answered 1 (and one grey answered 1)
+    x = torch.cat([torch.zeros(6, 1, 28, 28), torch.ones(3, 1, 28, 28), torch.full((1, 1, 28, 28), 0.5)])
+    attack.pool.add(x, {"label": torch.tensor([0] * 6 + [1] * 4)})
+    m = attack.boundary_queries(200)
+    assert m.shape == (200, 1, 28, 28)
+    v = m.flatten(1)
+    assert torch.equal(v.min(1).values, v.max(1).values)  # each mix is a constant image: one black, one white/grey
+    lam = v[:, 0]
+    assert float(lam.min()) >= 0.125 - 1e-6 and float(lam.max()) <= 0.75 + 1e-6  # lam in [0.25, 0.75] of white or grey
+    assert torch.equal(m, (m * 255).round() / 255)  # on the 8-bit grid, as asked and logged
+    # the first partner is drawn against the class counts: class 1 (4 of 10 rows) is picked first about
+    # 6/10 of the time; either way every pair spans both classes, so no mix is pure black or pure white
+    assert float(v.min()) > 0 and float(v.max()) < 1
+    # a whole run: every epoch still asks exactly its batch, and the log holds every query once
+    result = attack.run_attack()
+    assert sum(oracle.calls) == result.spent == 300 and all(c == 50 for c in oracle.calls)
+    info = log_info(tmp_path / "run" / "queries.h5")
+    assert info["rows"] == info["spent"] == 300

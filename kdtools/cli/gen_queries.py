@@ -339,6 +339,8 @@ def ideal(
                                    "(0: --pool-epochs full passes, whose cost grows with the pool)."),
     s_optimizer: str = typer.Option("sgd", "--s-optimizer", help="sgd (paper) | adam (kdtools; use --lr-s 1e-3)."),
     balance_pool: bool = typer.Option(False, "--balance-pool", help="kdtools: ask the generator for the classes the oracle answered least."),
+    mix_fraction: float = typer.Option(0.0, "--mix-fraction", help="kdtools: this share of each epoch's queries are mixes of two "
+                                       "answered samples in different classes (boundary queries; 0 = the paper's)."),
     checkpoint_every: Optional[int] = CheckpointEvery, state_every: float = StateEvery, final_epochs: int = FinalEpochs,
     final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
     pixel_mean: Optional[float] = PixelMean, pixel_std: Optional[float] = PixelStd, augment: bool = Augment,
@@ -351,8 +353,10 @@ def ideal(
 
     if g_steps < 0 or pool_epochs < 0 or pool_steps < 0:
         raise KdUsageError("--g-steps, --pool-epochs and --pool-steps must be >= 0")
+    if not 0.0 <= mix_fraction <= 1.0:
+        raise KdUsageError(f"--mix-fraction {mix_fraction}: expected a share between 0 and 1")
     cfg = IDEALConfig(g_steps, lr_g, lr_s, lambda_info, z_dim, pool_epochs, s_optimizer=s_optimizer, balance_pool=balance_pool,
-                      pool_steps=pool_steps)
+                      pool_steps=pool_steps, mix_fraction=mix_fraction)
     _dispatch("ideal", _common(locals()),
               cfg, generator, n)
 

@@ -17,6 +17,14 @@ epoch at K random mini-batches of the pool, which keeps large budgets linear.
 
 Queries are rounded to the 8-bit grid before they are asked, so the uint8 log holds exactly what the
 oracle saw.
+
+kdtools addition, off by default: ``mix_fraction`` f replaces a fraction f of each epoch's new samples by
+*boundary queries*: convex mixes lam x_i + (1 - lam) x_j (lam ~ U(0.25, 0.75)) of two answered samples the
+oracle put in different classes, the first drawn against the answers' class counts (rare classes more
+often). A generator trained through the student keeps producing what the student already believes; the
+victim's boundaries between classes it has answered (shirt / T-shirt / pullover on Fashion-MNIST) are
+where the student is wrong, and a mix of two answered images of those classes lands near them. Still one
+query per sample; the mixes are paid for and logged like every other query.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ class IDEALConfig:
     s_optimizer: str = "sgd"  # sgd (paper: 1e-2, momentum 0.9) | adam (kdtools: lr_s 1e-3 fits the pool far better)
     balance_pool: bool = False  # kdtools: draw the generator's target classes against the pool's label counts
     pool_steps: int = 0  # kdtools: at most this many random pool mini-batches per epoch (0: pool_epochs full passes)
+    mix_fraction: float = 0.0  # kdtools: share of each epoch's queries that are mixes of two differently answered samples
 
     def queries_per_epoch(self, batch_size: int) -> int:
         return batch_size
@@ -105,12 +114,40 @@ class IDEAL(Attack):
         for p in S.parameters():
             p.requires_grad_(True)
 
+    def boundary_queries(self, n: int) -> torch.Tensor:
+        """n mixes of two answered samples in different classes (see the module docstring); fewer (possibly
+        none) while the pool holds fewer than two classes."""
+        if n <= 0 or self.pool.n < 2:
+            return torch.empty(0, *self.input_shape, device=self.device)
+        y = self.pool.y[:self.pool.n]
+        cls = y if y.dim() == 1 else y.argmax(1)
+        counts = torch.bincount(cls, minlength=self.num_classes).float()
+        if int((counts > 0).sum()) < 2:
+            return torch.empty(0, *self.input_shape, device=self.device)
+        i = torch.multinomial(1.0 / counts[cls], n, replacement=True)
+        # a partner in another class: redraw where the class matches (a handful of tries is plenty unless one
+        # class holds nearly everything; rows still matched are dropped)
+        j = torch.randint(0, self.pool.n, (n,))
+        for _ in range(20):
+            same = cls[j] == cls[i]
+            if not bool(same.any()):
+                break
+            j[same] = torch.randint(0, self.pool.n, (int(same.sum()),))
+        keep = cls[j] != cls[i]
+        i, j = i[keep], j[keep]
+        lam = torch.empty(len(i), 1, 1, 1).uniform_(0.25, 0.75)
+        xi, xj = self.pool.x[i].float() / 255, self.pool.x[j].float() / 255
+        return quantize(lam * xi + (1 - lam) * xj).to(self.device)
+
     def iteration(self) -> None:
         c, b = self.config, self.options.batch_size
         self.generate()
-        # stage 2: one query per new sample
+        # stage 2: one query per new sample (a share of them boundary mixes, with --mix-fraction)
+        n = min(b, self.oracle.remaining)
+        mixes = self.boundary_queries(int(round(c.mix_fraction * n)))
         with torch.no_grad():
-            x = quantize(self.G(torch.randn(min(b, self.oracle.remaining), c.z_dim, device=self.device)))
+            x = quantize(self.G(torch.randn(n - mixes.shape[0], c.z_dim, device=self.device)))
+        x = torch.cat([x, mixes])
         t = self.target_of(self.ask(x))
         if c.pool_epochs <= 0:
             self.last_loss = self.train_substitute_on(x, t, self.opt_s, c.s_loss)
