@@ -173,15 +173,18 @@ def test_http_bad_answers_fail_at_once_without_retrying(fake, what, message):
     assert s.posts == 1
 
 
-def test_a_failure_part_way_keeps_what_was_answered_in_the_log(fake, tmp_path):
-    """max_batch 2: six queries go out as three requests; the third gets malformed JSON."""
-    s = fake(["ok", "ok", "badjson"])
-    orc = HttpOracle(s.url, opts(max_batch=2))
+@pytest.mark.parametrize("third, message", [("badjson", "not valid JSON"), ("slow", "no answer within 0.3 s"),
+                                            ("500", "HTTP 500")])
+def test_a_failure_part_way_keeps_what_was_answered_in_the_log(fake, tmp_path, third, message):
+    """max_batch 2: six queries go out as three requests; the third fails (malformed JSON, a timeout, a
+    500 that outlasts the retries)."""
+    s = fake(["ok", "ok", third], delay=1.5)
+    orc = HttpOracle(s.url, opts(max_batch=2, timeout=0.3, retries=1), sleep=lambda d: None)
     x, want = queries(6)
     header = StreamHeader("samples", {"x": {"dtype": "float32", "shape": [1, 4, 4]}, "label": {"dtype": "int64", "shape": []}}, 10, mode="label")
     log = SampleWriter(tmp_path / "q.h5", header, orc.identity)
     bo = BudgetedOracle(orc, "label", budget=100, log=log)
-    with pytest.raises(KdError, match="not valid JSON"):
+    with pytest.raises(KdError, match=message):
         bo.query(x)
     log.close()
     facts = log_info(tmp_path / "q.h5")
