@@ -339,8 +339,9 @@ def ideal(
                                    "(0: --pool-epochs full passes, whose cost grows with the pool)."),
     s_optimizer: str = typer.Option("sgd", "--s-optimizer", help="sgd (paper) | adam (kdtools; use --lr-s 1e-3)."),
     balance_pool: bool = typer.Option(False, "--balance-pool", help="kdtools: ask the generator for the classes the oracle answered least."),
-    mix_fraction: float = typer.Option(0.0, "--mix-fraction", help="kdtools: this share of each epoch's queries are mixes of two "
-                                       "answered samples in different classes (boundary queries; 0 = the paper's)."),
+    mix_fraction: float = typer.Option(0.0, "--mix-fraction", help="kdtools, experimental: this share of each epoch's queries are mixes "
+                                       "of two answered samples in different classes (boundary queries; 0 = the paper's). Measured "
+                                       "worse on Fashion-MNIST at 0.5 (docs/extraction-benchmarks.md)."),
     checkpoint_every: Optional[int] = CheckpointEvery, state_every: float = StateEvery, final_epochs: int = FinalEpochs,
     final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
     pixel_mean: Optional[float] = PixelMean, pixel_std: Optional[float] = PixelStd, augment: bool = Augment,

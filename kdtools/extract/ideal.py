@@ -24,7 +24,9 @@ oracle put in different classes, the first drawn against the answers' class coun
 often). A generator trained through the student keeps producing what the student already believes; the
 victim's boundaries between classes it has answered (shirt / T-shirt / pullover on Fashion-MNIST) are
 where the student is wrong, and a mix of two answered images of those classes lands near them. Still one
-query per sample; the mixes are paid for and logged like every other query.
+query per sample; the mixes are paid for and logged like every other query. Measured once (Fashion-MNIST,
+hard labels, 100 000, f = 0.5): worse than without (81.31 % against 83.91 % post-trained): the victim
+calls most mixes "bag" or "sandal" too. Kept as an experimental option, off by default.
 """
 
 from __future__ import annotations
