@@ -68,9 +68,9 @@ def per_class(pred: torch.Tensor, y: torch.Tensor, num_classes: int, names: list
         on = y == c
         n = int(on.sum())
         row = {"class": c, "name": names[c] if c < len(names) else str(c), "samples": n,
-               "accuracy": (pred[on] == c).float().mean().item() if n else float("nan")}
+               "accuracy": (pred[on] == c).float().mean().item() if n else None}  # None (JSON null): no sample
         if ref is not None:
-            row["reference_accuracy"] = (ref[on] == c).float().mean().item() if n else float("nan")
-            row["fidelity"] = (ref[on] == pred[on]).float().mean().item() if n else float("nan")
+            row["reference_accuracy"] = (ref[on] == c).float().mean().item() if n else None
+            row["fidelity"] = (ref[on] == pred[on]).float().mean().item() if n else None
         out.append(row)
     return out

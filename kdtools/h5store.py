@@ -75,11 +75,27 @@ def _header_from_attrs(f: h5py.File) -> StreamHeader:
                         extra=json.loads(a["extra"]), version=str(a["kdtools.version"]))
 
 
+def _committed_rows(f: h5py.File, fields) -> int:
+    """Rows of complete batches. ``append`` writes the fields first and the batch index last, so a writer
+    stopped mid-batch (kill -9, an exception between two fields) leaves fields longer than the index says:
+    those tail rows were never committed. Files without a batch index count their x rows."""
+    if "batch_start" not in f or "batch_rows" not in f:
+        return int(f["x"].shape[0])
+    m = min(f["batch_start"].shape[0], f["batch_rows"].shape[0])
+    if m == 0:
+        return 0
+    n = int(f["batch_start"][m - 1]) + int(f["batch_rows"][m - 1])
+    short = [name for name in fields if name not in f or f[name].shape[0] < n]
+    if short:
+        raise KdError(f"{f.filename}: field {short[0]!r} is missing or shorter than its batch index (damaged file)")
+    return n
+
+
 def log_info(path) -> dict:
     """Accounting of a sample file or query log: rows, spent, budget, oracle, mode."""
     with _open(path, "r") as f:
         _check_ours(f, path)
-        return {"rows": int(f["x"].shape[0]), "spent": int(f.attrs["spent"]), "budget": int(f.attrs["budget"]),
+        return {"rows": _committed_rows(f, _header_from_attrs(f).fields), "spent": int(f.attrs["spent"]), "budget": int(f.attrs["budget"]),
                 "oracle": str(f.attrs["oracle"]), "mode": str(f.attrs["mode"]), "batches": int(f["batch_start"].shape[0]),
                 "kdtools_version": str(f.attrs["kdtools.version"])}
 
@@ -96,7 +112,7 @@ def answer_counts(path, chunk: int = 65536) -> Optional[dict]:
         field = next((k for k in ("label", "probs", "logits", "topk_index") if k in header.fields), None)
         if field is None or not header.num_classes:
             return None
-        n, counts, rejected = int(f["x"].shape[0]), np.zeros(int(header.num_classes), np.int64), 0
+        n, counts, rejected = _committed_rows(f, header.fields), np.zeros(int(header.num_classes), np.int64), 0
         for i in range(0, n, chunk):
             v = torch.from_numpy(np.ascontiguousarray(f[field][i:i + chunk]))
             bad = rejected_rows({field: v})
@@ -112,7 +128,8 @@ def iter_batches(path, batch_size: int = READ_CHUNK, start: int = 0, stop: Optio
     with _open(path, "r") as f:
         _check_ours(f, path)
         header = _header_from_attrs(f)
-        n = f["x"].shape[0] if stop is None else min(stop, f["x"].shape[0])
+        rows = _committed_rows(f, header.fields)
+        n = rows if stop is None else min(stop, rows)
         for name in header.fields:
             if name not in f or f[name].shape[0] < n:
                 raise KdError(f"{path}: field {name!r} is missing or shorter than x (damaged file)")
@@ -144,6 +161,7 @@ class SampleWriter:
                 if oracle and self.f.attrs["oracle"] and str(self.f.attrs["oracle"]) != oracle:
                     raise KdError(f"{self.path}: the log was recorded from another oracle ({self.f.attrs['oracle']}); use a new log")
                 self.header = old
+                self._drop_uncommitted()
             else:
                 self._create(header, oracle)
                 self.header = header
@@ -158,6 +176,18 @@ class SampleWriter:
         except BaseException:
             self.f.close()
             raise
+
+    def _drop_uncommitted(self) -> None:
+        """Cut the rows of a batch whose writer stopped before recording it in the batch index."""
+        f = self.f
+        n = _committed_rows(f, self.header.fields)
+        m = min(f["batch_start"].shape[0], f["batch_rows"].shape[0])
+        for name in self.header.fields:
+            if f[name].shape[0] > n:
+                f[name].resize(n, axis=0)
+        for name in ("batch_start", "batch_rows", "batch_time"):
+            if f[name].shape[0] > m:
+                f[name].resize(m, axis=0)
 
     def _create(self, header: StreamHeader, oracle: str) -> None:
         f = self.f

@@ -73,7 +73,7 @@ def run_queries(source: SampleSource, oracle: Oracle, mode: str, budget: Optiona
             same = (logged["x"] == x[:k]).flatten(1).all(1)
             j = k if bool(same.all()) else int((~same).nonzero()[0])
             if j:
-                answered.append(logged | {"x": x[:j]})
+                answered.append({k: v[:j] for k, v in logged.items()} | {"x": x[:j]})
                 stats.replayed += j
             if j < k:
                 replaying = False  # the input went another way: from here on every query is new

@@ -378,5 +378,8 @@ def train_online(model: nn.Module, batches, num_classes: int, cfg: TrainConfig, 
         if n_batches % save_every == 0:
             save(model, {"samples_seen": count, "batches_seen": n_batches, "train_loss": loss_value})
             saves += 1
+    if count == 0 and rejected:
+        # nothing to learn from: say so instead of writing an untrained model as if it had learned
+        raise KdError(f"all {rejected} rows of the input hold refused queries (a query defence); nothing to train on")
     save(model, {"samples_seen": count, "batches_seen": n_batches, "train_loss": loss_value})
     return OnlineResult(n_batches, count, saves + 1, loss_value, time.perf_counter() - t0, rejected)

@@ -11,7 +11,7 @@ RECIPES += $(EXTRACTION_RECIPES)
 MNIST_PIXELS := --pixel-mean 0.1307 --pixel-std 0.3081
 FMNIST_PIXELS := --pixel-mean 0.2860 --pixel-std 0.3530
 # continue an interrupted attack in DIR instead of refusing to overwrite it
-resume_if = $(if $(wildcard $(1)/state.pt),--resume)
+resume_if = $(if $(wildcard $(1)/state.pt $(1)/queries.h5),--resume)
 # post-training: a fresh substitute trained on the attack's own query log, no further query (the settings of
 # benchmarks/extraction.py --post-train; no augmentation, it changes the answers of boundary queries)
 POST_TRAIN := --epochs 30 --optimizer adam --lr 1e-3 --batch-size 128

@@ -301,3 +301,30 @@ def test_ideal_boundary_queries_mix_two_classes_and_keep_one_query_per_sample(vi
     assert sum(oracle.calls) == result.spent == 300 and all(c == 50 for c in oracle.calls)
     info = log_info(tmp_path / "run" / "queries.h5")
     assert info["rows"] == info["spent"] == 300
+
+
+def test_boundary_query_partners_are_always_in_another_class(victim_path, tmp_path):
+    # one class holds 99 % of the answers: every mix still pairs it with a row of another class
+    _, attack = _attack(IDEAL, IDEALConfig(mix_fraction=1.0), victim_path, tmp_path, "label", 100, 50)
+    x = torch.cat([torch.zeros(99, 1, 28, 28), torch.ones(1, 1, 28, 28)])
+    attack.pool.add(x, {"label": torch.tensor([3] * 99 + [7])})
+    m = attack.boundary_queries(500).flatten(1)
+    assert m.shape[0] == 500 and float(m.min()) >= 0.25 - 1e-6 and float(m.max()) <= 0.75 + 1e-6
+
+
+def test_an_empty_log_left_by_a_run_stopped_before_its_first_query_does_not_block_a_rerun(victim_path, tmp_path):
+    from kdtools.extract.common import AttackRun, open_attack_log
+
+    oracle = open_oracle(str(victim_path), torch.device("cpu"))
+    run = AttackRun(tmp_path / "att")
+    run.prepare(False)
+    open_attack_log(run.log_path, oracle, "label", 100, "uint8", {"method": "ideal"}).close()  # stopped here
+    run.prepare(False)  # no "pass --resume": nothing was paid
+    assert not run.log_path.exists()
+    # a log with a paid query is never removed
+    log = open_attack_log(run.log_path, oracle, "label", 100, "uint8", {"method": "ideal"})
+    log.reserve(1)
+    log.close()
+    with pytest.raises(KdError, match="--resume"):
+        run.prepare(False)
+    assert log_info(run.log_path)["spent"] == 1

@@ -132,4 +132,30 @@ def test_per_class_accuracy_by_hand():
     assert [r["accuracy"] for r in rows[:3]] == pytest.approx([2 / 3, 1.0, 0.0])
     assert [r["reference_accuracy"] for r in rows[:3]] == pytest.approx([1 / 3, 0.5, 1.0])
     assert [r["fidelity"] for r in rows[:3]] == pytest.approx([2 / 3, 0.5, 0.0])
-    assert rows[3]["name"] == "3" and rows[3]["accuracy"] != rows[3]["accuracy"]  # no sample: NaN
+    assert rows[3]["name"] == "3" and rows[3]["accuracy"] is None and rows[3]["fidelity"] is None  # no sample: null
+
+
+def test_a_batch_cut_off_mid_write_is_dropped_on_reopen(tmp_path):
+    # a writer killed between writing a batch's fields and its batch index leaves uncommitted tail rows
+    p = tmp_path / "log.h5"
+    with SampleWriter(p, header(), budget=100) as w:
+        w.reserve(5)
+        w.append(batch(5, 1))
+        w.reserve(4)
+    with h5py.File(p, "a") as f:  # the next batch got as far as x (4 rows) and half of probs
+        f["x"].resize(9, axis=0)
+        f["x"][5:9] = 7
+        f["probs"].resize(7, axis=0)
+    # readers see the committed rows only; spent keeps the 4 reserved calls (paid, answer lost)
+    assert log_info(p)["rows"] == 5 and log_info(p)["spent"] == 9
+    assert sum(b["x"].shape[0] for b in iter_batches(p)) == 5
+    with SampleWriter(p, header(), budget=100) as w:
+        assert w.rows == 5
+        w.reserve(3)
+        w.append(batch(3, 2))
+    got = list(iter_batches(p))
+    x = torch.cat([g["x"] for g in got])
+    assert torch.equal(x, torch.cat([batch(5, 1)["x"], batch(3, 2)["x"]]))
+    with h5py.File(p) as f:
+        assert f["x"].shape[0] == f["probs"].shape[0] == 8 and list(f["batch_rows"]) == [5, 3]
+    assert log_info(p) == {**log_info(p), "rows": 8, "spent": 12}

@@ -53,6 +53,36 @@ def test_rerun_replays_the_log_and_pays_only_new_queries(victim_path, queries_pa
     assert log_info(tmp_path / "q.h5")["spent"] == 600
 
 
+def test_rerun_on_input_that_changes_mid_batch_emits_whole_rows(victim_path, queries_path, tmp_path):
+    # the log answered the first 60 rows; the rerun's input differs from row 40 on (inside a logged batch):
+    # rows 0-39 come from the log, the rest are asked, and every emitted batch has as many answers as queries
+    orc = oracle(victim_path)
+    src_batches = list(open_samples(queries_path))
+    header = output_header(open_samples(queries_path).header, orc, "label", {})
+    with SampleWriter(tmp_path / "q.h5", header, orc.identity) as log:
+        with pytest.raises(BudgetExhausted):
+            run_queries(iter_like(src_batches[:1], header), orc, "label", 60, log)
+    changed = {k: v.clone() for k, v in src_batches[0].items()}
+    changed["x"][40:] = 255 - changed["x"][40:]
+    emitted = []
+    with SampleWriter(tmp_path / "q.h5", header, orc.identity) as log:
+        stats = run_queries(iter_like([changed], header), orc, "label", None, log, emitted.append)
+    assert stats.replayed == 40 and stats.paid == 60
+    assert [b["x"].shape[0] for b in emitted] == [b["label"].shape[0] for b in emitted] == [100]
+    want = orc.answer(changed["x"].float() / 255, "label")["label"]
+    assert torch.equal(emitted[0]["label"], want)
+
+
+class iter_like:
+    """A sample source over given batches (the header of the file they came from)."""
+
+    def __init__(self, batches, header):
+        self.batches, self.header, self.where = batches, header, "test input"
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
 def test_nan_and_wrong_shape_queries_are_refused(victim_path, tmp_path):
     from kdtools.sources import SampleSink
     from kdtools.stream import StreamHeader, fields_of

@@ -104,3 +104,20 @@ def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path):
     assert [h.epoch for h in res.history] == [1, 2, 3, 4]
     for pa, pc in zip(a.parameters(), c.parameters()):
         assert torch.allclose(pa, pc, atol=1e-6)
+
+
+def test_online_training_on_refused_rows_only_is_an_error_not_an_untrained_model():
+    from kdtools.errors import KdError
+    from kdtools.models import ImageClassifier
+    from kdtools.train import TrainConfig, train_online
+
+    model = ImageClassifier("mlp", (1, 4, 4), 3)
+    refused = [{"x": torch.rand(8, 1, 4, 4), "label": torch.full((8,), -1)} for _ in range(3)]
+    saved = []
+    with pytest.raises(KdError, match="all 24 rows .* refused"):
+        train_online(model, iter(refused), 3, TrainConfig(), torch.device("cpu"), lambda m, info: saved.append(info))
+    assert saved == []
+    # mixed with answered rows, the refused ones are skipped and counted
+    mixed = [{"x": torch.rand(8, 1, 4, 4), "label": torch.tensor([0, 1, 2, -1, 0, 1, -1, 2])}]
+    result = train_online(model, iter(mixed), 3, TrainConfig(), torch.device("cpu"), lambda m, info: saved.append(info))
+    assert result.samples == 6 and result.rejected == 2 and saved[-1]["samples_seen"] == 6

@@ -50,6 +50,9 @@ STOP_HINT = {"text": ""}
 
 
 def _raise_terminated(signum, frame) -> None:
+    # once is enough: a second SIGTERM (a scheduler and torchrun both forwarding one) must not interrupt the
+    # cleanup and the one-line report the first one started
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
 
 

@@ -227,7 +227,8 @@ def _online(input, output, init, arch, args, normalize, cfg, save_every, replay_
     else:
         from ..data import to_float
 
-        mean, std = _normalization(normalize, to_float(first["x"]), input_shape[0])
+        answered, _ = without_rejected(first)  # refused rows (often noise) must not set the normalisation
+        mean, std = _normalization(normalize, to_float(answered["x"] if answered["x"].shape[0] else first["x"]), input_shape[0])
         model = ImageClassifier(arch, input_shape, header.num_classes, args, mean, std)
     options = {"source": src.where, "arch": model.arch, "arch_args": model.arch_args, **cfg.__dict__, "init": init,
                "online": True, "save_every": save_every, "replay_steps": replay_steps, "kdtools": __version__}

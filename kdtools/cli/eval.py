@@ -45,14 +45,14 @@ def accuracy(
     report = evaluate_accuracy(m.module.to(dev), model, mshape or ds.shape, ds, dev,
                                ref.module.to(dev) if ref else None, reference, ref.input_shape if ref else None)
     if as_json:
-        sys.stdout.write(json.dumps(asdict(report)) + "\n")
+        sys.stdout.write(json.dumps(asdict(report), allow_nan=False) + "\n")
         return
     table = Table(title="kd-eval accuracy", show_header=False)
     for k, v in report.rows():
         table.add_row(k, v)
     Console().print(table)
     if by_class:
-        pct = lambda v: "-" if v != v else f"{100 * v:.2f} %"  # NaN: no sample of the class
+        pct = lambda v: "-" if v is None else f"{100 * v:.2f} %"  # None: no sample of the class
         t = Table(title="per class")
         for col in ["class", "samples", "accuracy"] + (["reference accuracy", "fidelity"] if reference else []):
             t.add_column(col, justify="left" if col == "class" else "right")

@@ -200,12 +200,6 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
         options.budget = client["budget"]
         run = AttackRun(Path(c["output"]) / f"client-{client['rank']}", client.get("log"))
     quiet = c["quiet"] or (client is not None and client["rank"] != 0)
-    if client is None:
-        STOP_HINT["text"] = (f"every answer paid for is in {run.log_path}; the same command with --resume continues "
-                             "without paying twice")
-    else:
-        STOP_HINT["text"] = (f"client {client['rank']}: its paid answers are in {run.log_path}; the last averaged "
-                             f"substitute is kept in {Path(c['output']) / 'substitute.safetensors'}")
 
     with progress_bars(not quiet) as bars:
         last = {"t": 0.0}
@@ -223,6 +217,13 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
         else:
             attack = make(oracle=oracle, options=options, config=config, run=run, device=device, eval_set=eval_set,
                           progress=progress, resume=c["resume"], substitute=substitute)
+        # only now is there a log to point to (an attack stopped while being set up leaves none behind)
+        if client is None:
+            STOP_HINT["text"] = (f"every answer paid for is in {run.log_path}; the same command with --resume continues "
+                                 "without paying twice")
+        else:
+            STOP_HINT["text"] = (f"client {client['rank']}: its paid answers are in {run.log_path}; the last averaged "
+                                 f"substitute is kept in {Path(c['output']) / 'substitute.safetensors'}")
         if c["resume"] and attack.reused_rows:
             info(f"kd-gen-queries {method}: resuming {run.dir} at iteration {attack.iterations}: {attack.reused_rows} answers "
                  f"in the log reused, {attack.oracle.spent} of {c['budget']} queries spent")

@@ -102,6 +102,10 @@ class AttackRun:
     def prepare(self, resume: bool) -> None:
         """Refuse to overwrite an earlier attack unless asked to continue it."""
         if not resume:
+            if self.log_path.exists() and not self.state_path.exists() and _nothing_paid(self.log_path):
+                # an attack stopped before its first query (Ctrl-C, SIGTERM during setup) left an empty log:
+                # it holds nothing, and keeping it would send the rerun to --resume
+                self.log_path.unlink()
             leftovers = [p for p in (self.state_path, self.log_path, self.substitute_path) if p.exists() and p.stat().st_size > 0]
             if leftovers:
                 raise KdError(f"{leftovers[0]}: exists from an earlier attack; pass --resume to continue it, or use a new -o/--log")
@@ -131,6 +135,16 @@ class AttackRun:
         if not isinstance(state, dict) or state.get("schema") != STATE_SCHEMA:
             raise KdError(f"{self.state_path}: not a kdtools attack state (schema {STATE_SCHEMA})")
         return state
+
+
+def _nothing_paid(log_path: Path) -> bool:
+    """True for a kdtools log that spent no query (a damaged or foreign file is not touched: False)."""
+    from ..h5store import log_info
+
+    try:
+        return log_info(log_path)["spent"] == 0
+    except Exception:
+        return False
 
 
 def open_attack_log(path, oracle: Oracle, mode: str, budget: int, x_dtype: str, options: dict) -> SampleWriter:

@@ -117,8 +117,8 @@ class IDEAL(Attack):
             p.requires_grad_(True)
 
     def boundary_queries(self, n: int) -> torch.Tensor:
-        """n mixes of two answered samples in different classes (see the module docstring); fewer (possibly
-        none) while the pool holds fewer than two classes."""
+        """n mixes of two answered samples in different classes (see the module docstring); none while the
+        pool holds fewer than two classes."""
         if n <= 0 or self.pool.n < 2:
             return torch.empty(0, *self.input_shape, device=self.device)
         y = self.pool.y[:self.pool.n]
@@ -127,17 +127,15 @@ class IDEAL(Attack):
         if int((counts > 0).sum()) < 2:
             return torch.empty(0, *self.input_shape, device=self.device)
         i = torch.multinomial(1.0 / counts[cls], n, replacement=True)
-        # a partner in another class: redraw where the class matches (a handful of tries is plenty unless one
-        # class holds nearly everything; rows still matched are dropped)
-        j = torch.randint(0, self.pool.n, (n,))
-        for _ in range(20):
-            same = cls[j] == cls[i]
-            if not bool(same.any()):
-                break
-            j[same] = torch.randint(0, self.pool.n, (int(same.sum()),))
-        keep = cls[j] != cls[i]
-        i, j = i[keep], j[keep]
-        lam = torch.empty(len(i), 1, 1, 1).uniform_(0.25, 0.75)
+        # the partner: a uniform row among those of the other classes (its class drawn by row counts with
+        # i's own class excluded, then a random row of that class)
+        w = counts.repeat(n, 1)
+        w[torch.arange(n), cls[i]] = 0
+        other = torch.multinomial(w, 1).squeeze(1)
+        by_class = torch.argsort(cls, stable=True)
+        first_row = torch.cumsum(counts.long(), 0) - counts.long()
+        j = by_class[first_row[other] + (torch.rand(n) * counts[other]).long().clamp_max(counts[other].long() - 1)]
+        lam = torch.empty(n, 1, 1, 1).uniform_(0.25, 0.75)
         xi, xj = self.pool.x[i].float() / 255, self.pool.x[j].float() / 255
         return quantize(lam * xi + (1 - lam) * xj).to(self.device)
 
