@@ -191,27 +191,29 @@ def test_bad_priors_are_clear_errors(prior_dir, victim_path, tmp_path):
 
 
 def test_the_user_is_told_when_queries_are_resized_or_converted_and_refused_otherwise(prior_dir, victim_path, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
     from kdtools.diffusion.teachers import save_diffusion
 
-    # a 16 px grey prior against the 28 px grey victim: it runs, and says (without -q) what it does
-    fast = [a for a in FAST if a != "-q"]
-    p = kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--oracle", victim_path, "--budget", 50, "-o", tmp_path / "a", *fast)
-    assert p.returncode == 0, p.stderr.decode()
-    assert "makes 1x16x16 images; the victim takes 1x28x28: queries are resized (bilinear)" in p.stderr.decode()
-    # an RGB prior against the grey victim: converted (luma) and resized, said so, and the log holds grey images
-    rgb = tmp_path / "rgb-prior"
+    rgb, two = tmp_path / "rgb-prior", tmp_path / "two-prior"
     save_diffusion(_tiny_prior(size=8, channels=3), rgb)
-    p = kd("kd-gen-queries", "aedm", "--diffusion", rgb, "--oracle", victim_path, "--budget", 50, "-o", tmp_path / "b", *fast)
-    assert p.returncode == 0, p.stderr.decode()
-    assert "resized (bilinear) and converted RGB -> grey" in p.stderr.decode()
+    save_diffusion(_tiny_prior(size=8, channels=2), two)
+    fast = [a for a in FAST if a != "-q"]  # without -q: the note is for the user
+    runs = [[prior_dir, "a", *fast], [rgb, "b", *fast], [two, "c", *FAST]]
+    with ThreadPoolExecutor(2) as pool:  # independent processes, mostly torch's import: two at a time
+        a, b, c = pool.map(lambda r: kd("kd-gen-queries", "aedm", "--diffusion", r[0], "--oracle", victim_path,
+                                        "--budget", 50, "-o", tmp_path / r[1], *r[2:]), runs)
+    # a 16 px grey prior against the 28 px grey victim: it runs, and says what it does
+    assert a.returncode == 0, a.stderr.decode()
+    assert "makes 1x16x16 images; the victim takes 1x28x28: queries are resized (bilinear)" in a.stderr.decode()
+    # an RGB prior against the grey victim: converted (luma) and resized, said so, and the log holds grey images
+    assert b.returncode == 0, b.stderr.decode()
+    assert "resized (bilinear) and converted RGB -> grey" in b.stderr.decode()
     with h5py.File(tmp_path / "b" / "queries.h5") as f:
         assert f["x"].shape == (50, 1, 28, 28)
     # a 2-channel prior cannot be converted: a usage error in one line, nothing written
-    two = tmp_path / "two-prior"
-    save_diffusion(_tiny_prior(size=8, channels=2), two)
-    p = kd("kd-gen-queries", "aedm", "--diffusion", two, "--oracle", victim_path, "--budget", 50, "-o", tmp_path / "c", *FAST)
-    err = p.stderr.decode()
-    assert p.returncode == 2 and "makes 2-channel images and the victim takes 1 channels" in err
+    err = c.stderr.decode()
+    assert c.returncode == 2 and "makes 2-channel images and the victim takes 1 channels" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c").exists()  # nothing left to trip a rerun
 
 

@@ -158,52 +158,45 @@ def _one_line(p):
 
 
 def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
-    # a teacher directory without a scheduler
-    broken = tmp_path / "noscheduler"
+    """Each bad input: the right exit code, one line naming the problem, no traceback, no partial output.
+    The cases are independent processes (most of their time is importing torch), run two at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    broken = tmp_path / "noscheduler"  # a teacher directory without a scheduler
     shutil.copytree(image_teacher, broken)
     shutil.rmtree(broken / "scheduler")
-    p = run("distill", broken, "--steps", 4, "-o", tmp_path / "o1")
-    assert p.returncode == 1 and b"no scheduler" in p.stderr
-    _one_line(p)
-    _no_partial(tmp_path, "o1")
-    # a teacher with a different image size than asked for
-    p = run("distill", image_teacher, "--steps", 4, "--image-size", 32, "-o", tmp_path / "o2")
-    assert p.returncode == 1 and b"8x8" in p.stderr
-    _one_line(p)
-    _no_partial(tmp_path, "o2")
-    # training data that does not fit the teacher (2-D points for an image teacher)
-    p = run("distill", image_teacher, "--steps", 4, "--data", "swissroll", "-n", 100, "-o", tmp_path / "o6")
-    assert p.returncode == 1 and b"do not fit the teacher" in p.stderr, p.stderr
-    _one_line(p)
-    _no_partial(tmp_path, "o6")
-    # --steps larger than the teacher's, or zero
-    for steps in (21, 0):
-        p = run("distill", image_teacher, "--steps", steps, "-o", tmp_path / "o3")
-        assert p.returncode == 2 and b"--steps" in p.stderr, p.stderr
-        _one_line(p)
-        _no_partial(tmp_path, "o3")
-    # an unknown --student-timesteps is a usage error before any work
-    p = run("distill", tabular_teacher, "--steps", 4, "--student-timesteps", "teacher", "-o", tmp_path / "o5")
-    assert p.returncode == 2 and b"aligned, own" in p.stderr, p.stderr
-    _one_line(p)
-    _no_partial(tmp_path, "o5")
-    # sub-sequences that do not start at 0 or do not end at T
-    for phi, what in (("1,10,20,30,40", b"start at 0"), ("0,10,20,30,39", b"end at")):
-        p = kd("kd-diffstep", "distill", tabular_teacher, "--steps", 4, "--subsequence", phi, "-o", tmp_path / "o4", env=FAST)
-        assert p.returncode == 2 and what in p.stderr
-        _one_line(p)
-        _no_partial(tmp_path, "o4")
-    # an existing output directory is kept as it was
-    keep = tmp_path / "keep"
+    keep = tmp_path / "keep"  # an existing output directory is kept as it was
     keep.mkdir()
     (keep / "x").write_text("mine")
-    p = run("distill", tabular_teacher, "--steps", 4, "--method", "ddim", "-o", keep)
-    assert p.returncode == 2 and (keep / "x").read_text() == "mine"
-    # one line of error, no traceback
-    assert len(p.stderr.decode().strip().splitlines()) == 1
-    p = run("sample", tmp_path / "nowhere", "-n", 2, "-o", tmp_path / "s.h5")
-    assert p.returncode == 1 and not (tmp_path / "s.h5").exists()
-    _one_line(p)
+    cases = [  # (arguments, exit code, what the line says, output that must not appear)
+        (["distill", broken, "--steps", 4, "-o", tmp_path / "o1"], 1, b"no scheduler", "o1"),
+        # a teacher with a different image size than asked for
+        (["distill", image_teacher, "--steps", 4, "--image-size", 32, "-o", tmp_path / "o2"], 1, b"8x8", "o2"),
+        # training data that does not fit the teacher (2-D points for an image teacher)
+        (["distill", image_teacher, "--steps", 4, "--data", "swissroll", "-n", 100, "-o", tmp_path / "o6"], 1,
+         b"do not fit the teacher", "o6"),
+        # --steps larger than the teacher's, or zero
+        (["distill", image_teacher, "--steps", 21, "-o", tmp_path / "o3a"], 2, b"--steps", "o3a"),
+        (["distill", image_teacher, "--steps", 0, "-o", tmp_path / "o3b"], 2, b"--steps", "o3b"),
+        # an unknown --student-timesteps is a usage error before any work
+        (["distill", tabular_teacher, "--steps", 4, "--student-timesteps", "teacher", "-o", tmp_path / "o5"], 2,
+         b"aligned, own", "o5"),
+        # sub-sequences that do not start at 0 or do not end at T
+        (["distill", tabular_teacher, "--steps", 4, "--subsequence", "1,10,20,30,40", "-o", tmp_path / "o4a"], 2,
+         b"start at 0", "o4a"),
+        (["distill", tabular_teacher, "--steps", 4, "--subsequence", "0,10,20,30,39", "-o", tmp_path / "o4b"], 2,
+         b"end at", "o4b"),
+        (["distill", tabular_teacher, "--steps", 4, "--method", "ddim", "-o", keep], 2, b"", None),
+        (["sample", tmp_path / "nowhere", "-n", 2, "-o", tmp_path / "s.h5"], 1, b"", "s.h5"),
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda case: run(*case[0]), cases))
+    for (args, code, what, out), p in zip(cases, results):
+        assert p.returncode == code and what in p.stderr, (args, p.stderr)
+        _one_line(p)
+        if out:
+            _no_partial(tmp_path, out)
+    assert (keep / "x").read_text() == "mine" and [q.name for q in keep.iterdir()] == ["x"]
 
 
 def test_train_under_torchrun_two_processes(tmp_path):
