@@ -155,7 +155,7 @@ def _folder(path: str, split: str, image_size: Optional[int]) -> ImageSet:
 def _from_file(path: str, split: str) -> ImageSet:
     from .sources import read_all
 
-    from .train import without_rejected
+    from .oracle import without_rejected
 
     header, batch = read_all(path)
     batch, _ = without_rejected(batch)  # rows a query defence refused hold no label

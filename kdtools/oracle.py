@@ -244,6 +244,20 @@ def rejected_rows(answer: dict) -> torch.Tensor:
     return out
 
 
+def without_rejected(batch: dict) -> tuple[dict, int]:
+    """Drop the rows a query defence refused (``kd-query --on-rejected flag`` placeholders: label -1,
+    probs all 0, logits NaN, topk_index -1): they hold no answer. Returns (batch, rows dropped)."""
+    answers = {k: v for k, v in batch.items() if k in ("label", "probs", "logits", "topk_index")}
+    if not answers:
+        return batch, 0
+    bad = rejected_rows(answers)
+    n_bad = int(bad.sum())
+    if not n_bad:
+        return batch, 0
+    keep = ~bad
+    return {k: (v[keep] if isinstance(v, torch.Tensor) and v.shape[:1] == bad.shape else v) for k, v in batch.items()}, n_bad
+
+
 def check_answer(answer: dict, mode: str, n: int, num_classes: Optional[int], where: str,
                  rejected: Optional[torch.Tensor] = None) -> dict:
     """Validate a remote answer (fields, row count, shapes, value ranges) and cast it to our dtypes."""

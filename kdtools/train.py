@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .data import to_float
 from .errors import KdError, KdUsageError
+from .oracle import without_rejected
 from .fileio import atomic_path
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .queries import random_affine
@@ -75,22 +76,6 @@ class Targets:
     @property
     def soft(self) -> bool:
         return self.probs is not None or self.logits is not None
-
-
-def without_rejected(batch: dict) -> tuple[dict, int]:
-    """Drop the rows a query defence refused (``kd-query --on-rejected flag`` placeholders: label -1,
-    probs all 0, logits NaN, topk_index -1): they hold no answer. Returns (batch, rows dropped)."""
-    from .oracle import rejected_rows
-
-    answers = {k: v for k, v in batch.items() if k in ("label", "probs", "logits", "topk_index")}
-    if not answers:
-        return batch, 0
-    bad = rejected_rows(answers)
-    n_bad = int(bad.sum())
-    if not n_bad:
-        return batch, 0
-    keep = ~bad
-    return {k: (v[keep] if isinstance(v, torch.Tensor) and v.shape[:1] == bad.shape else v) for k, v in batch.items()}, n_bad
 
 
 def targets_from(batch: dict, num_classes: int) -> Targets:

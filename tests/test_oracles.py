@@ -347,8 +347,7 @@ def test_replay_round_trip_and_unknown_queries(victim_path, queries_path, tmp_pa
 
 @pytest.mark.parametrize("mode", ["label", "probs", "logits", "topk:3"])
 def test_rejected_rows_finds_exactly_the_placeholder_rows(victim_path, mode):
-    from kdtools.oracle import rejected_placeholders, rejected_rows
-    from kdtools.train import without_rejected
+    from kdtools.oracle import rejected_placeholders, rejected_rows, without_rejected
 
     x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     answer = ModelOracle(load_model(victim_path)).answer(x, mode)

@@ -17,7 +17,8 @@ from ..device import resolve_device
 from ..errors import KdError, KdUsageError
 from ..models import ImageClassifier, count_parameters
 from ..sources import collect, open_samples
-from ..train import TrainConfig, data_normalization, load_checkpoint, targets_from, train, without_rejected
+from ..oracle import without_rejected
+from ..train import TrainConfig, data_normalization, load_checkpoint, targets_from, train
 from ..weights import load_model, save_model
 from ._common import DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, warn, progress_bars, run_app, stdin_if
 
