@@ -26,11 +26,14 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	bash recipes/demo.sh
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist), one file per worker at a time so that
+# a file's module fixtures (trained teachers, priors) are built once.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: install
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m ''
 
 bench: install
 	$(PY) benchmarks/foundation.py

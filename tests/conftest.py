@@ -5,7 +5,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# `make test` runs two pytest workers (pytest-xdist) on CI's two cores. Each worker, and every kd- command
+# it starts, then uses one torch thread: two workers with two threads each would fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after the thread count is fixed)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,9 +35,15 @@ def invocations(recipe: str) -> list[tuple[str, list[str]]]:
     """(command, argv) of every kd- call in `make -n RECIPE` (install steps skipped: they are not kd- calls)."""
     text = subprocess.run(["make", "-n", "-B", recipe], cwd=ROOT, capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "KD_DATA": "/nonexistent"}).stdout
+    return kd_calls(text)
+
+
+def kd_calls(text: str) -> list[tuple[str, list[str]]]:
+    """(command, argv) of every kd- call in shell text (backslash-continued lines joined)."""
     text = text.replace("\\\n", " ")
     calls = []
     for line in text.splitlines():
+        line = re.sub(r"(?<![\w.-])\d+(?=>)", " ", line)  # 2>/dev/null, 2>&1: a descriptor number is no argument
         try:
             lexer = shlex.shlex(line, posix=True, punctuation_chars=True)  # ; | & ( ) < > as their own tokens
             lexer.whitespace_split = True
@@ -52,8 +58,6 @@ def invocations(recipe: str) -> list[tuple[str, list[str]]]:
                 argv = []
                 for t in tokens[i + 1:]:
                     if t in SEPARATORS or t.startswith((">", "<")) or set(t) <= set(";|&()"):
-                        if t.startswith((">", "<")) and argv and argv[-1].isdigit():
-                            argv.pop()  # the 2 of 2>/dev/null
                         break
                     argv.append(t)
                 calls.append((tok, argv))
@@ -68,7 +72,10 @@ def parse_only(command: str, argv: list[str]) -> None:
     import importlib
 
     module = importlib.import_module(f"kdtools.cli.{MODULES[command]}")
-    cmd = typer.main.get_command(module.app)
+    app = module.app
+    if command == "kd-aggregate" and argv[:1] == ["simulate"]:  # main() dispatches it to its own app
+        app, argv = module.sim_app, argv[1:]
+    cmd = typer.main.get_command(app)
     ctx = cmd.make_context(command, list(argv))
     def rest(ctx):  # what a group left for its sub-command (click keeps the name apart, as _protected_args)
         return [*getattr(ctx, "_protected_args", getattr(ctx, "protected_args", [])), *ctx.args]
@@ -76,7 +83,8 @@ def parse_only(command: str, argv: list[str]) -> None:
     while hasattr(cmd, "list_commands") and rest(ctx):  # a (typer) group: parse its sub-command too
         name, *args = rest(ctx)
         sub = cmd.get_command(ctx, name)
-        assert sub is not None, f"{command}: no sub-command {name!r}"
+        if sub is None:
+            raise click.UsageError(f"{command}: no sub-command {name!r}")
         cmd, ctx = sub, sub.make_context(name, args, parent=ctx)
 
 
@@ -89,6 +97,23 @@ def test_the_recipe_list_is_found():
     assert {"mnist-ideal", "mnist-sfddm", "mnist-aedm", "cifar10-tandemgan"} <= set(ALL)
 
 
+def refusal(command: str, argv: list[str]) -> str | None:
+    """Why `command argv` would be refused by its parser, or None when it parses.
+
+    A shell variable ($s, ${m}) stands for a value the text cannot show: it is parsed as "1", and a
+    complaint about exactly that option's value is accepted."""
+    variable = {i for i, a in enumerate(argv) if re.fullmatch(r"\$\{?\w+\}?", a)}
+    filled = ["1" if i in variable else a for i, a in enumerate(argv)]
+    try:
+        parse_only(command, filled)
+    except (click.exceptions.UsageError, _typer_click_exceptions.UsageError) as e:
+        opts = set(getattr(getattr(e, "param", None), "opts", []) or [])
+        if any(i > 0 and argv[i - 1] in opts for i in variable):
+            return None
+        return e.format_message()
+    return None
+
+
 @pytest.mark.parametrize("recipe", ALL)
 def test_every_kd_call_in_the_recipe_parses(recipe):
     calls = invocations(recipe)
@@ -97,14 +122,6 @@ def test_every_kd_call_in_the_recipe_parses(recipe):
     for command, argv in calls:
         if any("$@" in a for a in argv):
             continue  # shell-function plumbing: kd() { PATH=... "$@"; }
-        # a loop variable ($s, ${m}) stands for values make -n cannot show: parse with "1" in its place and
-        # accept a complaint about exactly that option's value
-        variable = {i for i, a in enumerate(argv) if re.fullmatch(r"\$\{?\w+\}?", a)}
-        filled = ["1" if i in variable else a for i, a in enumerate(argv)]
-        try:
-            parse_only(command, filled)
-        except (click.exceptions.UsageError, _typer_click_exceptions.UsageError) as e:
-            opts = set(getattr(getattr(e, "param", None), "opts", []) or [])
-            if any(i > 0 and argv[i - 1] in opts for i in variable):
-                continue
-            pytest.fail(f"make {recipe}: `{command} {shlex.join(argv)}` is refused: {e.format_message()}")
+        why = refusal(command, argv)
+        if why is not None:
+            pytest.fail(f"make {recipe}: `{command} {shlex.join(argv)}` is refused: {why}")
