@@ -9,8 +9,9 @@ is skipped when its output exists, so an interrupted benchmark continues where i
   aedm, nosteer, public, baselines
            MNIST LeNet-5 victim, probabilities, --budget queries (20 000): AEDM, AEDM without steering, the
            public images themselves as queries, TandemGAN and DFME with the same budget, each substitute then post-trained on its own query log with the same kd-distill
-           command (the paper's step 2: epochs over the saved queries with augmentation), and again
-           without augmentation (benchmarks/extraction.py's post-training settings);
+           command (the paper's step 2: epochs over the saved queries with augmentation), again
+           without augmentation (benchmarks/extraction.py's post-training settings), and without
+           augmentation with the answers' classes drawn evenly (kd-distill --class-balance 1);
   fed      AEDM federated with 5 and 10 simulated clients at the same total budget;
   fmnist   Fashion-MNIST victim, MNIST prior, 50 000 queries;
   dpr      defence pass rate: kd-serve --defense entropy (thresholds learned on the victim's training
@@ -33,7 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from extraction import METHOD_ARGS, PIXELS, POST_TRAIN_ARGS, ROOT, sh, test_accuracy, tool, victim  # noqa: E402
+from extraction import METHOD_ARGS, PIXELS, POST_TRAIN_ARGS, ROOT, finished, sh, test_accuracy, tool, victim  # noqa: E402
 
 DATA_OF = {"mnist": "mnist", "fmnist": "fashion-mnist"}
 
@@ -56,15 +57,20 @@ def prior(work: Path, dataset: str, iters: int, log: Path) -> Path:
 
 def post_train(qlog: Path, dataset: str, epochs: int, out: Path, log: Path) -> dict:
     """The paper's second stage: a substitute trained again on every query it paid for, no further query.
-    Two settings, both reported: the paper's (epochs with augmentation) and benchmarks/extraction.py's plain one
-    (POST_TRAIN_ARGS: no augmentation, which changes the answers of queries near the decision boundaries)."""
+    Three settings, all reported: the paper's (epochs with augmentation); benchmarks/extraction.py's plain one
+    (POST_TRAIN_ARGS: no augmentation, which changes the answers of queries near the decision boundaries); and
+    the plain one with classes drawn evenly (--class-balance 1: the victim answers most of these queries with
+    a few classes). A file stopped part-way is resumed from its checkpoint."""
     plain = out.with_name(out.stem + "-plain.safetensors")
-    if not out.exists():
-        sh([*tool("kd-distill"), str(qlog), "--arch", "lenet5", "--epochs", str(epochs), "--augment", "--optimizer", "adam",
-            "--lr", "1e-3", "--batch-size", "128", "-q", "-o", str(out)], log)
-    if not plain.exists():
-        sh([*tool("kd-distill"), str(qlog), "--arch", "lenet5", *POST_TRAIN_ARGS, "-q", "-o", str(plain)], log)
-    return {"post": test_accuracy(out, DATA_OF[dataset]), "post_plain": test_accuracy(plain, DATA_OF[dataset])}
+    balanced = out.with_name(out.stem + "-balanced.safetensors")
+    settings = ((out, ["--epochs", str(epochs), "--augment", "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "128"]),
+                (plain, POST_TRAIN_ARGS), (balanced, [*POST_TRAIN_ARGS, "--class-balance", "1"]))
+    for weights, flags in settings:
+        if not finished(weights):
+            resume = ["--resume", str(weights)] if weights.exists() else []
+            sh([*tool("kd-distill"), str(qlog), "--arch", "lenet5", *flags, "-q", "-o", str(weights), *resume], log)
+    return {"post": test_accuracy(out, DATA_OF[dataset]), "post_plain": test_accuracy(plain, DATA_OF[dataset]),
+            "post_balanced": test_accuracy(balanced, DATA_OF[dataset])}
 
 
 def public_data_run(work: Path, victim_path: Path, public: str, dataset: str, budget: int, args, log: Path) -> dict:
@@ -256,15 +262,16 @@ def main() -> None:
     settings = (f"substitute lenet5, batch {args.batch_size}, AEDM sampler {args.sampler_steps} DDIM steps, steering "
                 f"{args.steer_steps} Adam steps (lr 0.01), online Adam 1e-3 + {args.replay_steps} replay steps; post-training "
                 f"{args.post_epochs} epochs (kd-distill --augment) on each run's own log, and plain post-training "
-                f"(kd-distill {' '.join(POST_TRAIN_ARGS)}, no augmentation)")
+                f"(kd-distill {' '.join(POST_TRAIN_ARGS)}, no augmentation), and the same with --class-balance 1")
     print(f"# AEDM benchmark ({settings})\n")
     if results:
         print("| target | method | budget | real oracle calls | substitute acc. (online) | after post-training (paper: "
-              "augmented) | after plain post-training (no augmentation) | attack time |")
-        print("|---|---|---|---|---|---|---|---|")
+              "augmented) | after plain post-training (no augmentation) | after balanced plain post-training "
+              "(--class-balance 1) | attack time |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in results:
             print(f"| {r['target']} | {r['method']} | {r['budget']:,} | {r['calls']:,} | {pct(r['online'])} | "
-                  f"{pct(r['post'])} | {pct(r['post_plain'])} | {r['seconds']} s |")
+                  f"{pct(r['post'])} | {pct(r['post_plain'])} | {pct(r['post_balanced'])} | {r['seconds']} s |")
     if dpr:
         both = {r["queries"]: r for r in dpr if r["sides"] == "both"}
         low = {r["queries"]: r for r in dpr if r["sides"] == "low"}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import shlex
 import subprocess
@@ -62,6 +63,16 @@ METHODS_FOR = {"label": ["ideal", "dfme", "tandemgan"], "probs": ["tandemgan", "
 # a small rotation or shift changes their answer (measured on the IDEAL 25 K log: 95.34 % with --augment,
 # 97.66 % without; fine-tuning the attack's substitute with SGD 0.01 + --augment: 94.67 %).
 POST_TRAIN_ARGS = ["--epochs", "30", "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "128"]
+
+
+def finished(weights: Path) -> bool:
+    """kd-distill rewrites its output after every epoch: only a file with every epoch done is a result."""
+    from kdtools.weights import read_metadata
+
+    if not weights.exists():
+        return False
+    meta = read_metadata(weights)
+    return int(meta.get("epochs_done", -1)) == json.loads(meta["options"])["epochs"]
 
 
 def sh(cmd: list[str], log: Path) -> float:
@@ -136,6 +147,9 @@ def main() -> None:
                          "query log with kd-distill (no further query) and report it as its own row.")
     ap.add_argument("--post-train-only", action="store_true",
                     help="Only post-train on the logs of attacks already run in --work (the attacks are not run again).")
+    ap.add_argument("--post-extra", default="", metavar="FLAGS",
+                    help="Extra kd-distill flags for post-training (e.g. '--class-balance 1'): written to "
+                         "post-trained-FLAGS.safetensors and reported as its own row beside the plain one.")
     args = ap.parse_args()
     if not os.environ.get("KD_DATA"):
         raise SystemExit("set KD_DATA (e.g. KD_DATA=../shared/data)")
@@ -172,11 +186,16 @@ def main() -> None:
                     record(results, {**base, "method": label, "seconds": round(seconds, 1),
                                      "command": shlex.join(["kd-gen-queries", *cmd[3:]])}, out / "substitute.safetensors", out)
                 if (args.post_train or args.post_train_only) and (out / "queries.h5").exists():
-                    post = out / "post-trained.safetensors"
-                    pcmd = [*tool("kd-distill"), str(out / "queries.h5"), "--arch", args.substitute, *POST_TRAIN_ARGS,
+                    extra = shlex.split(args.post_extra)
+                    slug = re.sub(r"[^\w.]+", "-", " ".join(extra)).strip("-")
+                    post = out / (f"post-trained-{slug}.safetensors" if slug else "post-trained.safetensors")
+                    pcmd = [*tool("kd-distill"), str(out / "queries.h5"), "--arch", args.substitute, *POST_TRAIN_ARGS, *extra,
                             "--device", args.device, "-q", "-o", str(post)]
+                    if post.exists() and not finished(post):
+                        pcmd += ["--resume", str(post)]  # stopped part-way: continue from its checkpoint
                     seconds = sh(pcmd, work / f"{out.name}.log")
-                    record(results, {**base, "method": f"{label} + post-training on its log", "seconds": round(seconds, 1),
+                    how = f"post-training on its log ({' '.join(extra)})" if extra else "post-training on its log"
+                    record(results, {**base, "method": f"{label} + {how}", "seconds": round(seconds, 1),
                                      "command": shlex.join(["kd-distill", *pcmd[3:]])}, post, out)
 
     rows = [json.loads(line) for line in open(results)] if results.exists() else []

@@ -53,6 +53,11 @@ class TrainConfig:
     hflip: bool = False  # mirror images in augmentation (not for digits/letters)
     seed: int = 0
     eval_batch_size: int = 1024
+    # Sample each epoch's rows with probability proportional to count(class)^-class_balance, with
+    # replacement (class = the label, or the argmax of a soft answer): 0 = every row once (plain
+    # shuffling), 1 = every class equally often, 0.5 = square-root balancing. For query logs whose
+    # answers pile onto a few classes (kd-eval log shows the spread): an epoch keeps its length.
+    class_balance: float = 0.0
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -63,6 +68,8 @@ class TrainConfig:
             raise KdUsageError(f"--schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
         if self.epochs < 0 or self.batch_size <= 0 or self.lr <= 0 or self.temperature <= 0:
             raise KdUsageError("epochs must be >= 0, batch size, learning rate and temperature > 0")
+        if not 0.0 <= self.class_balance <= 1.0:
+            raise KdUsageError(f"--class-balance {self.class_balance}: expected a number from 0 (off) to 1 (every class equally often)")
 
 
 @dataclass
@@ -228,8 +235,8 @@ def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig,
         lr = cfg.lr * lr_factor(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # the same permutation on every rank (seeded by epoch), each rank taking its own stride
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))[rank::world_size]
+        # the same order on every rank (seeded by epoch), each rank taking its own stride
+        perm = epoch_order(labels, cfg, epoch)[rank::world_size]
         # augmentation draws from its own per-epoch, per-rank generator so a resumed run repeats it exactly
         g = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) * 64 + rank + 1)
         steps = math.ceil(perm.numel() / cfg.batch_size)
@@ -270,6 +277,20 @@ def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig,
             if on_epoch_end is not None:
                 on_epoch_end(model, record)
     return TrainResult(history, time.perf_counter() - t_start)
+
+
+def epoch_order(labels: torch.Tensor, cfg: TrainConfig, epoch: int) -> torch.Tensor:
+    """The row indices of one epoch: a permutation, or a class-balanced draw with replacement (cfg.class_balance)."""
+    n = labels.shape[0]
+    g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    if cfg.class_balance == 0:
+        return torch.randperm(n, generator=g)
+    counts = torch.bincount(labels).double()
+    weight = counts.clamp_min(1).pow(-cfg.class_balance)[labels]
+    # torch.multinomial takes at most 2^24 categories; draw by inverse CDF instead, any n
+    cdf = torch.cumsum(weight, 0)
+    u = torch.rand(n, generator=g, dtype=torch.float64) * cdf[-1]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=n - 1)
 
 
 def data_normalization(x: torch.Tensor, sample: int = 10000) -> tuple[list, list]:

@@ -220,6 +220,17 @@ def test_resume_flag_continues_training(tmp_path):
     assert read_metadata(out)["epochs_done"] == "3"
 
 
+def test_class_balance_is_recorded_and_refused_where_it_cannot_work(tmp_path):
+    out = tmp_path / "b.safetensors"
+    kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", "1", "--class-balance", "0.5", "-q", "-o", out, check=True)
+    from kdtools.weights import read_metadata
+    assert json.loads(read_metadata(out)["options"])["class_balance"] == 0.5
+    bad = kd("kd-distill", "--data", "digits", "--class-balance", "2", "-o", tmp_path / "c.safetensors")
+    assert bad.returncode == 2 and b"--class-balance 2.0" in bad.stderr and not (tmp_path / "c.safetensors").exists()
+    online = kd("kd-distill", "--save-every", "1", "--class-balance", "1", "-o", tmp_path / "d.safetensors", input=b"")
+    assert online.returncode == 2 and b"not with --save-every" in online.stderr
+
+
 @pytest.mark.parametrize("module", ["aggregate", "query", "serve", "gen_queries", "distill", "diffstep", "eval"])
 def test_help_starts_with_what_the_command_does(module):
     import importlib

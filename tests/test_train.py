@@ -5,7 +5,7 @@ import torch
 
 from kdtools.errors import KdUsageError
 from kdtools.models import ImageClassifier
-from kdtools.train import (TrainConfig, distillation_loss, load_checkpoint, lr_factor, targets_from, train)
+from kdtools.train import (TrainConfig, distillation_loss, epoch_order, load_checkpoint, lr_factor, targets_from, train)
 
 
 def test_cross_entropy_matches_hand_computation():
@@ -121,3 +121,41 @@ def test_online_training_on_refused_rows_only_is_an_error_not_an_untrained_model
     mixed = [{"x": torch.rand(8, 1, 4, 4), "label": torch.tensor([0, 1, 2, -1, 0, 1, -1, 2])}]
     result = train_online(model, iter(mixed), 3, TrainConfig(), torch.device("cpu"), lambda m, info: saved.append(info))
     assert result.samples == 6 and result.rejected == 2 and saved[-1]["samples_seen"] == 6
+
+
+def test_class_balance_draws_classes_at_the_stated_rates():
+    labels = torch.tensor([0] * 900 + [1] * 100)
+    # 0: a permutation of every row, as without the option
+    assert sorted(epoch_order(labels, TrainConfig(), 0).tolist()) == list(range(1000))
+    # weights count^-P: P = 1 gives each class 1/2; P = 0.5 gives class 1 100 / sqrt(100) / (900 / sqrt(900)
+    # + 100 / sqrt(100)) = 10 / 40 = 1/4 of the draws
+    for power, share in ((1.0, 0.5), (0.5, 0.25)):
+        cfg = TrainConfig(class_balance=power)
+        drawn = torch.cat([epoch_order(labels, cfg, e) for e in range(40)])  # 40 000 draws
+        assert drawn.numel() == 40000 and drawn.min() >= 0 and drawn.max() < 1000
+        assert abs((labels[drawn] == 1).float().mean().item() - share) < 0.01
+        # rows of one class are drawn alike: each of the 100 rare rows about 40 000 * share / 100 times
+        rare = torch.bincount(drawn[labels[drawn] == 1], minlength=1000)[900:].float()
+        assert rare.min() > 0 and abs(rare.mean().item() - 40000 * share / 100) < 1e-6 + 40000 * share / 100 * 0.01
+    # the same epoch draws the same rows (resume, and every torchrun rank, see one order)
+    assert torch.equal(epoch_order(labels, TrainConfig(class_balance=1.0), 3), epoch_order(labels, TrainConfig(class_balance=1.0), 3))
+    with pytest.raises(KdUsageError, match="class-balance"):
+        TrainConfig(class_balance=1.5).validate()
+
+
+def test_class_balance_lifts_a_rare_class():
+    """A rare class the plain run underfits is learned when the epoch draws classes evenly."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    n_common, n_rare = 1900, 20
+    x = torch.rand(n_common + n_rare, 1, 4, 4, generator=g) * 0.2
+    x[n_common:, 0, 0, :] += 0.8 * torch.rand(n_rare, 4, generator=g)  # the rare class: a faint top row
+    y = torch.tensor([0] * n_common + [1] * n_rare)
+    recall = {}
+    for power in (0.0, 1.0):
+        m = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [8]})
+        train(m, x, targets_from({"label": y}, 2), TrainConfig(epochs=3, lr=0.05, batch_size=64, class_balance=power),
+              torch.device("cpu"))
+        with torch.no_grad():
+            recall[power] = (m(x[n_common:]).argmax(1) == 1).float().mean().item()
+    assert recall[1.0] > recall[0.0] + 0.3, recall

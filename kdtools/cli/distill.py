@@ -72,6 +72,9 @@ def distill(
     temperature: float = typer.Option(1.0, "--temperature", "-T"),
     augment: bool = typer.Option(False, "--augment", help="Random rotation/scale/shift of training images."),
     hflip: bool = typer.Option(False, "--hflip", help="Also mirror images when augmenting."),
+    class_balance: float = typer.Option(0.0, "--class-balance", help="Draw each epoch's rows with probability ~ count(class)^-P "
+                                        "(with replacement): 0 = off, 1 = classes equally often, 0.5 = square root. For logs "
+                                        "whose answers pile onto a few classes."),
     normalize: str = typer.Option("auto", "--normalize", help="Input normalisation: auto (from the data) | none | MEAN,STD"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled dataset to test on after every epoch."),
     eval_split: str = typer.Option("test", "--eval-split"),
@@ -92,7 +95,7 @@ def distill(
     rank, world, dev = _distributed(device)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                       weight_decay=weight_decay, schedule=schedule, loss=loss, temperature=temperature,
-                      augment=augment, hflip=hflip, seed=seed)
+                      augment=augment, hflip=hflip, seed=seed, class_balance=class_balance)
     cfg.validate()
     try:
         args = json.loads(arch_args)
@@ -102,6 +105,8 @@ def distill(
     if save_every is not None:
         if data is not None or world > 1 or resume:
             raise KdUsageError("--save-every (online training) reads a stream or file: not with --data, --resume or torchrun")
+        if class_balance:
+            raise KdUsageError("--class-balance needs every answer before an epoch starts: not with --save-every (online training)")
         _online(input, output, init, arch, args, normalize, cfg, save_every, replay_steps, dev, quiet)
         return
     if replay_steps:
