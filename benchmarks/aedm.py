@@ -34,7 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from extraction import METHOD_ARGS, PIXELS, POST_TRAIN_ARGS, ROOT, finished, sh, test_accuracy, tool, victim  # noqa: E402
+from extraction import METHOD_ARGS, PIXELS, POST_TRAIN_ARGS, ROOT, finished, resumable, sh, test_accuracy, tool, victim  # noqa: E402
 
 DATA_OF = {"mnist": "mnist", "fmnist": "fashion-mnist"}
 
@@ -67,7 +67,7 @@ def post_train(qlog: Path, dataset: str, epochs: int, out: Path, log: Path) -> d
                 (plain, POST_TRAIN_ARGS), (balanced, [*POST_TRAIN_ARGS, "--class-balance", "1"]))
     for weights, flags in settings:
         if not finished(weights):
-            resume = ["--resume", str(weights)] if weights.exists() else []
+            resume = ["--resume", str(weights)] if resumable(weights) else []
             sh([*tool("kd-distill"), str(qlog), "--arch", "lenet5", *flags, "-q", "-o", str(weights), *resume], log)
     return {"post": test_accuracy(out, DATA_OF[dataset]), "post_plain": test_accuracy(plain, DATA_OF[dataset]),
             "post_balanced": test_accuracy(balanced, DATA_OF[dataset])}

@@ -75,6 +75,12 @@ def finished(weights: Path) -> bool:
     return int(meta.get("epochs_done", -1)) == json.loads(meta["options"])["epochs"]
 
 
+def resumable(weights: Path) -> bool:
+    """A file stopped part-way with its training checkpoint beside it: kd-distill --resume continues it (without
+    the checkpoint --resume would restart from the weights with a fresh optimiser: train from scratch instead)."""
+    return weights.exists() and not finished(weights) and Path(str(weights) + ".ckpt").exists()
+
+
 def sh(cmd: list[str], log: Path) -> float:
     t0 = time.time()
     with open(log, "ab") as f:
@@ -191,11 +197,14 @@ def main() -> None:
                     post = out / (f"post-trained-{slug}.safetensors" if slug else "post-trained.safetensors")
                     pcmd = [*tool("kd-distill"), str(out / "queries.h5"), "--arch", args.substitute, *POST_TRAIN_ARGS, *extra,
                             "--device", args.device, "-q", "-o", str(post)]
-                    if post.exists() and not finished(post):
-                        pcmd += ["--resume", str(post)]  # stopped part-way: continue from its checkpoint
-                    seconds = sh(pcmd, work / f"{out.name}.log")
+                    if finished(post) and results.exists() and any(str(post) in json.loads(line).get("command", "") for line in open(results)):
+                        print(f"{post}: already post-trained and recorded", file=sys.stderr)
+                        continue
+                    resumed = resumable(post)  # stopped part-way: continue from its checkpoint
+                    seconds = sh(pcmd + (["--resume", str(post)] if resumed else []), work / f"{out.name}.log")
                     how = f"post-training on its log ({' '.join(extra)})" if extra else "post-training on its log"
-                    record(results, {**base, "method": f"{label} + {how}", "seconds": round(seconds, 1),
+                    # the command that makes the file; "seconds" of a resumed run cover only the resumed part
+                    record(results, {**base, "method": f"{label} + {how}", "seconds": round(seconds, 1), "resumed": resumed,
                                      "command": shlex.join(["kd-distill", *pcmd[3:]])}, post, out)
 
     rows = [json.loads(line) for line in open(results)] if results.exists() else []

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extraction import POST_TRAIN_ARGS, finished, sh, test_accuracy, tool  # noqa: E402
+from extraction import POST_TRAIN_ARGS, finished, resumable, sh, test_accuracy, tool  # noqa: E402
 
 
 def per_class(weights: Path, dataset: str) -> list:
@@ -60,15 +60,14 @@ def main() -> None:
         for name, log, dataset in logs:
             weights = args.out / f"{name}-{tag}.safetensors"
             cmd = [*tool("kd-distill"), str(log), "--arch", args.arch, *POST_TRAIN_ARGS, *extra, "-q", "-o", str(weights)]
-            seconds = None
+            seconds, resumed = None, False
             if not finished(weights):
-                if weights.exists():  # stopped part-way: kd-distill continues from its checkpoint
-                    cmd += ["--resume", str(weights)]
-                seconds = sh(cmd, args.out / f"{name}-{tag}.log")
+                resumed = resumable(weights)  # stopped part-way: kd-distill continues from its checkpoint
+                seconds = sh(cmd + (["--resume", str(weights)] if resumed else []), args.out / f"{name}-{tag}.log")
             classes = per_class(weights, dataset)
             acc = test_accuracy(weights, dataset)
             row = {"log": name, "path": str(log), "variant": tag, "extra": extra, "accuracy": acc, "per_class": classes,
-                   "seconds": seconds, "command": shlex.join(["kd-distill", *cmd[3:]]), "date": time.strftime("%Y-%m-%d %H:%M")}
+                   "seconds": seconds, "resumed": resumed, "command": shlex.join(["kd-distill", *cmd[3:]]), "date": time.strftime("%Y-%m-%d %H:%M")}
             rows.append(row)
             with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -320,6 +320,8 @@ def train_online(model: nn.Module, batches, num_classes: int, cfg: TrainConfig, 
     ``save_every`` arriving batches and once at the end, so a process following the weights file (AEDM's
     ``--follow``) sees the substitute improve while queries are still being asked. No learning-rate
     schedule: the stream's length is unknown."""
+    if cfg.class_balance:
+        raise KdUsageError("class balancing needs every answer before an epoch starts: not with online training")
     cfg.validate()
     if save_every < 1 or replay_steps < 0:
         raise KdUsageError("--save-every must be >= 1 and --replay-steps >= 0")

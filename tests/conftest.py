@@ -8,8 +8,8 @@ import pytest
 
 # `make test` runs two pytest workers (pytest-xdist) on CI's two cores. Each worker, and every kd- command
 # it starts, then uses one torch thread: two workers with two threads each would fight over the cores.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("OMP_NUM_THREADS", "").isdigit():
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402  (after the thread count is fixed)
 

@@ -61,15 +61,24 @@ def test_the_tokeniser_sees_pipes_continuations_and_code_blocks():
                                       ("kd-query", ["v.safetensors", "--mode", "label"])]
     assert refusal("kd-query", ["v.safetensors", "--mode", "label"]) is None
     assert "--no-such-flag" in refusal("kd-query", ["v.safetensors", "--no-such-flag"])
+    assert refusal("kd-query", ["--help"]) is None
+    # torchrun's -m form and descriptor redirects
+    assert kd_calls("torchrun --nproc_per_node 2 -m kdtools.cli.gen_queries noise -n 200 2>err.txt") == \
+        [("kd-gen-queries", ["noise", "-n", "200"])]
 
 
 def inline_calls(markdown: str) -> list[str]:
-    """Inline code spans of the prose that start with a kd- command (`kd-eval log q.h5`)."""
-    return [m for m in re.findall(r"`([^`\n]+)`", markdown) if m.split()[0] in MODULES]
+    """Inline code spans of the prose that start with a kd- command (`kd-eval log q.h5`, `bin/kd-query --help`),
+    also those the page's hard wrapping splits over two lines."""
+    prose = re.sub(r"^\s*```.*?^\s*```", "", markdown, flags=re.S | re.M)  # fenced blocks are checked as blocks
+    spans = [" ".join(m.split()) for m in re.findall(r"`([^`]+)`", prose) if "\n\n" not in m and m.strip()]
+    return [m for m in spans if m.split()[0].rsplit("/", 1)[-1] in MODULES]
 
 
 def test_inline_spans_are_found():
-    assert inline_calls("use `kd-eval accuracy --per-class` or `--debug`, not `kd-evil`") == ["kd-eval accuracy --per-class"]
+    page = "use `kd-eval accuracy --per-class` or `--debug`, not `kd-evil`;\nsee `kd-query v.safetensors\n--mode label`.\n" \
+           "```\nkd-x `kd-distill --in-a-fence`\n```\n`bin/kd-serve --help`"
+    assert inline_calls(page) == ["kd-eval accuracy --per-class", "kd-query v.safetensors --mode label", "bin/kd-serve --help"]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)

@@ -43,7 +43,8 @@ def kd_calls(text: str) -> list[tuple[str, list[str]]]:
     text = text.replace("\\\n", " ")
     calls = []
     for line in text.splitlines():
-        line = re.sub(r"(?<![\w.-])\d+(?=>)", " ", line)  # 2>/dev/null, 2>&1: a descriptor number is no argument
+        line = re.sub(r"(?<!\S)\d+(?=[<>])", " ", line)  # 2>/dev/null, 2>&1, 0<in: a descriptor number is no argument
+        line = re.sub(r"-m\s+kdtools\.cli\.(\w+)", lambda m: "kd-" + m.group(1).replace("_", "-"), line)  # torchrun ... -m
         try:
             lexer = shlex.shlex(line, posix=True, punctuation_chars=True)  # ; | & ( ) < > as their own tokens
             lexer.whitespace_split = True
@@ -106,6 +107,8 @@ def refusal(command: str, argv: list[str]) -> str | None:
     filled = ["1" if i in variable else a for i, a in enumerate(argv)]
     try:
         parse_only(command, filled)
+    except (click.exceptions.Exit, typer.Exit):
+        return None  # --help, --version: handled while parsing, nothing to refuse
     except (click.exceptions.UsageError, _typer_click_exceptions.UsageError) as e:
         opts = set(getattr(getattr(e, "param", None), "opts", []) or [])
         if any(i > 0 and argv[i - 1] in opts for i in variable):
