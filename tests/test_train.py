@@ -77,10 +77,21 @@ def test_training_learns_a_simple_task():
     assert res.last.eval_accuracy > 0.95
 
 
-def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path):
+def skewed_blobs():
     x, y = blobs()
+    keep = torch.cat([torch.nonzero(y == 0)[:, 0], torch.nonzero(y == 1)[:20, 0]])  # ~200 vs 20
+    return x[keep], y[keep]
+
+
+@pytest.mark.parametrize("data, cfg, killed_after", [
+    # augmentation draws from its own per-epoch generator: a resumed run repeats it
+    (blobs, TrainConfig(epochs=4, lr=0.05, batch_size=32, augment=True), 2),
+    # the balanced draw of an epoch depends on the seed and the epoch only: a resumed run draws the same rows
+    (skewed_blobs, TrainConfig(epochs=3, lr=0.05, batch_size=32, class_balance=1.0), 1),
+], ids=["augment", "class-balance"])
+def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, data, cfg, killed_after):
+    x, y = data()
     t = targets_from({"label": y}, 2)
-    cfg = TrainConfig(epochs=4, lr=0.05, batch_size=32, augment=True)
     torch.manual_seed(1)
     a = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [8]})
     b = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [8]})
@@ -91,17 +102,17 @@ def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path):
     class Killed(Exception):
         pass
 
-    def kill_after_two(model, record):
-        if record.epoch == 2:
+    def kill(model, record):
+        if record.epoch == killed_after:
             raise Killed
 
-    with pytest.raises(Killed):  # the run dies after writing its epoch-2 checkpoint
-        train(b, x, t, cfg, torch.device("cpu"), checkpoint=ck, on_epoch_end=kill_after_two)
+    with pytest.raises(Killed):  # the run dies after writing its checkpoint of that epoch
+        train(b, x, t, cfg, torch.device("cpu"), checkpoint=ck, on_epoch_end=kill)
     state = load_checkpoint(ck)
-    assert state["epoch"] == 2
+    assert state["epoch"] == killed_after
     c = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [8]})
     res = train(c, x, t, cfg, torch.device("cpu"), resume=state)
-    assert [h.epoch for h in res.history] == [1, 2, 3, 4]
+    assert [h.epoch for h in res.history] == list(range(1, cfg.epochs + 1))
     for pa, pc in zip(a.parameters(), c.parameters()):
         assert torch.allclose(pa, pc, atol=1e-6)
 
@@ -150,34 +161,6 @@ def test_class_balance_draws_each_row_at_its_hand_computed_rate(labels, power, e
     drawn = torch.cat([epoch_order(labels, cfg, e) for e in range(15000)])  # 60 000 draws
     freq = torch.bincount(drawn, minlength=len(labels)).double() / drawn.numel()
     assert torch.allclose(freq, torch.tensor(expected, dtype=torch.float64), atol=0.008), freq
-
-
-def test_class_balance_resume_equals_uninterrupted_training(tmp_path):
-    """The balanced draw of an epoch depends on the seed and the epoch only: a resumed run draws the same rows."""
-    x, y = blobs()
-    keep = torch.cat([torch.nonzero(y == 0)[:, 0], torch.nonzero(y == 1)[:20, 0]])  # skewed: ~200 vs 20
-    x, y = x[keep], y[keep]
-    t = targets_from({"label": y}, 2)
-    cfg = TrainConfig(epochs=3, lr=0.05, batch_size=32, class_balance=1.0)
-    torch.manual_seed(1)
-    a = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [8]})
-    b = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [8]})
-    b.load_state_dict(a.state_dict())
-    train(a, x, t, cfg, torch.device("cpu"))
-    ck = tmp_path / "b.ckpt"
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_one(model, record):
-        raise Killed
-
-    with pytest.raises(Killed):  # dies after writing its epoch-1 checkpoint
-        train(b, x, t, cfg, torch.device("cpu"), checkpoint=ck, on_epoch_end=kill_after_one)
-    c = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [8]})
-    train(c, x, t, cfg, torch.device("cpu"), resume=load_checkpoint(ck))
-    for pa, pc in zip(a.parameters(), c.parameters()):
-        assert torch.allclose(pa, pc, atol=1e-6)
 
 
 def test_class_balance_lifts_a_rare_class():
