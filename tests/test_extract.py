@@ -328,3 +328,26 @@ def test_an_empty_log_left_by_a_run_stopped_before_its_first_query_does_not_bloc
     with pytest.raises(KdError, match="--resume"):
         run.prepare(False)
     assert log_info(run.log_path)["spent"] == 1
+
+
+def test_pool_reloaded_from_the_log_on_resume_holds_the_same_images():
+    """--resume refills the replay pool from the log, whose images are uint8: they must not be re-quantised
+    (a bug binarised them: (uint8 value).clamp(0, 1) * 255, and the resumed substitute trained on that)."""
+    from kdtools.extract.common import AnswerPool
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 4, 4, generator=g)
+    probs = torch.softmax(torch.randn(6, 3, generator=g), 1)
+    live = AnswerPool("probs", (1, 4, 4), 3)
+    live.add(x, {"probs": probs})  # what a running attack adds: float images in [0, 1]
+
+    class Log:  # what a query log gives back: the same rows, images as uint8
+        rows = 6
+
+        def read_rows(self, i, j):
+            return {"x": (x[i:j] * 255).round().to(torch.uint8), "probs": probs[i:j]}
+
+    resumed = AnswerPool("probs", (1, 4, 4), 3)
+    assert resumed.add_from_log(Log()) == 6
+    assert torch.equal(resumed.x[:6], live.x[:6]) and torch.equal(resumed.y[:6], live.y[:6])
+    assert 2 < len(torch.unique(resumed.x[:6])) and abs(resumed._images(torch.arange(6)) - x).max() <= 0.5 / 255 + 1e-6

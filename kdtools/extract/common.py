@@ -178,8 +178,10 @@ class AnswerPool:
             cap = max(self.n + m, 2 * self.x.shape[0])
             self.x = torch.cat([self.x[:self.n], torch.empty(cap - self.n, *self.x.shape[1:], dtype=torch.uint8)])
             self.y = torch.cat([self.y[:self.n], torch.empty(cap - self.n, *self.y.shape[1:], dtype=self.y.dtype)])
-        xs = x.detach().float().cpu()
-        self.x[self.n:self.n + m] = (xs.clamp(0, 1) * 255).round().to(torch.uint8) if xs.dtype != torch.uint8 else xs
+        if x.dtype == torch.uint8:  # already quantised (rows read back from a query log on --resume)
+            self.x[self.n:self.n + m] = x.cpu()
+        else:
+            self.x[self.n:self.n + m] = (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
         self.y[self.n:self.n + m] = answer["label"] if self.mode == "label" else answer["probs"]
         self.n += m
 
