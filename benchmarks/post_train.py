@@ -21,11 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extraction import POST_TRAIN_ARGS, finished, resumable, sh, test_accuracy, tool  # noqa: E402
+from extraction import POST_TRAIN_ARGS, finished, resumable, sh, tool  # noqa: E402
 
 
-def per_class(weights: Path, dataset: str) -> list:
-    """Test accuracy of each true class (None for a class without test images)."""
+def scores(weights: Path, dataset: str) -> tuple[float, list]:
+    """Test accuracy, and that of each true class (None for a class without test images), from one pass."""
     from kdtools.data import load_dataset
     from kdtools.evaluate import evaluate_accuracy
     from kdtools.weights import load_model
@@ -34,7 +34,7 @@ def per_class(weights: Path, dataset: str) -> list:
     loaded = load_model(weights)
     ds = load_dataset(dataset, "test", Path(os.environ["KD_DATA"]) / "vision")
     report = evaluate_accuracy(loaded.module, str(weights), loaded.input_shape, ds, torch.device("cpu"))
-    return [row["accuracy"] for row in report.per_class]
+    return report.accuracy, [row["accuracy"] for row in report.per_class]
 
 
 def main() -> None:
@@ -64,8 +64,7 @@ def main() -> None:
             if not finished(weights):
                 resumed = resumable(weights)  # stopped part-way: kd-distill continues from its checkpoint
                 seconds = sh(cmd + (["--resume", str(weights)] if resumed else []), args.out / f"{name}-{tag}.log")
-            classes = per_class(weights, dataset)
-            acc = test_accuracy(weights, dataset)
+            acc, classes = scores(weights, dataset)
             row = {"log": name, "path": str(log), "variant": tag, "extra": extra, "accuracy": acc, "per_class": classes,
                    "seconds": seconds, "resumed": resumed, "command": shlex.join(["kd-distill", *cmd[3:]]), "date": time.strftime("%Y-%m-%d %H:%M")}
             rows.append(row)
