@@ -1,6 +1,6 @@
 """AEDM benchmark (issue #6): extraction with a diffusion prior trained on *other* public data.
 
-    KD_DATA=../shared/data python benchmarks/aedm.py --work /tmp/aedm-bench [--only aedm,nosteer,public,baselines,fed,fmnist,dpr]
+    KD_DATA=../shared/data python benchmarks/aedm.py --work /tmp/aedm-bench [--only aedm,nosteer,strong,replay,public,baselines,fed,fmnist,dpr,dpr-fmnist]
 
 Every step runs the real commands (kd-diffstep train, kd-gen-queries, kd-distill, kd-serve, kd-query) and
 is skipped when its output exists, so an interrupted benchmark continues where it stopped.
@@ -12,10 +12,13 @@ is skipped when its output exists, so an interrupted benchmark continues where i
            command (the paper's step 2: epochs over the saved queries with augmentation), again
            without augmentation (benchmarks/extraction.py's post-training settings), and without
            augmentation with the answers' classes drawn evenly (kd-distill --class-balance 1);
+  replay   AEDM with 10 replay steps per round instead of --replay-steps (a kdtools variant);
   fed      AEDM federated with 5 and 10 simulated clients at the same total budget;
   fmnist   Fashion-MNIST victim, MNIST prior, 50 000 queries;
   dpr      defence pass rate: kd-serve --defense entropy (thresholds learned on the victim's training
-           data), every query set sent through kd-query over HTTP, rejected rows counted.
+           data), every query set sent through kd-query over HTTP, rejected rows counted;
+  dpr-fmnist  the same for the Fashion-MNIST victim: AEDM's queries from the MNIST prior, the data-free
+           attacks' queries from benchmarks/extraction.py's Fashion-MNIST runs (--extraction-runs).
 
 The table reports the real oracle calls of every run (the log's count) and the CPU settings used
 (sampler/steering steps); the paper's settings are the command's defaults.
@@ -92,7 +95,7 @@ def public_data_run(work: Path, victim_path: Path, public: str, dataset: str, bu
 
 
 def aedm_run(name: str, work: Path, victim_path: Path, prior_dir: Path, dataset: str, budget: int, args, log: Path,
-             clients: int = 1, steer_steps: int | None = None, lr_steer: float = 0.01) -> dict:
+             clients: int = 1, steer_steps: int | None = None, lr_steer: float = 0.01, replay_steps: int | None = None) -> dict:
     out = work / name
     t = 0.0
     if not (out / "substitute.safetensors").exists():
@@ -100,7 +103,7 @@ def aedm_run(name: str, work: Path, victim_path: Path, prior_dir: Path, dataset:
                "--budget", str(budget), "--substitute", "lenet5", "--batch-size", str(args.batch_size),
                "--sampler-steps", str(args.sampler_steps),
                "--steer-steps", str(args.steer_steps if steer_steps is None else steer_steps), "--lr-steer", str(lr_steer),
-               "--s-optimizer", "adam", "--lr-s", "1e-3", "--s-loss", "kl", "--replay-steps", str(args.replay_steps),
+               "--s-optimizer", "adam", "--lr-s", "1e-3", "--s-loss", "kl", "--replay-steps", str(args.replay_steps if replay_steps is None else replay_steps),
                "--clients", str(clients), "--eval-data", DATA_OF[dataset], "-q", "-o", str(out)]
         if (out / "state.pt").exists():
             cmd.append("--resume")
@@ -110,6 +113,8 @@ def aedm_run(name: str, work: Path, victim_path: Path, prior_dir: Path, dataset:
     method = "aedm" + (f" x{clients} clients" if clients > 1 else "") + (" (no steering)" if steer_steps == 0 else "")
     if steer_steps and lr_steer != 0.01:
         method += f" ({steer_steps} steering steps, lr {lr_steer})"
+    if replay_steps is not None:
+        method += f" ({replay_steps} replay steps)"
     return {"run": name, "method": method, "target": dataset,
             "budget": budget, "calls": log_rows(out / "queries.h5"), "online": online, **post, "seconds": round(t)}
 
@@ -130,16 +135,18 @@ def baseline_run(method: str, work: Path, victim_path: Path, dataset: str, budge
             "online": online, **post, "seconds": round(t)}
 
 
-def pass_rates(work: Path, victim_path: Path, sets: dict, log: Path, sides: str = "both") -> list[dict]:
-    """Each query set through kd-serve --defense entropy over loopback HTTP; rejected rows counted from kd-query's log."""
+def pass_rates(work: Path, victim_path: Path, sets: dict, log: Path, sides: str = "both", defense_data: str = "mnist",
+               tag: str = "") -> list[dict]:
+    """Each query set through kd-serve --defense entropy (thresholds learned on ``defense_data``'s training split)
+    over loopback HTTP; rejected rows counted from kd-query's log. ``tag`` keeps the files of two victims apart."""
     import h5py
     import torch
 
     port_file = work / "dpr.port"
     port_file.unlink(missing_ok=True)
     server = subprocess.Popen([*tool("kd-serve"), str(victim_path), "--mode", "probs", "--port", "0", "--port-file", str(port_file),
-                               "--defense", "entropy", "--defense-data", "mnist", "--defense-sides", sides,
-                               "--defense-save", str(work / f"defense-{sides}.json")],
+                               "--defense", "entropy", "--defense-data", defense_data, "--defense-sides", sides,
+                               "--defense-save", str(work / f"defense{tag}-{sides}.json")],
                               stdout=subprocess.DEVNULL, stderr=open(log, "ab"), env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         for _ in range(600):
@@ -150,14 +157,15 @@ def pass_rates(work: Path, victim_path: Path, sets: dict, log: Path, sides: str 
         rows = []
         for name, path in sets.items():
             slug = "".join(c if c.isalnum() else "-" for c in name)
-            qlog = work / f"dpr-answers-{sides}-{slug}.h5"
+            qlog = work / f"dpr{tag}-answers-{sides}-{slug}.h5"
             qlog.unlink(missing_ok=True)
             sh([*tool("kd-query"), url, str(path), "--mode", "probs", "--on-rejected", "flag", "--log", str(qlog), "-q",
-                "-o", str(work / f"dpr-answers-{sides}-{slug}.kds")], log)
+                "-o", str(work / f"dpr{tag}-answers-{sides}-{slug}.kds")], log)
             with h5py.File(qlog) as f:
                 probs = torch.from_numpy(f["probs"][:])
             rejected = int((probs.sum(1) == 0).sum())
-            rows.append({"queries": name, "n": probs.shape[0], "passed": 1 - rejected / probs.shape[0], "sides": sides})
+            rows.append({"queries": name, "n": probs.shape[0], "passed": 1 - rejected / probs.shape[0], "sides": sides,
+                         "victim": defense_data})
         return rows
     finally:
         server.terminate()
@@ -187,7 +195,7 @@ def pct(v: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/aedm-bench")
-    ap.add_argument("--only", default="aedm,nosteer,strong,public,baselines,fed,fmnist,dpr")
+    ap.add_argument("--only", default="aedm,nosteer,strong,replay,public,baselines,fed,fmnist,dpr,dpr-fmnist")
     ap.add_argument("--mnist-victim")
     ap.add_argument("--fmnist-victim")
     ap.add_argument("--fmnist-prior", help="a prior trained on Fashion-MNIST (default: trained here)")
@@ -202,6 +210,8 @@ def main() -> None:
     ap.add_argument("--replay-steps", type=int, default=2)
     ap.add_argument("--post-epochs", type=int, default=20)
     ap.add_argument("--dpr-n", type=int, default=2000)
+    ap.add_argument("--extraction-runs", default=str(ROOT / "runs" / "bench-extraction"),
+                    help="benchmarks/extraction.py's work directory (dpr-fmnist reads its Fashion-MNIST query logs)")
     args = ap.parse_args()
     if not os.environ.get("KD_DATA"):
         raise SystemExit("set KD_DATA (e.g. ../shared/data)")
@@ -211,7 +221,7 @@ def main() -> None:
     only = set(args.only.split(","))
     results, dpr = [], []
     mnist_v = victim("mnist", args.mnist_victim, work, 4)
-    if only & {"aedm", "nosteer", "strong", "fed", "dpr"}:
+    if only & {"aedm", "nosteer", "strong", "replay", "fed", "dpr"}:
         fprior = Path(args.fmnist_prior) if args.fmnist_prior else prior(work, "fmnist", args.prior_iters, log)
     if "aedm" in only:
         results.append(aedm_run(f"aedm-mnist-{args.budget}", work, mnist_v, fprior, "mnist", args.budget, args, log))
@@ -221,6 +231,9 @@ def main() -> None:
     if "strong" in only:  # kdtools variant: ten times the paper's steering step, two steps
         results.append(aedm_run(f"aedm-mnist-{args.budget}-strong", work, mnist_v, fprior, "mnist", args.budget, args, log,
                                 steer_steps=2, lr_steer=0.1))
+    if "replay" in only:  # kdtools variant (session 7): more substitute steps on paid answers between rounds
+        results.append(aedm_run(f"aedm-mnist-{args.budget}-replay10", work, mnist_v, fprior, "mnist", args.budget, args, log,
+                                replay_steps=10))
     if "public" in only:
         results.append(public_data_run(work, mnist_v, "fashion-mnist", "mnist", args.budget, args, log))
     if "baselines" in only:
@@ -257,7 +270,33 @@ def main() -> None:
         if not p.exists():
             sh([*tool("kd-gen-queries"), "dataset", "--data", "fashion-mnist", "--split", "test", "-n", str(args.dpr_n), "-o", str(p)], log)
         sets["Fashion-MNIST test images (the prior's public data)"] = p
-        dpr = pass_rates(work, mnist_v, sets, log, "both") + pass_rates(work, mnist_v, sets, log, "low")
+        dpr += pass_rates(work, mnist_v, sets, log, "both") + pass_rates(work, mnist_v, sets, log, "low")
+    if "dpr-fmnist" in only:
+        # The reverse setting: the Fashion-MNIST victim behind the defence (thresholds learned on its own
+        # training images), AEDM's queries from the MNIST prior, the data-free attacks' queries from issue
+        # #4's Fashion-MNIST runs (their images do not depend on the answer mode).
+        fmnist_v = victim("fashion-mnist", args.fmnist_victim, work, 4)
+        sets = {}
+        a = work / f"aedm-fmnist-{args.fmnist_budget}" / "queries.h5"
+        if a.exists():
+            sets["aedm"] = first_rows(a, args.dpr_n, work / f"dpr-aedm-fmnist-{args.fmnist_budget}-queries.h5")
+        for m in ("tandemgan", "dfme", "ideal"):
+            q = Path(args.extraction_runs) / f"fmnist-label-{m}-100000" / "queries.h5"
+            if q.exists():
+                sets[m] = first_rows(q, args.dpr_n, work / f"dpr-fmnist-{m}-queries.h5")
+        for dist in ("uniform", "gaussian"):
+            sets[f"noise ({dist})"] = work / f"dpr-noise-{dist}.h5"
+            if not sets[f"noise ({dist})"].exists():
+                sh([*tool("kd-gen-queries"), "noise", "-n", str(args.dpr_n), "--shape", "1x28x28", "--dist", dist, "-o",
+                    str(sets[f"noise ({dist})"])], log)
+        for data, label in (("fashion-mnist", "Fashion-MNIST test images (legitimate)"),
+                            ("mnist", "MNIST test images (the prior's public data)")):
+            p = work / f"dpr-{'fmnist' if data == 'fashion-mnist' else data}-test.h5"
+            if not p.exists():
+                sh([*tool("kd-gen-queries"), "dataset", "--data", data, "--split", "test", "-n", str(args.dpr_n), "-o", str(p)], log)
+            sets[label] = p
+        dpr += (pass_rates(work, fmnist_v, sets, log, "both", "fashion-mnist", "-fmnist")
+                + pass_rates(work, fmnist_v, sets, log, "low", "fashion-mnist", "-fmnist"))
 
     settings = (f"substitute lenet5, batch {args.batch_size}, AEDM sampler {args.sampler_steps} DDIM steps, steering "
                 f"{args.steer_steps} Adam steps (lr 0.01), online Adam 1e-3 + {args.replay_steps} replay steps; post-training "
@@ -272,15 +311,18 @@ def main() -> None:
         for r in results:
             print(f"| {r['target']} | {r['method']} | {r['budget']:,} | {r['calls']:,} | {pct(r['online'])} | "
                   f"{pct(r['post'])} | {pct(r['post_plain'])} | {pct(r['post_balanced'])} | {r['seconds']} s |")
-    if dpr:
-        both = {r["queries"]: r for r in dpr if r["sides"] == "both"}
-        low = {r["queries"]: r for r in dpr if r["sides"] == "low"}
-        print("\n| queries (first N of each run's log) | N | pass rate, entropy outside [q01, q99] rejected | "
+    for victim_data in dict.fromkeys(r.get("victim", "mnist") for r in dpr):
+        both = {r["queries"]: r for r in dpr if r["sides"] == "both" and r.get("victim", "mnist") == victim_data}
+        low = {r["queries"]: r for r in dpr if r["sides"] == "low" and r.get("victim", "mnist") == victim_data}
+        print(f"\n{victim_data} victim, thresholds learned on its training images:\n")
+        print("| queries (first N of each run's log) | N | pass rate, entropy outside [q01, q99] rejected | "
               "pass rate, entropy below q01 rejected |")
         print("|---|---|---|---|")
         for name, r in both.items():
             print(f"| {name} | {r['n']} | {r['passed']:.3f} | {low[name]['passed']:.3f} |")
-    (work / "results.json").write_text(json.dumps({"results": results, "dpr": dpr, "settings": settings}, indent=1))
+    # a partial run (--only) keeps its own file, so it never overwrites the full run's results
+    out = "results.json" if only == set(ap.get_default("only").split(",")) else f"results-{'-'.join(sorted(only))}.json"
+    (work / out).write_text(json.dumps({"results": results, "dpr": dpr, "settings": settings}, indent=1))
 
 
 if __name__ == "__main__":
