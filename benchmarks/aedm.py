@@ -1,6 +1,6 @@
 """AEDM benchmark (issue #6): extraction with a diffusion prior trained on *other* public data.
 
-    KD_DATA=../shared/data python benchmarks/aedm.py --work /tmp/aedm-bench [--only aedm,nosteer,strong,replay,public,baselines,fed,fmnist,dpr,dpr-fmnist]
+    KD_DATA=../shared/data python benchmarks/aedm.py --work /tmp/aedm-bench [--only aedm,nosteer,strong,replay,replay-steer5,public,baselines,fed,fmnist,dpr,dpr-fmnist]
 
 Every step runs the real commands (kd-diffstep train, kd-gen-queries, kd-distill, kd-serve, kd-query) and
 is skipped when its output exists, so an interrupted benchmark continues where it stopped.
@@ -13,6 +13,7 @@ is skipped when its output exists, so an interrupted benchmark continues where i
            without augmentation (benchmarks/extraction.py's post-training settings), and without
            augmentation with the answers' classes drawn evenly (kd-distill --class-balance 1);
   replay   AEDM with 10 replay steps per round instead of --replay-steps (a kdtools variant);
+  replay-steer5  the same with the paper's 5 steering steps (about 4x the steering cost);
   fed      AEDM federated with 5 and 10 simulated clients at the same total budget;
   fmnist   Fashion-MNIST victim, MNIST prior, 50 000 queries;
   dpr      defence pass rate: kd-serve --defense entropy (thresholds learned on the victim's training
@@ -111,7 +112,7 @@ def aedm_run(name: str, work: Path, victim_path: Path, prior_dir: Path, dataset:
     online = test_accuracy(out / "substitute.safetensors", DATA_OF[dataset])
     post = post_train(out / "queries.h5", dataset, args.post_epochs, out / "post.safetensors", log)
     method = "aedm" + (f" x{clients} clients" if clients > 1 else "") + (" (no steering)" if steer_steps == 0 else "")
-    if steer_steps and lr_steer != 0.01:
+    if steer_steps and (lr_steer != 0.01 or steer_steps != args.steer_steps):
         method += f" ({steer_steps} steering steps, lr {lr_steer})"
     if replay_steps is not None:
         method += f" ({replay_steps} replay steps)"
@@ -195,7 +196,7 @@ def pct(v: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/aedm-bench")
-    ap.add_argument("--only", default="aedm,nosteer,strong,replay,public,baselines,fed,fmnist,dpr,dpr-fmnist")
+    ap.add_argument("--only", default="aedm,nosteer,strong,replay,replay-steer5,public,baselines,fed,fmnist,dpr,dpr-fmnist")
     ap.add_argument("--mnist-victim")
     ap.add_argument("--fmnist-victim")
     ap.add_argument("--fmnist-prior", help="a prior trained on Fashion-MNIST (default: trained here)")
@@ -221,7 +222,7 @@ def main() -> None:
     only = set(args.only.split(","))
     results, dpr = [], []
     mnist_v = victim("mnist", args.mnist_victim, work, 4)
-    if only & {"aedm", "nosteer", "strong", "replay", "fed", "dpr"}:
+    if only & {"aedm", "nosteer", "strong", "replay", "replay-steer5", "fed", "dpr"}:
         fprior = Path(args.fmnist_prior) if args.fmnist_prior else prior(work, "fmnist", args.prior_iters, log)
     if "aedm" in only:
         results.append(aedm_run(f"aedm-mnist-{args.budget}", work, mnist_v, fprior, "mnist", args.budget, args, log))
@@ -234,6 +235,9 @@ def main() -> None:
     if "replay" in only:  # kdtools variant (session 7): more substitute steps on paid answers between rounds
         results.append(aedm_run(f"aedm-mnist-{args.budget}-replay10", work, mnist_v, fprior, "mnist", args.budget, args, log,
                                 replay_steps=10))
+    if "replay-steer5" in only:  # the paper's 5 steering steps, with a substitute that learns (10 replay steps)
+        results.append(aedm_run(f"aedm-mnist-{args.budget}-replay10-steer5", work, mnist_v, fprior, "mnist", args.budget, args,
+                                log, steer_steps=5, replay_steps=10))
     if "public" in only:
         results.append(public_data_run(work, mnist_v, "fashion-mnist", "mnist", args.budget, args, log))
     if "baselines" in only:
