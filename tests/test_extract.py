@@ -330,6 +330,19 @@ def test_an_empty_log_left_by_a_run_stopped_before_its_first_query_does_not_bloc
     assert log_info(run.log_path)["spent"] == 1
 
 
+def test_resume_of_a_run_that_is_not_there_refuses_without_asking_the_oracle(victim_path, tmp_path):
+    # a mistyped -o with --resume used to start a new attack and pay its whole budget
+    out = tmp_path / "typo"
+    p = kd("kd-gen-queries", "ideal", "--oracle", victim_path, "--mode", "label", "--budget", 50, "-o", out, "--resume")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "no earlier attack" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    # the same with --log naming another file: neither it nor the directory appears
+    p = kd("kd-gen-queries", "ideal", "--oracle", victim_path, "--mode", "label", "--budget", 50, "-o", out,
+           "--log", tmp_path / "q.h5", "--resume")
+    assert p.returncode == 1 and not (tmp_path / "q.h5").exists() and not out.exists()
+
+
 def test_pool_reloaded_from_the_log_on_resume_holds_the_same_images():
     """--resume refills the replay pool from the log, whose images are uint8: they must not be re-quantised
     (a bug binarised them: (uint8 value).clamp(0, 1) * 255, and the resumed substitute trained on that)."""

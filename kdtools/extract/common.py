@@ -100,7 +100,11 @@ class AttackRun:
         return self.checkpoint_dir / f"substitute-{spent}.safetensors"
 
     def prepare(self, resume: bool) -> None:
-        """Refuse to overwrite an earlier attack unless asked to continue it."""
+        """Refuse to overwrite an earlier attack unless asked to continue it, and to "continue" one that is not there."""
+        if resume and not self.state_path.exists() and not self.log_path.exists():
+            # a mistyped -o with --resume would otherwise start a new attack and pay its whole budget again
+            raise KdError(f"--resume: no earlier attack in {self.dir} (neither {self.state_path.name} nor {self.log_path} "
+                          "exists); check -o/--log, or drop --resume to start a new attack")
         if not resume:
             if self.log_path.exists() and not self.state_path.exists() and _nothing_paid(self.log_path):
                 # an attack stopped before its first query (Ctrl-C, SIGTERM during setup) left an empty log:
