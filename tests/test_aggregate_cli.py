@@ -230,7 +230,17 @@ def test_bad_state_from_other_class_set(state_file, crowd, tmp_path, capsys, mon
     other = tmp_path / "other.csv"
     other.write_text("task,worker,label\nz1,w1,cat\nz1,w2,dog\n")
     assert_fails_cleanly(run_here([other, "--state", state_file], **kw), state_file, before,
-                         "not one of the state's classes")
+                         "other.csv: label 'cat' (task 'z1', worker 'w1') is not one of the fixed classes")
+
+
+def test_bad_binary_file_is_one_clear_error(state_file, tmp_path, capsys, monkeypatch):
+    # an HDF5 query log given by mistake: a codec error used to surface without the file's name
+    before = state_file.read_bytes()
+    h5 = tmp_path / "q.h5"
+    h5.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 8)
+    for fmt in ("long", "dense"):
+        r = run_here([h5, "--state", state_file, "--format", fmt], capsys=capsys, monkeypatch=monkeypatch)
+        assert_fails_cleanly(r, state_file, before, "q.h5: not a UTF-8 text file")
 
 
 def test_bad_newer_schema(state_file, capsys, monkeypatch):

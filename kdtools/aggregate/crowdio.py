@@ -179,11 +179,18 @@ def read_dense(stream: IO[str], name: str, columns: Columns = Columns(),
 
 def read_rows(stream: IO[str], name: str, fmt: str = "long", columns: Columns = Columns(),
               delimiter: Optional[str] = None) -> Iterator[Row]:
-    if fmt == "long":
-        return read_long(stream, name, columns, delimiter)
-    if fmt == "dense":
-        return read_dense(stream, name, columns, delimiter)
-    raise KdUsageError(f"unknown input format {fmt!r} (expected long or dense)")
+    if fmt not in ("long", "dense"):
+        raise KdUsageError(f"unknown input format {fmt!r} (expected long or dense)")
+    return _text_only(read_long if fmt == "long" else read_dense, stream, name, columns, delimiter)
+
+
+def _text_only(reader, stream: IO[str], name: str, columns: Columns, delimiter: Optional[str]) -> Iterator[Row]:
+    """The reader's rows; a binary file (an HDF5 log given by mistake, say) is one clear error, not a codec's."""
+    try:
+        yield from reader(stream, name, columns, delimiter)
+    except UnicodeDecodeError as e:
+        raise KdError(f"{name}: not a UTF-8 text file (byte 0x{e.object[e.start]:02x} cannot be decoded); expected "
+                      "CSV/TSV text with task, worker and label columns") from None
 
 
 def open_text(path: str | os.PathLike) -> IO[str]:

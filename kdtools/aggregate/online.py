@@ -92,10 +92,11 @@ class Aggregator:
         rows, replaced = dedupe(list(rows))
         # classes first (may raise before anything changes)
         if self.classes_fixed:
-            for _, _, label in rows:
+            for task, worker, label in rows:
                 if label not in self.classes.index:
                     known = ", ".join(self.classes.items[:10]) + (" ..." if len(self.classes) > 10 else "")
-                    raise KdError(f"label {label!r} is not one of the state's classes ({known})")
+                    raise KdError(f"{chunk_name or 'chunk'}: label {label!r} (task {task!r}, worker {worker!r}) is not one of "
+                                  f"the fixed classes ({known}; fixed by --classes, now or when the state was made)")
         n_classes_before = len(self.classes)
         from .crowdio import natural_order
         fresh_labels = [l for l in natural_order(l for _, _, l in rows) if l not in self.classes.index]

@@ -111,7 +111,7 @@ def run_app(app: typer.Typer, prog_name: str) -> None:
     except Exception as e:  # anything else is a bug or an environment problem: still one line
         if DEBUG["on"]:
             traceback.print_exc()
-        fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", 1)
+        fail(f"{type(e).__name__}: {e}" + ("" if DEBUG["on"] else " (run with --debug for the traceback)"), 1)
 
 
 def binary_stdout():
