@@ -170,6 +170,8 @@ def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
     (keep / "x").write_text("mine")
     cases = [  # (arguments, exit code, what the line says, output that must not appear)
         (["distill", broken, "--steps", 4, "-o", tmp_path / "o1"], 1, b"no scheduler", "o1"),
+        # a missing local directory written like "owner/name/": said as such, not as a failed hub download
+        (["distill", "nonexist/", "--steps", 4, "-o", tmp_path / "o1b"], 1, b"nonexist/: no such directory", "o1b"),
         # a teacher with a different image size than asked for
         (["distill", image_teacher, "--steps", 4, "--image-size", 32, "-o", tmp_path / "o2"], 1, b"8x8", "o2"),
         # training data that does not fit the teacher (2-D points for an image teacher)

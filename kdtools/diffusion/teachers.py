@@ -252,12 +252,16 @@ def _load_hub(repo_id: str) -> DiffusionModel:
     """A hub id: download through diffusers (only works online)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
+    if repo_id.endswith(("/", os.sep)) or repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
+        # written as a path (a hub id is exactly owner/name): the directory is missing, the hub is beside the point
+        raise KdError(f"{repo_id}: no such directory (a diffusers model directory, or a hub id owner/name when online)")
     try:
         net = UNet2DModel.from_pretrained(repo_id, subfolder="unet")
         sched = DDPMScheduler.from_pretrained(repo_id, subfolder="scheduler")
     except Exception as e:  # offline, or not a diffusers repo
-        raise KdError(f"{repo_id}: not a local directory, and the hub could not provide it "
-                      f"({str(e).strip().splitlines()[0][:160]})") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KdError(f"{repo_id}: no such local directory, and the hub could not provide it (offline, or not a "
+                      f"diffusers repository: {reason[:300]})") from None
     return _assemble(net.eval(), dict(sched.config), {}, repo_id, None)
 
 
