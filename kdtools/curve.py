@@ -81,7 +81,9 @@ def find_checkpoints(inputs: Sequence[str]) -> list[tuple[int, Path]]:
             d = _checkpoint_dir_of_log(p)
             files = sorted(d.glob("*.safetensors")) if d.is_dir() else []
             if not files:
-                raise KdError(f"{p}: a query log, but no checkpoints in {d} (did the run save any?)")
+                raise KdError(f"{p}: a query log, but no checkpoints in {d}: a curve needs the substitutes an attack "
+                              "saved (kd-gen-queries -o DIR); for a kd-query log, train on it with kd-distill and "
+                              "measure with kd-eval accuracy")
         elif p.is_file():
             files = [p]
         else:

@@ -272,10 +272,13 @@ def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig,
             if record.eval_accuracy is not None:
                 info["test acc"] = record.eval_accuracy
             progress(ProgressEvent(f"epoch {epoch + 1}/{cfg.epochs}", steps, steps, info, done=True))
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, model, optimizer, epoch + 1, history, cfg)
+            # weights first, then the checkpoint: --resume rebuilds the model from the weights file and
+            # takes its state from the checkpoint, so a kill between the two writes must leave the weights
+            # file there (at worst one epoch ahead of the checkpoint, which wins)
             if on_epoch_end is not None:
                 on_epoch_end(model, record)
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, model, optimizer, epoch + 1, history, cfg)
     return TrainResult(history, time.perf_counter() - t_start)
 
 

@@ -220,6 +220,40 @@ def test_resume_flag_continues_training(tmp_path):
     assert read_metadata(out)["epochs_done"] == "3"
 
 
+def test_sigterm_mid_training_names_the_checkpoint_and_resume_goes_on(tmp_path):
+    # a batch scheduler's time limit in the middle of a long training run
+    out = tmp_path / "v.safetensors"
+    cmd = [*kd_cmd("kd-distill"), "--data", "digits", "--arch", "mlp", "--epochs", "400", "-q", "-o", str(out)]
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    ckpt = Path(str(out) + ".ckpt")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ckpt.exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be stopped: " + proc.stderr.read().decode()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 143
+    assert err.strip().splitlines() == [f"error: terminated (SIGTERM); every finished epoch is saved in {ckpt}; the same "
+                                        f"command with --resume {out} continues from the last one"], err
+    from kdtools.weights import read_metadata
+    done = int(read_metadata(out)["epochs_done"])
+    assert 1 <= done < 400
+    p = kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", str(done + 1), "--resume", out, "-q", "-o", out)
+    assert p.returncode == 0, p.stderr.decode()
+    assert int(read_metadata(out)["epochs_done"]) == done + 1
+
+
+def test_an_arch_that_disagrees_with_init_is_named_not_silently_dropped(tmp_path):
+    first = tmp_path / "a.safetensors"
+    kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", "1", "-q", "-o", first, check=True)
+    p = kd("kd-distill", "--data", "digits", "--arch", "vgg11", "--init", first, "--epochs", "1", "-q", "-o", tmp_path / "b.safetensors")
+    assert p.returncode == 0, p.stderr.decode()
+    assert f"--arch vgg11 ignored: {first} holds a mlp".encode() in p.stderr
+    same = kd("kd-distill", "--data", "digits", "--arch", "mlp", "--init", first, "--epochs", "1", "-q", "-o", tmp_path / "c.safetensors")
+    assert same.returncode == 0 and b"ignored" not in same.stderr
+
+
 def test_class_balance_is_recorded_and_refused_where_it_cannot_work(tmp_path):
     out = tmp_path / "b.safetensors"
     kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", "1", "--class-balance", "0.5", "-q", "-o", out, check=True)

@@ -20,7 +20,7 @@ from ..sources import collect, open_samples
 from ..oracle import without_rejected
 from ..train import TrainConfig, data_normalization, load_checkpoint, targets_from, train
 from ..weights import load_model, save_model
-from ._common import DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, warn, progress_bars, run_app, stdin_if
+from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, warn, progress_bars, run_app, stdin_if
 
 app = make_app("Train a student from a query log / stream (default: stdin) or a classifier from --data.")
 
@@ -59,7 +59,7 @@ def distill(
     output: str = typer.Option(..., "-o", "--output", help="Weights file to write (.safetensors)."),
     data: Optional[str] = typer.Option(None, "--data", help="Train on a labelled dataset instead: digits | mnist | fashion-mnist | cifar10 | ..."),
     split: str = typer.Option("train", "--split"),
-    arch: str = typer.Option("lenet5", "--arch", help="mlp | lenet5 | lenet5-half | alexnet | vgg11/13/16/19 | resnet18/34 | torchvision:NAME"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="mlp | lenet5 | lenet5-half | alexnet | vgg11/13/16/19 | resnet18/34 | torchvision:NAME  [default: lenet5; with --init/--resume the file's]"),
     arch_args: str = typer.Option("{}", "--arch-args", help="JSON architecture arguments, e.g. '{\"hidden\": [512]}'."),
     epochs: int = typer.Option(10, "--epochs"),
     batch_size: int = typer.Option(128, "--batch-size"),
@@ -168,9 +168,10 @@ def distill(
             raise KdError(f"{init}: only kdtools weights files can be trained further")
         if tuple(model.input_shape) != input_shape or model.num_classes != num_classes:
             raise KdError(f"{init}: model takes {model.input_shape} with {model.num_classes} classes; data are {input_shape} with {num_classes}")
+        _warn_ignored_arch(arch, model, init)
     else:
         mean, std = _normalization(normalize, x, input_shape[0])
-        model = ImageClassifier(arch, input_shape, num_classes, args, mean, std)
+        model = ImageClassifier(arch or "lenet5", input_shape, num_classes, args, mean, std)
 
     eval_set = None
     if eval_data and rank == 0:
@@ -189,6 +190,9 @@ def distill(
             extra["eval_accuracy"] = record.eval_accuracy
         save_model(m, output, options, extra)
 
+    if rank == 0:
+        STOP_HINT["text"] = (f"every finished epoch is saved in {ckpt_path}; the same command with --resume {output} "
+                             "continues from the last one")
     with progress_bars(rank == 0 and not quiet) as progress:
         result = train(model, x, targets, cfg, dev, eval_set, progress, ckpt_path if rank == 0 else None,
                        resume_state, rank, world, on_epoch_end=save)
@@ -206,6 +210,13 @@ def distill(
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _warn_ignored_arch(arch, model, source) -> None:
+    # --init/--resume rebuild the model the file describes; an --arch that disagrees would be silently
+    # dropped, and the user would believe they trained the other architecture
+    if arch is not None and arch != model.arch:
+        warn(f"--arch {arch} ignored: {source} holds a {model.arch}, and training continues from it")
 
 
 def _online(input, output, init, arch, args, normalize, cfg, save_every, replay_steps, dev, quiet) -> None:
@@ -230,18 +241,21 @@ def _online(input, output, init, arch, args, normalize, cfg, save_every, replay_
         if tuple(model.input_shape) != input_shape or model.num_classes != header.num_classes:
             raise KdError(f"{init}: model takes {model.input_shape} with {model.num_classes} classes; "
                           f"the stream has {input_shape} with {header.num_classes}")
+        _warn_ignored_arch(arch, model, init)
     else:
         from ..data import to_float
 
         answered, _ = without_rejected(first)  # refused rows (often noise) must not set the normalisation
         mean, std = _normalization(normalize, to_float(answered["x"] if answered["x"].shape[0] else first["x"]), input_shape[0])
-        model = ImageClassifier(arch, input_shape, header.num_classes, args, mean, std)
+        model = ImageClassifier(arch or "lenet5", input_shape, header.num_classes, args, mean, std)
     options = {"source": src.where, "arch": model.arch, "arch_args": model.arch_args, **cfg.__dict__, "init": init,
                "online": True, "save_every": save_every, "replay_steps": replay_steps, "kdtools": __version__}
 
     def save(m, extra):
         save_model(m, output, options, extra)
 
+    STOP_HINT["text"] = (f"{output} holds the substitute as of its last save (every {save_every} batches); "
+                         "pass it to --init to go on")
     with progress_bars(not quiet) as progress:
         result = train_online(model, itertools.chain([first], batches), header.num_classes, cfg, dev, save, save_every,
                               replay_steps, progress)
