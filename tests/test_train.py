@@ -103,10 +103,11 @@ def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, data, cf
         pass
 
     def kill(model, record):
-        if record.epoch == killed_after:
+        # on_epoch_end runs before that epoch's checkpoint is written: dying in epoch k + 1's leaves epoch k's
+        if record.epoch == killed_after + 1:
             raise Killed
 
-    with pytest.raises(Killed):  # the run dies after writing its checkpoint of that epoch
+    with pytest.raises(Killed):  # the run dies after writing its checkpoint of epoch killed_after
         train(b, x, t, cfg, torch.device("cpu"), checkpoint=ck, on_epoch_end=kill)
     state = load_checkpoint(ck)
     assert state["epoch"] == killed_after
