@@ -119,8 +119,9 @@ def run_queries(source: SampleSource, oracle: Oracle, mode: str, budget: Optiona
             stats.spent_total = spent
             stats.seconds = time.perf_counter() - t0
             raise BudgetExhausted(f"query budget of {budget} reached: answered {stats.answered} queries in this run "
-                                  f"({stats.paid} paid, {stats.replayed} from the log), {rest - paid_rows} left unanswered in the "
-                                  "current batch; everything answered is kept")
+                                  f"({stats.paid} paid, {stats.replayed} from the log); the other {rest - paid_rows} of the "
+                                  "current batch and any input after it are unanswered; everything answered is kept"
+                                  + ("; a larger --budget with the same --log goes on without paying twice" if log else ""))
     stats.spent_total = spent
     stats.seconds = time.perf_counter() - t0
     progress(ProgressEvent("querying", stats.answered, stats.answered, {"spent": spent}, done=True))

@@ -131,6 +131,14 @@ def test_usage_errors_exit_2(victim_path):
     assert kd("kd-gen-queries", "aedm").returncode == 2  # no --diffusion
     placeholder = kd("kd-gen-queries", "cake")  # a method not built yet says so, exit 1
     assert placeholder.returncode == 1 and b"not implemented yet" in placeholder.stderr
+    zero = kd("kd-query", victim_path, "--budget", "0", input=b"")  # pays for nothing and has no log to replay
+    assert zero.returncode == 2 and b"--budget 0 pays for no query" in zero.stderr
+    assert kd("kd-query", victim_path, "--max-batch", "0", input=b"").returncode == 2
+
+
+def test_http_only_options_are_not_silently_ignored(victim_path, queries_path, tmp_path):
+    p = kd("kd-query", victim_path, queries_path, "--rate-limit", "5", "-o", tmp_path / "a.kds")
+    assert p.returncode == 0 and b"--rate-limit only shapes requests to an HTTP oracle; ignored for this model oracle" in p.stderr
 
 
 def test_binary_is_never_written_to_a_terminal(tmp_path):

@@ -156,7 +156,14 @@ def test_quota_exhaustion_keeps_the_log_and_never_writes_the_key(victim_path, qu
         p = kd("kd-query", url, queries_path, "--api-key-env", "MY_KEY", "--log", log, "--budget", "300",
                "-o", tmp_path / "b.kds", env={"MY_KEY": SECRET})
         assert p.returncode == 1 and b"200 from the log" in p.stderr
+        assert b"a larger --budget with the same --log goes on without paying twice" in p.stderr
+        # the 50 queries the quota has left are less than one request of 100: smaller requests spend them
+        p = kd("kd-query", url, queries_path, "--api-key-env", "MY_KEY", "--log", log, "--budget", "400", "--max-batch", "50",
+               "-o", tmp_path / "c.kds", env={"MY_KEY": SECRET})
+        assert p.returncode == 1 and b"exhausted" in p.stderr and b"--max-batch N" in p.stderr, p.stderr
+        assert log_info(log)["rows"] == 250
     assert b"key #1: 100 queries (label), 0 rejected, quota left 50" in err.read_bytes()
+    assert b"key #1: 50 queries (label), 0 rejected, quota left 0" in err.read_bytes()
     for path in (log, tmp_path / "a.kds", tmp_path / "b.kds", err):
         if path.exists():
             assert SECRET.encode() not in path.read_bytes(), path

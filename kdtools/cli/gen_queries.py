@@ -13,7 +13,7 @@ from ..errors import KdUsageError
 from ..queries import dataset_batches, noise_batches
 from ..stream import StreamHeader, fields_of
 from ..weights import load_model, parse_shape
-from .query import ApiKeyEnvOption, RateLimitOption, RetriesOption, TimeoutOption, WireOption, remote_options
+from .query import ApiKeyEnvOption, MaxBatchOption, RateLimitOption, RetriesOption, TimeoutOption, WireOption, remote_options, warn_http_only
 from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, not_yet, open_sink, run_app, stderr
 
 app = make_app("Synthesise queries: noise, public data, the data-free attacks TandemGAN, DFME and IDEAL, or AEDM (a steered diffusion prior).\n\n"
@@ -182,9 +182,10 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
         raise KdUsageError(f"--s-loss {config.s_loss!r}: expected l1, l1-logit or kl")
     device = resolve_device(c["device"])
     # the same remote-oracle options as kd-query (API key from the environment, timeouts, retries, rate limit)
-    remote = remote_options(c["api_key_env"], c["timeout"], c["retries"], c["rate_limit"], c["wire"], "error")
+    remote = remote_options(c["api_key_env"], c["timeout"], c["retries"], c["rate_limit"], c["wire"], "error", c["max_batch"])
     oracle = open_oracle(c["oracle"], device, c["trust_pickle"], parse_shape(c["input_shape"]) if c["input_shape"] else None,
                          remote=remote)
+    warn_http_only(oracle, remote)
     eval_set = None
     if c["eval_data"]:
         ds = load_dataset(c["eval_data"], c["eval_split"], data_root(c["data_root"]), False,
@@ -254,7 +255,7 @@ def _dispatch(method: str, common: dict, config, generator: Optional[str], n: Op
 COMMON_OPTIONS = ("oracle", "mode", "budget", "substitute", "output", "log", "eval_data", "eval_split", "resume", "seed",
                   "batch_size", "checkpoint_every", "state_every", "final_epochs", "final_lr", "final_optimizer",
                   "input_shape", "trust_pickle", "device", "quiet", "pixel_mean", "pixel_std", "augment",
-                  "api_key_env", "timeout", "retries", "rate_limit", "wire")
+                  "api_key_env", "timeout", "retries", "rate_limit", "wire", "max_batch")
 
 
 def _common(options: dict) -> dict:
@@ -282,7 +283,7 @@ def tandemgan(
     final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
     pixel_mean: Optional[float] = PixelMean, pixel_std: Optional[float] = PixelStd, augment: bool = Augment,
     api_key_env: str = ApiKeyEnvOption, timeout: float = TimeoutOption, retries: int = RetriesOption,
-    rate_limit: Optional[float] = RateLimitOption, wire: str = WireOption,
+    rate_limit: Optional[float] = RateLimitOption, wire: str = WireOption, max_batch: Optional[int] = MaxBatchOption,
     device: str = DeviceOption, quiet: bool = Quiet, debug: bool = DebugOption,
 ):
     """TandemGAN (chapter 3): explore with Gx, exploit with Ge, imitate with S; label or probs oracles."""
@@ -312,7 +313,7 @@ def dfme(
     final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
     pixel_mean: Optional[float] = PixelMean, pixel_std: Optional[float] = PixelStd, augment: bool = Augment,
     api_key_env: str = ApiKeyEnvOption, timeout: float = TimeoutOption, retries: int = RetriesOption,
-    rate_limit: Optional[float] = RateLimitOption, wire: str = WireOption,
+    rate_limit: Optional[float] = RateLimitOption, wire: str = WireOption, max_batch: Optional[int] = MaxBatchOption,
     device: str = DeviceOption, quiet: bool = Quiet, debug: bool = DebugOption,
 ):
     """DFME (Truong et al. 2021): the data-free baseline; generator by forward differences through the oracle."""
@@ -347,7 +348,7 @@ def ideal(
     final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
     pixel_mean: Optional[float] = PixelMean, pixel_std: Optional[float] = PixelStd, augment: bool = Augment,
     api_key_env: str = ApiKeyEnvOption, timeout: float = TimeoutOption, retries: int = RetriesOption,
-    rate_limit: Optional[float] = RateLimitOption, wire: str = WireOption,
+    rate_limit: Optional[float] = RateLimitOption, wire: str = WireOption, max_batch: Optional[int] = MaxBatchOption,
     device: str = DeviceOption, quiet: bool = Quiet, debug: bool = DebugOption,
 ):
     """IDEAL (ICLR 2023): hard labels, small budget; generator trained through the student, one query per sample."""
@@ -405,7 +406,7 @@ def aedm(
     final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
     augment: bool = Augment,
     api_key_env: str = ApiKeyEnvOption, timeout: float = TimeoutOption, retries: int = RetriesOption,
-    rate_limit: Optional[float] = RateLimitOption, wire: str = WireOption,
+    rate_limit: Optional[float] = RateLimitOption, wire: str = WireOption, max_batch: Optional[int] = MaxBatchOption,
     device: str = DeviceOption, quiet: bool = Quiet, debug: bool = DebugOption,
 ):
     """AEDM (chapter 4): queries steered through a diffusion prior to maximise the substitute's entropy.

@@ -30,6 +30,8 @@ TimeoutOption = typer.Option(60.0, "--timeout", help="Seconds to wait for each H
 RetriesOption = typer.Option(3, "--retries", help="Retries after HTTP 5xx, timeouts and connection errors (exponential backoff).")
 RateLimitOption = typer.Option(None, "--rate-limit", help="At most this many queries per second to an HTTP oracle.")
 WireOption = typer.Option("json", "--wire", help="HTTP body: json (base64 arrays) or stream (binary kdtools stream).")
+MaxBatchOption = typer.Option(None, "--max-batch", help="At most this many query rows per HTTP request (default: the server's max_batch); "
+                               "lower it when a per-key quota is smaller than a request.")
 OnRejectedOption = typer.Option("error", "--on-rejected", help="Queries a server's defence rejects: error (stop) or flag (log them as label -1 and go on).")
 
 
@@ -50,6 +52,7 @@ def query(
     rate_limit: Optional[float] = RateLimitOption,
     wire: str = WireOption,
     on_rejected: str = OnRejectedOption,
+    max_batch: Optional[int] = MaxBatchOption,
     device: str = DeviceOption,
     no_progress: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     debug: bool = DebugOption,
@@ -57,8 +60,12 @@ def query(
     parse_mode(mode)
     if budget is not None and budget < 0:
         raise KdUsageError("--budget must be >= 0")
-    remote = remote_options(api_key_env, timeout, retries, rate_limit, wire, on_rejected)
+    if budget == 0 and not log:
+        # with a log, --budget 0 is meaningful: answer from the log only, pay for nothing
+        raise KdUsageError("--budget 0 pays for no query: it only makes sense with a --log to replay answers from")
+    remote = remote_options(api_key_env, timeout, retries, rate_limit, wire, on_rejected, max_batch)
     orc = open_oracle(oracle, resolve_device(device), trust_pickle, parse_shape(input_shape) if input_shape else None, remote=remote)
+    warn_http_only(orc, remote)
     try:
         _run(orc, oracle, input, mode, budget, log, output, remote, no_progress)
     finally:
@@ -106,7 +113,8 @@ def _run(orc, oracle: str, input, mode, budget, log, output, remote: RemoteOptio
     report_remote(orc)
 
 
-def remote_options(api_key_env: str, timeout: float, retries: int, rate_limit: Optional[float], wire: str, on_rejected: str) -> RemoteOptions:
+def remote_options(api_key_env: str, timeout: float, retries: int, rate_limit: Optional[float], wire: str, on_rejected: str,
+                   max_batch: Optional[int] = None) -> RemoteOptions:
     """RemoteOptions from the command line; the API key's value comes from the environment (CLI only)."""
     if timeout <= 0:
         raise KdUsageError("--timeout must be positive")
@@ -114,10 +122,19 @@ def remote_options(api_key_env: str, timeout: float, retries: int, rate_limit: O
         raise KdUsageError("--retries must be >= 0")
     if rate_limit is not None and rate_limit <= 0:
         raise KdUsageError("--rate-limit must be positive")
+    if max_batch is not None and max_batch < 1:
+        raise KdUsageError("--max-batch must be >= 1")
     if not api_key_env or not api_key_env.replace("_", "").isalnum():
         raise KdUsageError("--api-key-env takes the NAME of an environment variable, not the key")
     return RemoteOptions(api_key=os.environ.get(api_key_env) or None, timeout=timeout, retries=retries,
-                         rate_limit=rate_limit, wire=wire, on_rejected=on_rejected)
+                         rate_limit=rate_limit, wire=wire, on_rejected=on_rejected, max_batch=max_batch)
+
+
+def warn_http_only(orc, remote: RemoteOptions) -> None:
+    """--rate-limit and --max-batch shape HTTP requests; say so rather than ignore them silently elsewhere."""
+    given = [flag for flag, value in (("--rate-limit", remote.rate_limit), ("--max-batch", remote.max_batch)) if value]
+    if given and orc.kind != "http":
+        warn(f"{' and '.join(given)} only {'shapes' if len(given) == 1 else 'shape'} requests to an HTTP oracle; ignored for this {orc.kind} oracle")
 
 
 def report_remote(orc) -> None:
