@@ -66,8 +66,12 @@ class TrainConfig:
             raise KdUsageError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise KdUsageError(f"--schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
-        if self.epochs < 0 or self.batch_size <= 0 or self.lr <= 0 or self.temperature <= 0:
-            raise KdUsageError("epochs must be >= 0, batch size, learning rate and temperature > 0")
+        for flag, value, ok, want in (("--epochs", self.epochs, self.epochs >= 0, ">= 0"),
+                                      ("--batch-size", self.batch_size, self.batch_size > 0, "> 0"),
+                                      ("--lr", self.lr, self.lr > 0 and math.isfinite(self.lr), "> 0"),
+                                      ("--temperature", self.temperature, self.temperature > 0 and math.isfinite(self.temperature), "> 0")):
+            if not ok:
+                raise KdUsageError(f"{flag} {value}: must be {want}")
         if not 0.0 <= self.class_balance <= 1.0:
             raise KdUsageError(f"--class-balance {self.class_balance}: expected a number from 0 (off) to 1 (every class equally often)")
 

@@ -269,6 +269,8 @@ def test_class_balance_is_recorded_and_refused_where_it_cannot_work(tmp_path):
     assert json.loads(read_metadata(out)["options"])["class_balance"] == 0.5
     bad = kd("kd-distill", "--data", "digits", "--class-balance", "2", "-o", tmp_path / "c.safetensors")
     assert bad.returncode == 2 and b"--class-balance 2.0" in bad.stderr and not (tmp_path / "c.safetensors").exists()
+    neg = kd("kd-distill", "--data", "digits", "--lr", "-1", "-o", tmp_path / "c.safetensors")
+    assert neg.returncode == 2 and b"--lr -1.0: must be > 0" in neg.stderr
     online = kd("kd-distill", "--save-every", "1", "--class-balance", "1", "-o", tmp_path / "d.safetensors", input=b"")
     assert online.returncode == 2 and b"not with --save-every" in online.stderr
 
