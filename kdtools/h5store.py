@@ -58,7 +58,12 @@ def _open(path, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode)
     except OSError as e:
-        raise KdError(f"{path}: unreadable HDF5 file ({str(e).splitlines()[0]})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "truncated file" in why:
+            # h5py says "Unable to synchronously open file (truncated file: eof = ..., stored_eof = ...)"
+            raise KdError(f"{path}: truncated HDF5 file (cut short by a full disk or an interrupted copy?); kdtools "
+                          f"cannot read it or append to it: move it aside (h5py: {why})") from None
+        raise KdError(f"{path}: unreadable HDF5 file ({why})") from None
 
 
 def read_header(path) -> StreamHeader:

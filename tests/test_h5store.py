@@ -81,8 +81,12 @@ def test_truncated_hdf5_is_a_clear_error(tmp_path):
     write_samples(p, header(), [batch(50)])
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
-    with pytest.raises(KdError):
+    with pytest.raises(KdError, match="truncated HDF5 file .*move it aside"):
         read_all(p)
+    cut = p.read_bytes()
+    with pytest.raises(KdError, match="truncated HDF5 file"):  # appending to it: refused, and the file is left alone
+        SampleWriter(p, header())
+    assert p.read_bytes() == cut
 
 
 def test_stream_file_and_hdf5_read_the_same(tmp_path):
