@@ -129,8 +129,13 @@ def _torchvision(key: str, split: str, root, download: bool) -> ImageSet:
             y = torch.as_tensor(ds.targets).long()
             classes = list(ds.classes)
     except RuntimeError as e:
-        hint = "" if download else " (it is not there; add --download to fetch it when online)"
-        raise KdError(f"cannot load {key} from {root}: {str(e).splitlines()[0]}{hint}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not download and "not found" in why.lower():
+            # torchvision's own words advise "download=True", a keyword our users never see
+            where = Path(root) / ("" if key == "svhn" else getattr(cls, "base_folder", cls.__name__))
+            raise KdError(f"cannot load {key}: no copy of it in torchvision's layout under {root} (looked in {where}); "
+                          "point --data-root or KD_DATA at one, or add --download when online") from None
+        raise KdError(f"cannot load {key} from {root}: {why}") from None
     return ImageSet(key, split, x.contiguous(), y, len(classes), classes)
 
 

@@ -42,8 +42,11 @@ def test_image_folder(tmp_path):
 def test_torchvision_sets_need_a_root_and_say_how_to_get_one(tmp_path):
     with pytest.raises(KdUsageError, match="KD_DATA"):
         load_dataset("mnist", "train", None)
-    with pytest.raises(KdError, match="--download"):
+    with pytest.raises(KdError, match="--download") as e:
         load_dataset("mnist", "train", tmp_path)
+    assert f"looked in {tmp_path / 'MNIST'}" in str(e.value) and "download=True" not in str(e.value)
+    with pytest.raises(KdError, match="cifar-10-batches-py"):
+        load_dataset("cifar10", "test", tmp_path)
 
 
 @pytest.mark.skipif(kd_data() is None, reason="KD_DATA not set")
