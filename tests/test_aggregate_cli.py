@@ -137,6 +137,23 @@ def test_offline_baselines_side_by_side_and_plot(crowd, tmp_path, capsys, monkey
     assert a == b and len(a.splitlines()) == 201
 
 
+def test_kd_eval_aggregation_writes_the_curves_as_csv_and_a_plot(crowd, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "kdtools.cli.eval", "aggregation", str(crowd / "labels.csv"), "--gold",
+                        str(crowd / "truth.csv"), "--method", "mv,ds", "--chunk-size", "50", "--initial-size", "100",
+                        "--plot", str(tmp_path / "curve.png")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(r.stdout.splitlines()))
+    for m in ("mv", "ds"):
+        tasks = [int(row["tasks"]) for row in rows if row["method"] == m]
+        # the initial set of 100 tasks, then chunks of 50: 100, 150, 200 tasks aggregated so far
+        assert tasks == [100, 150, 200], tasks
+        final = [float(row["error"]) for row in rows if row["method"] == m][-1]
+        assert 0.0 <= final < 0.4  # far below chance (2/3) on this crowd
+        assert f"{m}: final error {100 * final:.2f} % after 200 tasks" in r.stderr
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_dense_input(tmp_path, capsys, monkeypatch):
     (tmp_path / "m.csv").write_text("2,-1,2,1\n0,0,-1,0\n1,1,1,-1\n2,2,0,2\n")
     r = run_here([tmp_path / "m.csv", "--format", "dense", "--method", "mv"], capsys=capsys, monkeypatch=monkeypatch)

@@ -204,14 +204,15 @@ def fid(
 def aggregation(
     labels: str = typer.Argument(..., help="Crowd labels CSV (task,worker,label)."),
     gold: str = typer.Option(..., "--gold", help="task,truth CSV (used for scoring only)."),
-    plot: str = typer.Option(..., "--plot", help="Output image (PNG)."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Also draw the curves to this image (PNG)."),
     methods: str = typer.Option("bila,ds,mv", "--method", help="Comma list of methods."),
     chunk_size: int = typer.Option(25, "--chunk-size"),
     initial_size: Optional[int] = typer.Option(None, "--initial-size"),
     seed: int = typer.Option(0, "--seed"),
     debug: bool = DebugOption,
 ):
-    """Error rate after each chunk for each crowd aggregation method (as kd-aggregate runs them), drawn to --plot."""
+    """Error rate after each chunk for each crowd aggregation method (as kd-aggregate runs them): CSV
+    method,tasks,error on stdout, drawn to --plot."""
     from ..aggregate import crowdio
     from ..aggregate.online import METHODS, error_curves
     from ..aggregate.plot import plot_error_curves
@@ -223,8 +224,13 @@ def aggregation(
         raise KdUsageError(f"--method takes a comma list of {', '.join(METHODS)}")
     chunks = crowdio.split_groups(crowdio.group_by_task(crowdio.read_all([labels])), chunk_size, initial_size)
     curves = error_curves(chunks, crowdio.read_gold(gold), ms, seed=seed)
-    plot_error_curves(curves, plot, options={"labels": labels, "method": ms, "chunk_size": chunk_size,
-                                             "initial_size": initial_size, "seed": seed})
+    if plot:
+        plot_error_curves(curves, plot, options={"labels": labels, "method": ms, "chunk_size": chunk_size,
+                                                 "initial_size": initial_size, "seed": seed})
+    # the numbers behind the plot are data: stdout, for a spreadsheet or the next command
+    lines = ["method,tasks,error"] + [f"{m},{tasks},{err:.6f}" for m, pts in curves.items() for tasks, err in pts]
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
     for m, pts in curves.items():
         if pts:
             info(f"{m}: final error {100 * pts[-1][1]:.2f} % after {pts[-1][0]} tasks")

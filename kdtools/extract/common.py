@@ -452,6 +452,9 @@ class Attack:
 
     def _checkpoint(self, final: bool = False) -> None:
         spent = self.oracle.spent
+        if (final and self.options.final_epochs == 0 and self.history and self.history[-1]["spent"] == spent
+                and self.run.checkpoint_path(spent).is_file()):
+            return  # the last iteration's checkpoint is this very substitute: neither save nor report it twice
         record = {"spent": spent, "loss": self.last_loss, "iterations": self.iterations}
         acc = self.evaluate()
         if acc is not None:
