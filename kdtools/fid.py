@@ -49,11 +49,17 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> flo
 
     if a.mu.shape != b.mu.shape:
         raise KdError(f"feature dimensions differ ({a.mu.shape[0]} vs {b.mu.shape[0]})")
+    import warnings
+
     diff = a.mu - b.mu
-    covmean = linalg.sqrtm(a.sigma @ b.sigma)
-    if not np.isfinite(covmean).all():  # singular product: nudge both covariances (as the reference code does)
-        offset = np.eye(a.sigma.shape[0]) * eps
-        covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
+    # scipy warns (LinAlgWarning, with its source path) when the product is singular, which it always is with
+    # fewer samples than features; the caller reports that case in plain words (fid()'s "few_samples")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(a.sigma @ b.sigma)
+        if not np.isfinite(covmean).all():  # singular product: nudge both covariances (as the reference code does)
+            offset = np.eye(a.sigma.shape[0]) * eps
+            covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
     covmean = np.real(covmean)  # tiny imaginary parts are numerical noise
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
 
@@ -163,8 +169,11 @@ def fid(samples: torch.Tensor, reference: torch.Tensor, extractor, batch_size: i
     fs = extract(extractor, samples, batch_size, progress, "sample features")
     fr = extract(extractor, reference, batch_size, progress, "reference features")
     value = frechet_distance(feature_stats(fs), feature_stats(fr))
+    # with no more rows than feature dimensions a covariance estimate is singular: the number is biased upward
+    # and not comparable with published FIDs (those use 10 000 or 50 000 samples)
+    few = min(fs.shape[0], fr.shape[0]) <= fs.shape[1]
     return {"fid": value, "samples": int(samples.shape[0]), "reference": int(reference.shape[0]),
-            "features": getattr(extractor, "name", "?"), "feature_dim": int(fs.shape[1])}
+            "features": getattr(extractor, "name", "?"), "feature_dim": int(fs.shape[1]), "few_samples": bool(few)}
 
 
 def limit_rows(x: torch.Tensor, n: Optional[int]) -> torch.Tensor:

@@ -61,6 +61,11 @@ def test_kd_eval_fid_command(lenet, tmp_path):
     close = json.loads(kd("kd-eval", "fid", a, "--ref", b, "--features", f"lenet:{lenet}", "--json", check=True).stdout)
     far = json.loads(kd("kd-eval", "fid", noise, "--ref", b, "--features", str(lenet), "--json", check=True).stdout)
     assert 0 < close["fid"] < far["fid"] and close["feature_dim"] == 84 and close["samples"] == 300
+    assert not close["few_samples"] and b"singular" not in same.stderr
+    # 40 rows for 84 features: a number still comes out, with one plain warning and no scipy noise
+    few = kd("kd-eval", "fid", a, "--ref", b, "-n", "40", "--features", f"lenet:{lenet}", "--json", check=True)
+    assert json.loads(few.stdout)["few_samples"] is True
+    assert b"FID from 40 rows with 84 features" in few.stderr and b"LinAlgWarning" not in few.stderr
     # a dataset name as the reference
     p = kd("kd-eval", "fid", a, "--ref", "digits", "--ref-split", "test", "--features", f"lenet:{lenet}", "--json")
     assert p.returncode == 0, p.stderr.decode()
