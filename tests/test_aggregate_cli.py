@@ -109,7 +109,11 @@ def test_chunks_with_state_then_pipe(crowd, tmp_path):
         assert json.loads(f.attrs["options"])["state"] == str(state) and f.attrs["kdtools_version"]
         conf = f["confusion"][:]
     assert np.allclose(conf.sum(2), 1, atol=1e-5)
-
+    # every task seen so far, relabelled from the state alone (no inputs), the state untouched
+    before = state.read_bytes()
+    r4 = run(["--relabel-all", "--state", state])
+    assert r4.returncode == 0, r4.stderr
+    assert len({r["task"] for r in read_out(r4.stdout)}) == 200 and state.read_bytes() == before
     # the same labels through a pipe, in chunks of 25 tasks, with the initial set of 100 tasks
     labels = (crowd / "labels.csv").read_text()
     r3 = run(["-", "--state", tmp_path / "pipe.state", "--chunk-size", 25, "--initial-size", 100,
@@ -291,3 +295,10 @@ def test_usage_errors_exit_2(crowd, capsys, monkeypatch):
     kw = dict(capsys=capsys, monkeypatch=monkeypatch)
     assert run_here([crowd / "labels.csv", "--plot", "x.png"], **kw).returncode == 2
     assert run_here([crowd / "labels.csv", "--chunk-size", 0], **kw).returncode == 2
+    mv = run_here(["--relabel-all", "--method", "mv"], **kw)
+    assert mv.returncode == 2 and "not with --method mv" in mv.stderr
+    assert "give --state FILE" in run_here(["--relabel-all"], **kw).stderr
+    missing = run_here(["--relabel-all", "--state", "no-such.state"], **kw)
+    assert missing.returncode == 1 and "no-such.state: no such state file" in missing.stderr
+    no_state = run_here([crowd / "chunk-001.csv", "-o", os.devnull], **kw)
+    assert no_state.returncode == 0 and "state:" not in no_state.stderr

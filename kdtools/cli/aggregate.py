@@ -184,8 +184,12 @@ def aggregate(
         raise KdUsageError("--plot needs --gold (the plot shows error rates)")
     if state and len(methods) > 1:
         raise KdUsageError("--state keeps one method's model; give a single --method with --state")
-    if relabel_all and (methods[0] != "bila" or not state and not inputs):
-        raise KdUsageError("--relabel-all needs --method bila (and a --state or inputs)")
+    if relabel_all and methods[0] != "bila":
+        raise KdUsageError(f"--relabel-all re-infers every task from BiLA-CM's confusion matrices: not with --method {methods[0]}")
+    if relabel_all and not inputs and not state:
+        raise KdUsageError("--relabel-all without inputs relabels what a --state file holds: give --state FILE (or label files)")
+    if relabel_all and not inputs and not Path(state).exists():
+        raise KdError(f"{state}: no such state file, so nothing to relabel (--relabel-all without inputs reads it)")
     if delimiter is not None:
         delimiter = {"\\t": "\t", "tab": "\t"}.get(delimiter, delimiter)
         if len(delimiter) != 1:
@@ -278,14 +282,16 @@ def aggregate(
         from ..aggregate.plot import plot_error_curves
 
         plot_error_curves(curves, plot, options=options)
-    if state:
+    if state and (n_chunks or not Path(state).exists()):  # nothing learned (a bare --relabel-all): leave it be
         from ..aggregate.state import save_state
 
         save_state(state, main_agg, options)
     if not quiet:
         labels_total = main_agg.labels_seen
-        msg = (f"kd-aggregate: {n_chunks} chunk(s), {n_rows_out} labels written; state: {main_agg.chunks} chunks, "
-               f"{len(main_agg.tasks)} tasks, {len(main_agg.workers)} workers, {len(main_agg.classes)} classes")
+        # "state:" only when there is one; otherwise the counts are this run's alone
+        msg = (f"kd-aggregate: {n_chunks} chunk(s), {n_rows_out} labels written; "
+               + (f"state: {main_agg.chunks} chunks, " if state else "")
+               + f"{len(main_agg.tasks)} tasks, {len(main_agg.workers)} workers, {len(main_agg.classes)} classes")
         if replaced:
             msg += f"; {replaced} repeated (task, worker) labels replaced by the later one"
         info(msg)
@@ -295,7 +301,6 @@ def aggregate(
                 rate = f"{100 * err:.2f} %" if n_gold else "n/a"
                 speed = f", {aggs[m].labels_seen / timing[m]:.0f} labels/s" if timing[m] > 0 else ""
                 info(f"  {m}: error {rate} on {n_gold} gold tasks{speed}")
-        del labels_total
 
 
 @sim_app.command(help=sim_app.info.help)
