@@ -163,7 +163,7 @@ def train(
                       "default_sampler": "ddpm", "fit": cfg.to_json(), "stats": stats, "world_size": world,
                       "options": options}
         save_diffusion(DiffusionModel(net.cpu(), chain, model_info, sched), out)
-        info(f"wrote {out} ({steps} steps, loss {stats['loss']:.4f}, {stats['seconds']:.0f} s)")
+        info(f"kd-diffstep train: wrote {out} ({steps} steps, loss {stats['loss']:.4f}, {stats['seconds']:.0f} s)")
     _finish_distributed(world)
 
 
@@ -247,7 +247,7 @@ def distill(
         student.info["teacher"] = str(teacher)
         save_diffusion(student, out)
         secs = student.info.get("stats", {}).get("seconds", 0.0)
-        info(f"wrote {out}: {method}, {t.steps} -> {student.steps} steps ({secs:.0f} s of training)")
+        info(f"kd-diffstep distill: wrote {out}: {method}, {t.steps} -> {student.steps} steps ({secs:.0f} s of training)")
     _finish_distributed(world)
 
 
@@ -302,7 +302,7 @@ def sample(
         raise
     sink.close()
     if output != "-":
-        info(f"wrote {n} samples to {output}")
+        info(f"kd-diffstep sample: wrote {n} samples to {output}")
 
 
 @app.command()
