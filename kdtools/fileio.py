@@ -17,6 +17,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     so a reader never sees a half-written file (rename is atomic on POSIX file systems).
     """
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # a device or a pipe (-o /dev/null, /dev/stdout, a FIFO): renaming over it would replace the device
+        # itself with a regular file (as root, /dev/null for the whole machine); such a target has no previous
+        # contents to protect, so it is written directly
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

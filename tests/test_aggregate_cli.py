@@ -290,7 +290,7 @@ def test_bad_truncated_state(state_file, crowd, capsys, monkeypatch):
     assert_fails_cleanly(r, state_file, b"garbage", "state")
 
 
-def test_usage_errors_exit_2(crowd, capsys, monkeypatch):
+def test_usage_errors_exit_2(crowd, tmp_path, capsys, monkeypatch):
     assert run([crowd / "labels.csv", "--method", "nope"]).returncode == 2
     kw = dict(capsys=capsys, monkeypatch=monkeypatch)
     assert run_here([crowd / "labels.csv", "--plot", "x.png"], **kw).returncode == 2
@@ -300,5 +300,5 @@ def test_usage_errors_exit_2(crowd, capsys, monkeypatch):
     assert "give --state FILE" in run_here(["--relabel-all"], **kw).stderr
     missing = run_here(["--relabel-all", "--state", "no-such.state"], **kw)
     assert missing.returncode == 1 and "no-such.state: no such state file" in missing.stderr
-    no_state = run_here([crowd / "chunk-001.csv", "-o", os.devnull], **kw)
+    no_state = run_here([crowd / "chunk-001.csv", "-o", tmp_path / "o.csv"], **kw)
     assert no_state.returncode == 0 and "state:" not in no_state.stderr

@@ -163,3 +163,25 @@ def test_a_batch_cut_off_mid_write_is_dropped_on_reopen(tmp_path):
     with h5py.File(p) as f:
         assert f["x"].shape[0] == f["probs"].shape[0] == 8 and list(f["batch_rows"]) == [5, 3]
     assert log_info(p) == {**log_info(p), "rows": 8, "spent": 12}
+
+
+def test_atomic_output_onto_a_pipe_writes_through_it_and_leaves_the_pipe(tmp_path):
+    # `-o /dev/null` or a FIFO: renaming a temporary file over it would replace the device itself
+    # (as root, /dev/null for the whole machine)
+    import os
+    import stat
+    import threading
+
+    from kdtools.fileio import atomic_path
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()), daemon=True)
+    reader.start()
+    with atomic_path(fifo) as p:
+        assert p == fifo
+        p.write_bytes(b"label\n")
+    reader.join(timeout=10)
+    assert got == [b"label\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert [f.name for f in tmp_path.iterdir()] == ["pipe"]  # no temporary file left beside it
