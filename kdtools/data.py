@@ -133,8 +133,10 @@ def _torchvision(key: str, split: str, root, download: bool) -> ImageSet:
         if not download and "not found" in why.lower():
             # torchvision's own words advise "download=True", a keyword our users never see
             where = Path(root) / ("" if key == "svhn" else getattr(cls, "base_folder", cls.__name__))
-            raise KdError(f"cannot load {key}: no copy of it in torchvision's layout under {root} (looked in {where}); "
-                          "point --data-root or KD_DATA at one, or add --download when online") from None
+            found = "an incomplete copy of it" if where.exists() and key != "svhn" else "no copy of it"
+            raise KdError(f"cannot load {key}: {found} in torchvision's layout under {root} (looked in {where}); "
+                          "point --data-root (or KD_DATA, whose vision/ folder is used) at a complete one, or add "
+                          "--download when online") from None
         raise KdError(f"cannot load {key} from {root}: {why}") from None
     return ImageSet(key, split, x.contiguous(), y, len(classes), classes)
 

@@ -43,8 +43,9 @@ def feature_stats(features: torch.Tensor | np.ndarray) -> FeatureStats:
     return FeatureStats(f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1]), f.shape[0])
 
 
-def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
-    """The Fréchet distance between two Gaussians N(mu_a, S_a), N(mu_b, S_b)."""
+def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6, notes: Optional[list] = None) -> float:
+    """The Fréchet distance between two Gaussians N(mu_a, S_a), N(mu_b, S_b); numerical trouble (a singular
+    covariance product) is appended to ``notes`` as text."""
     from scipy import linalg
 
     if a.mu.shape != b.mu.shape:
@@ -52,14 +53,18 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> flo
     import warnings
 
     diff = a.mu - b.mu
-    # scipy warns (LinAlgWarning, with its source path) when the product is singular, which it always is with
-    # fewer samples than features; the caller reports that case in plain words (fid()'s "few_samples")
+    # scipy warns (LinAlgWarning, with its source path) whenever the product is ill-conditioned, which it is
+    # with fewer samples than features and often with dead ReLU feature units, where the result is still
+    # fine; like the reference FID code, only a product whose square root is not finite is reported
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         covmean = linalg.sqrtm(a.sigma @ b.sigma)
-        if not np.isfinite(covmean).all():  # singular product: nudge both covariances (as the reference code does)
+        nudged = not np.isfinite(covmean).all()
+        if nudged:  # singular product: nudge both covariances (as the reference code does)
             offset = np.eye(a.sigma.shape[0]) * eps
             covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
+    if notes is not None and nudged:
+        notes.append(f"the covariance product is singular (offset {eps} added to both covariances)")
     covmean = np.real(covmean)  # tiny imaginary parts are numerical noise
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
 
@@ -168,12 +173,14 @@ def fid(samples: torch.Tensor, reference: torch.Tensor, extractor, batch_size: i
         raise KdUsageError("these samples are points, not images; use --features raw")
     fs = extract(extractor, samples, batch_size, progress, "sample features")
     fr = extract(extractor, reference, batch_size, progress, "reference features")
-    value = frechet_distance(feature_stats(fs), feature_stats(fr))
+    notes: list = []
+    value = frechet_distance(feature_stats(fs), feature_stats(fr), notes=notes)
     # with no more rows than feature dimensions a covariance estimate is singular: the number is biased upward
     # and not comparable with published FIDs (those use 10 000 or 50 000 samples)
     few = min(fs.shape[0], fr.shape[0]) <= fs.shape[1]
     return {"fid": value, "samples": int(samples.shape[0]), "reference": int(reference.shape[0]),
-            "features": getattr(extractor, "name", "?"), "feature_dim": int(fs.shape[1]), "few_samples": bool(few)}
+            "features": getattr(extractor, "name", "?"), "feature_dim": int(fs.shape[1]), "few_samples": bool(few),
+            "singular": bool(notes)}
 
 
 def limit_rows(x: torch.Tensor, n: Optional[int]) -> torch.Tensor:

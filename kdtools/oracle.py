@@ -637,8 +637,8 @@ def _describe_status(status: int, message: str) -> str:
     if status == 403:
         return f"the server refused this API key (HTTP 403{why})"
     if status == 429:
-        return (f"the server's query quota for this key is exhausted (HTTP 429{why}); a quota smaller than one "
-                "request is spent in smaller ones: --max-batch N")
+        return (f"the server's query quota for this key is exhausted (HTTP 429{why}); if the key still has fewer "
+                "queries left than one request holds, smaller requests spend them: --max-batch N")
     if status == 413:
         return f"the batch is too large for the server (HTTP 413{why}); lower --max-batch"
     if status == 400:

@@ -257,7 +257,7 @@ def test_an_arch_that_disagrees_with_init_is_named_not_silently_dropped(tmp_path
     kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", "1", "-q", "-o", first, check=True)
     p = kd("kd-distill", "--data", "digits", "--arch", "vgg11", "--init", first, "--epochs", "1", "-q", "-o", tmp_path / "b.safetensors")
     assert p.returncode == 0, p.stderr.decode()
-    assert f"--arch vgg11 ignored: {first} holds a mlp".encode() in p.stderr
+    assert f"--arch vgg11 ignored: {first} holds 'mlp'".encode() in p.stderr
     same = kd("kd-distill", "--data", "digits", "--arch", "mlp", "--init", first, "--epochs", "1", "-q", "-o", tmp_path / "c.safetensors")
     assert same.returncode == 0 and b"ignored" not in same.stderr
 

@@ -109,6 +109,9 @@ def test_ideal_asks_once_per_sample_and_logs_exactly_what_it_asked(victim_path, 
     oracle, attack = _attack(IDEAL, IDEALConfig(g_steps=2, pool_epochs=2), victim_path, tmp_path, "label", 150, 50)
     result = attack.run_attack()
     assert oracle.calls == [50, 50, 50] and result.spent == 150 == result.rows and result.iterations == 3
+    # one checkpoint per spent count: the end of the budget is not saved (nor reported) a second time
+    spent = [h["spent"] for h in result.history]
+    assert spent == sorted(set(spent)) and spent[-1] == 150 and (tmp_path / "run/checkpoints/substitute-150.safetensors").is_file()
     with h5py.File(tmp_path / "run/queries.h5", "r") as f:
         assert f["x"].dtype == np.uint8 and f["x"].shape == (150, 1, 28, 28)
         # the substitute's training pool is the log itself, row for row

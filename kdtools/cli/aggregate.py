@@ -282,12 +282,11 @@ def aggregate(
         from ..aggregate.plot import plot_error_curves
 
         plot_error_curves(curves, plot, options=options)
-    if state and (n_chunks or not Path(state).exists()):  # nothing learned (a bare --relabel-all): leave it be
+    if state:
         from ..aggregate.state import save_state
 
         save_state(state, main_agg, options)
     if not quiet:
-        labels_total = main_agg.labels_seen
         # "state:" only when there is one; otherwise the counts are this run's alone
         msg = (f"kd-aggregate: {n_chunks} chunk(s), {n_rows_out} labels written; "
                + (f"state: {main_agg.chunks} chunks, " if state else "")

@@ -59,7 +59,7 @@ def distill(
     output: str = typer.Option(..., "-o", "--output", help="Weights file to write (.safetensors)."),
     data: Optional[str] = typer.Option(None, "--data", help="Train on a labelled dataset instead: digits | mnist | fashion-mnist | cifar10 | ..."),
     split: str = typer.Option("train", "--split"),
-    arch: Optional[str] = typer.Option(None, "--arch", help="mlp | lenet5 | lenet5-half | alexnet | vgg11/13/16/19 | resnet18/34 | torchvision:NAME  [default: lenet5; with --init/--resume the file's]"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="mlp | lenet5 | lenet5-half | alexnet | vgg11/13/16/19 | resnet18/34 | torchvision:NAME  (default lenet5; with --init/--resume, the file's architecture)"),
     arch_args: str = typer.Option("{}", "--arch-args", help="JSON architecture arguments, e.g. '{\"hidden\": [512]}'."),
     epochs: int = typer.Option(10, "--epochs"),
     batch_size: int = typer.Option(128, "--batch-size"),
@@ -168,7 +168,7 @@ def distill(
             raise KdError(f"{init}: only kdtools weights files can be trained further")
         if tuple(model.input_shape) != input_shape or model.num_classes != num_classes:
             raise KdError(f"{init}: model takes {model.input_shape} with {model.num_classes} classes; data are {input_shape} with {num_classes}")
-        _warn_ignored_arch(arch, model, init)
+        _warn_ignored_arch(arch, args, model, init)
     else:
         mean, std = _normalization(normalize, x, input_shape[0])
         model = ImageClassifier(arch or "lenet5", input_shape, num_classes, args, mean, std)
@@ -184,15 +184,18 @@ def distill(
     options = {"source": source, "arch": model.arch, "arch_args": model.arch_args, **cfg.__dict__,
                "eval_data": eval_data, "init": init, "resume": resume, "world_size": world, "kdtools": __version__}
 
+    resume_hint = (f"every finished epoch is saved in {ckpt_path}; the same command with --resume {output} "
+                   "continues from the last one")
+
     def save(m, record):
         extra = {"epochs_done": record.epoch, "train_loss": record.loss}
         if record.eval_accuracy is not None:
             extra["eval_accuracy"] = record.eval_accuracy
         save_model(m, output, options, extra)
+        STOP_HINT["text"] = resume_hint  # from now on there is something to resume from
 
     if rank == 0:
-        STOP_HINT["text"] = (f"every finished epoch is saved in {ckpt_path}; the same command with --resume {output} "
-                             "continues from the last one")
+        STOP_HINT["text"] = resume_hint if resume_state is not None else "no epoch had finished, so nothing was saved"
     with progress_bars(rank == 0 and not quiet) as progress:
         result = train(model, x, targets, cfg, dev, eval_set, progress, ckpt_path if rank == 0 else None,
                        resume_state, rank, world, on_epoch_end=save)
@@ -212,11 +215,13 @@ def distill(
         dist.destroy_process_group()
 
 
-def _warn_ignored_arch(arch, model, source) -> None:
-    # --init/--resume rebuild the model the file describes; an --arch that disagrees would be silently
-    # dropped, and the user would believe they trained the other architecture
+def _warn_ignored_arch(arch, args, model, source) -> None:
+    # --init/--resume rebuild the model the file describes; an --arch (or --arch-args) that disagrees would be
+    # silently dropped, and the user would believe they trained the other architecture
     if arch is not None and arch != model.arch:
-        warn(f"--arch {arch} ignored: {source} holds a {model.arch}, and training continues from it")
+        warn(f"--arch {arch} ignored: {source} holds {model.arch!r}, and training continues from it")
+    elif args and args != model.arch_args:
+        warn(f"--arch-args ignored: {source} holds {model.arch!r} with {json.dumps(model.arch_args)}, and training continues from it")
 
 
 def _online(input, output, init, arch, args, normalize, cfg, save_every, replay_steps, dev, quiet) -> None:
@@ -241,7 +246,7 @@ def _online(input, output, init, arch, args, normalize, cfg, save_every, replay_
         if tuple(model.input_shape) != input_shape or model.num_classes != header.num_classes:
             raise KdError(f"{init}: model takes {model.input_shape} with {model.num_classes} classes; "
                           f"the stream has {input_shape} with {header.num_classes}")
-        _warn_ignored_arch(arch, model, init)
+        _warn_ignored_arch(arch, args, model, init)
     else:
         from ..data import to_float
 
@@ -253,9 +258,10 @@ def _online(input, output, init, arch, args, normalize, cfg, save_every, replay_
 
     def save(m, extra):
         save_model(m, output, options, extra)
+        STOP_HINT["text"] = (f"{output} holds the substitute as of its last save (every {save_every} batches); "
+                             "pass it to --init to go on")
 
-    STOP_HINT["text"] = (f"{output} holds the substitute as of its last save (every {save_every} batches); "
-                         "pass it to --init to go on")
+    STOP_HINT["text"] = f"no batch had been saved to {output} yet"
     with progress_bars(not quiet) as progress:
         result = train_online(model, itertools.chain([first], batches), header.num_classes, cfg, dev, save, save_every,
                               replay_steps, progress)

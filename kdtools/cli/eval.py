@@ -191,11 +191,14 @@ def fid(
     with progress_bars() as progress:
         report = compute_fid(x, rx, extractor, batch_size, progress)
     report.update({"samples_file": samples, "ref": ref})
+    from ._common import warn
     if report["few_samples"]:
-        from ._common import warn
         warn(f"FID from {min(report['samples'], report['reference'])} rows with {report['feature_dim']} features: the "
              "covariances are singular, so the value is biased upward and not comparable with published FIDs "
              "(use more rows than features; 10 000 is the convention)")
+    elif report["singular"]:
+        warn("FID: the product of the feature covariances is singular (constant or dead feature units?); "
+             "a small offset was added to both, as the reference FID code does")
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
         return

@@ -185,7 +185,8 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
     remote = remote_options(c["api_key_env"], c["timeout"], c["retries"], c["rate_limit"], c["wire"], "error", c["max_batch"])
     oracle = open_oracle(c["oracle"], device, c["trust_pickle"], parse_shape(c["input_shape"]) if c["input_shape"] else None,
                          remote=remote)
-    warn_http_only(oracle, remote)
+    if client is None or client["rank"] == 0:  # once, not once per federated rank
+        warn_http_only(oracle, remote)
     eval_set = None
     if c["eval_data"]:
         ds = load_dataset(c["eval_data"], c["eval_split"], data_root(c["data_root"]), False,
