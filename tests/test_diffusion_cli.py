@@ -70,6 +70,16 @@ def test_tabular_train_distill_sample_compare(tabular_teacher, tmp_path):
     assert p.returncode == 0, p.stderr.decode()
     sched = DDPMScheduler.from_pretrained(str(own), subfolder="scheduler")
     assert torch.allclose(sched.alphas_cumprod.double(), torch.tensor(s["chain"]["alphas_cumprod"], dtype=torch.float64), rtol=1e-4)
+    # DDIM skipping: the teacher's schedule, which diffusers' DDIMScheduler walks on the same chain
+    from diffusers import DDIMScheduler
+
+    ddim = tmp_path / "ddim5"
+    p = run("distill", t, "--steps", 5, "--method", "ddim", "-o", ddim)
+    assert p.returncode == 0, p.stderr.decode()
+    d = json.loads((ddim / "kdtools.json").read_text())
+    sched = DDIMScheduler.from_pretrained(str(ddim), subfolder="scheduler")
+    sched.set_timesteps(5)
+    assert list(reversed(sched.timesteps.tolist())) == d["chain"]["timesteps"] == [7, 15, 23, 31, 39]
     # sample to a file and a PNG; the same seed gives the same samples
     p = run("sample", out, "-n", 50, "-o", tmp_path / "a.h5", "--grid", tmp_path / "g.png")
     assert p.returncode == 0, p.stderr.decode()

@@ -29,7 +29,7 @@ from ..errors import KdUsageError
 from ..progress import ProgressCallback, no_progress
 from .schedules import Chain, check_student_steps, make_subsequence, q_sample
 from .sfddm import student_chain
-from .teachers import DiffusionModel, denoise, fresh_copy, scheduler_config_for
+from .teachers import DiffusionModel, denoise, fresh_copy, scheduler_config_for, subchain_scheduler_config
 from .training import FitConfig, denoising_loss, fit, rand_steps
 
 METHODS = ("sfddm", "ddim", "progressive", "scratch")
@@ -40,8 +40,8 @@ def ddim_skipping(teacher: DiffusionModel, phi: Sequence[int]) -> DiffusionModel
     chain = teacher.chain.sub(phi)
     info = {"kind": "student", "method": "ddim", "teacher_steps": teacher.steps, "phi": list(phi), **teacher.inherited(),
             "default_sampler": "ddim", "stats": {"seconds": 0.0}}
-    sched = dict(teacher.scheduler_config) or scheduler_config_for(teacher.chain.alphas_cumprod, info["clip_sample"], "DDIMScheduler", info["clip_sample_range"])
-    sched["_class_name"] = "DDIMScheduler"
+    sched = subchain_scheduler_config(teacher.scheduler_config, teacher.chain.alphas_cumprod, info["clip_sample"],
+                                      "DDIMScheduler", info["clip_sample_range"])
     return DiffusionModel(teacher.net, chain, info, sched)
 
 
@@ -119,8 +119,8 @@ def progressive_distillation(teacher: DiffusionModel, data: torch.Tensor, steps:
     info = {"kind": "student", "method": "progressive", "teacher_steps": teacher.steps, "start_steps": n0, "folds": folds,
             **teacher.inherited(), "default_sampler": "ddim",
             "fit": cfg.to_json(), "stats": total}
-    sched = dict(teacher.scheduler_config) or scheduler_config_for(teacher.chain.alphas_cumprod, info["clip_sample"], "DDIMScheduler", info["clip_sample_range"])
-    sched["_class_name"] = "DDIMScheduler"
+    sched = subchain_scheduler_config(teacher.scheduler_config, teacher.chain.alphas_cumprod, info["clip_sample"],
+                                      "DDIMScheduler", info["clip_sample_range"])
     return DiffusionModel(net.cpu(), chain, info, sched)
 
 

@@ -26,7 +26,7 @@ from ..errors import KdUsageError
 from ..progress import ProgressCallback, ProgressEvent, no_progress
 from .sampling import sample_chain
 from .schedules import Chain, check_subsequence, q_sample, student_alphas_cumprod
-from .teachers import DiffusionModel, denoise, fresh_copy, scheduler_config_for
+from .teachers import DiffusionModel, denoise, fresh_copy, scheduler_config_for, subchain_scheduler_config
 from .training import FitConfig, fit, rand_steps, to_model_space
 
 INITS = ("teacher", "fresh")
@@ -95,14 +95,9 @@ def distill_sfddm(teacher: DiffusionModel, data: torch.Tensor, phi: Sequence[int
     info = {"kind": "student", "method": "sfddm", "teacher_steps": teacher.steps, "phi": list(phi), **teacher.inherited(),
             "default_sampler": "ddpm", "fit": cfg.to_json(), "init": init, "student_timesteps": timesteps, "stats": stats}
     if timesteps == "aligned":
-        # the teacher's schedule; trailing spacing puts DDPMPipeline(num_inference_steps=T') on phi - 1 when phi is
-        # uniform (tests pin it); for another phi, diffusers needs scheduler.set_timesteps(timesteps=chain timesteps)
-        sched = dict(teacher.scheduler_config) or scheduler_config_for(teacher.chain.alphas_cumprod, info["clip_sample"],
-                                                                       "DDPMScheduler", info["clip_sample_range"])
-        chosen = {"_class_name": "DDPMScheduler", "timestep_spacing": "trailing", "variance_type": "fixed_small"}
-        sched.update(chosen)
-        # diffusers drops keys listed as defaulted when it loads a config: ours are chosen, not defaults
-        sched["_use_default_values"] = [k for k in sched.get("_use_default_values", []) if k not in chosen]
+        # the teacher's schedule, walked by DDPMPipeline(num_inference_steps=T') on phi - 1 when phi is uniform
+        sched = subchain_scheduler_config(teacher.scheduler_config, teacher.chain.alphas_cumprod, info["clip_sample"],
+                                          "DDPMScheduler", info["clip_sample_range"], variance_type="fixed_small")
     else:
         sched = scheduler_config_for(chain.alphas_cumprod, info["clip_sample"], "DDPMScheduler", info["clip_sample_range"])
     return DiffusionModel(net.cpu(), chain, info, sched)

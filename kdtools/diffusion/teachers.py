@@ -185,6 +185,20 @@ def scheduler_config_for(alphas_cumprod: torch.Tensor, clip_sample: bool, cls: s
     return dict(sched.config)
 
 
+def subchain_scheduler_config(teacher_config: dict, alphas_cumprod: torch.Tensor, clip_sample: bool, cls: str,
+                               clip_sample_range: float = 1.0, **chosen) -> dict:
+    """The teacher's scheduler config (or one rebuilt from its alphas), for a model sampled on a sub-chain of
+    the teacher's steps (SFDDM aligned, DDIM skipping, progressive): ``trailing`` spacing makes diffusers'
+    ``set_timesteps(T')`` land on phi - 1 for a uniform phi, i.e. on our chain's timesteps (tests pin it); for
+    another phi, diffusers needs ``scheduler.set_timesteps(timesteps=...)`` with the chain's timesteps."""
+    sched = dict(teacher_config) or scheduler_config_for(alphas_cumprod, clip_sample, cls, clip_sample_range)
+    chosen = {"_class_name": cls, "timestep_spacing": "trailing", **chosen}
+    sched.update(chosen)
+    # diffusers drops keys listed as defaulted when it loads a config: ours are chosen, not defaults
+    sched["_use_default_values"] = [k for k in sched.get("_use_default_values", []) if k not in chosen]
+    return sched
+
+
 # ----------------------------------------------------------------------------------------------------
 # loading
 
