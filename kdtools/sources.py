@@ -136,11 +136,11 @@ class SampleSink:
         os.chmod(self._tmp, 0o666 & ~_umask())
         os.replace(self._tmp, self.path)
 
-    def abort(self) -> None:
+    def abort(self, message: str = "the writer failed") -> None:
         """Drop a file output (the previous file, if any, stays as it was); end a stream as failed."""
         if self.path is None:
             try:
-                self._stream.close("error", "the writer failed")
+                self._stream.close("error", message)
             except (BrokenPipeError, OSError, ValueError):
                 pass
             return

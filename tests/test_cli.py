@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, counting_exec_oracle, kd, kd_cmd, rows_received, sha
+from kdtools.h5store import log_info
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -134,6 +135,17 @@ def test_usage_errors_exit_2(victim_path):
     zero = kd("kd-query", victim_path, "--budget", "0", input=b"")  # pays for nothing and has no log to replay
     assert zero.returncode == 2 and b"--budget 0 pays for no query" in zero.stderr
     assert kd("kd-query", victim_path, "--max-batch", "0", input=b"").returncode == 2
+
+
+def test_a_run_that_paid_nothing_leaves_no_log_to_block_the_corrected_rerun(victim_path, tmp_path):
+    log = tmp_path / "q.h5"
+    wrong = kd("kd-gen-queries", "noise", "--shape", "1x16x16", "-n", "20", check=True).stdout
+    p = kd("kd-query", victim_path, "--log", log, "-o", tmp_path / "a.kds", input=wrong)
+    assert p.returncode == 1 and b"the oracle takes 1x28x28" in p.stderr and not log.exists()
+    right = kd("kd-gen-queries", "noise", "--shape", "1x28x28", "-n", "20", check=True).stdout
+    p = kd("kd-query", victim_path, "--log", log, "-o", tmp_path / "b.kds", input=right)
+    assert p.returncode == 0, p.stderr.decode()
+    assert log_info(log)["rows"] == 20
 
 
 def test_http_only_options_are_not_silently_ignored(victim_path, queries_path, tmp_path):

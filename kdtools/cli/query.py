@@ -84,13 +84,14 @@ def _run(orc, oracle: str, input, mode, budget, log, output, remote: RemoteOptio
         sink = None
     else:
         sink = open_sink(header, output)
+    new_log = bool(log) and not os.path.exists(log)
     writer = SampleWriter(log, header, oracle=orc.identity, budget=budget) if log else None
     if writer and writer.spent:
         info(f"kd-query: resuming {log}: {writer.rows} answers logged, {writer.spent} queries spent"
              + (f" of {budget}" if budget is not None else ""))
     if writer:
         STOP_HINT["text"] = f"every answer paid for is in {log}; rerun with the same --log and nothing is paid twice"
-    status, message = "complete", ""
+    status, message, failed = "complete", "", False
     try:
         with progress_bars(not no_progress) as progress:
             stats = run_queries(source, orc, mode, budget, writer, sink.write if sink else None, progress)
@@ -99,13 +100,18 @@ def _run(orc, oracle: str, input, mode, budget, log, output, remote: RemoteOptio
         if sink:
             sink.close(status, message)
         raise
-    except BaseException:
+    except BaseException as e:
+        failed = True
         if sink:
-            sink.abort()
+            sink.abort(str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
         raise
     finally:
         if writer:
             writer.close()
+            if failed and new_log and writer.spent == 0:
+                # a run that failed before paying anything (wrong query shape, a refused first request) must not
+                # leave an empty log behind: its header (query shape, answer mode) would refuse the corrected rerun
+                os.unlink(log)
     if sink:
         sink.close(status, message)
     info(f"kd-query: answered {stats.answered} queries ({stats.paid} paid, {stats.replayed} replayed from the log) "
