@@ -167,9 +167,13 @@ def _load_torch_save(path, kind, trust_pickle, arch, input_shape, num_classes, i
         except RuntimeError as e:
             raise KdError(f"{path}: state dict does not match {arch} ({_short(e)})") from None
         return LoadedModel(model.eval(), model.input_shape, model.num_classes, "state_dict", identity)
+    if isinstance(obj, dict) and {"model", "optimizer", "epoch"} <= set(obj):
+        beside = str(path)[:-5] if str(path).endswith(".ckpt") else "the weights file it was saved with"
+        raise KdError(f"{path}: a kd-distill training checkpoint (for --resume), not a model: use {beside}")
     if not trust_pickle:
         raise KdError(f"{path}: a pickled model; loading it can run arbitrary code. Convert it to safetensors, "
-                      "TorchScript or torch.export, or pass --trust-pickle if you trust its origin")
+                      "TorchScript or torch.export, or, if you trust its origin, pass --trust-pickle (kd-query, kd-serve and "
+                      "kd-gen-queries take it, to use the file as an oracle)")
     # The user vouched for this file with --trust-pickle: a full module pickle needs the unrestricted loader.
     module = torch.load(str(path), map_location=map_location, weights_only=False)  # noqa: S614 (explicit opt-in)
     if not isinstance(module, nn.Module):

@@ -123,6 +123,11 @@ def test_pickled_victim_is_refused(tmp_path, queries_path):
     assert r.returncode == 1 and b"--trust-pickle" in r.stderr and not (tmp_path / "out.kds").exists()
     r = kd("kd-query", p, queries_path, "--trust-pickle", "--input-shape", "1x28x28", "-o", tmp_path / "out.kds")
     assert r.returncode == 0, r.stderr
+    # kd-distill's own training checkpoint is not a model: the message names the weights file beside it
+    w = tmp_path / "s.safetensors"
+    kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", "1", "-q", "-o", w, check=True)
+    r = kd("kd-eval", "accuracy", f"{w}.ckpt", "--data", "digits")
+    assert r.returncode == 1 and f"a kd-distill training checkpoint (for --resume), not a model: use {w}".encode() in r.stderr
 
 
 def test_usage_errors_exit_2(victim_path):
