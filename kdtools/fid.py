@@ -180,7 +180,7 @@ def fid(samples: torch.Tensor, reference: torch.Tensor, extractor, batch_size: i
     few = min(fs.shape[0], fr.shape[0]) <= fs.shape[1]
     return {"fid": value, "samples": int(samples.shape[0]), "reference": int(reference.shape[0]),
             "features": getattr(extractor, "name", "?"), "feature_dim": int(fs.shape[1]), "few_samples": bool(few),
-            "singular": bool(notes)}
+            "singular": bool(few or notes)}
 
 
 def limit_rows(x: torch.Tensor, n: Optional[int]) -> torch.Tensor:

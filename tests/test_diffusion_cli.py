@@ -200,6 +200,12 @@ def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
          b"end at", "o4b"),
         (["distill", tabular_teacher, "--steps", 4, "--method", "ddim", "-o", keep], 2, b"", None),
         (["sample", tmp_path / "nowhere", "-n", 2, "-o", tmp_path / "s.h5"], 1, b"", "s.h5"),
+        (["sample", tabular_teacher, "-n", 2, "--batch-size", 0, "-o", tmp_path / "s0.h5"], 2, b"--batch-size", "s0.h5"),
+        # betas are per-step variances in (0, 1), growing along the chain: a usage error, not "lower --lr"
+        (["train", "--data", "swissroll", "--steps", 10, "--beta-end", 1.5, "--iters", 5, "-o", tmp_path / "t1"], 2,
+         b"must lie in (0, 1)", "t1"),
+        (["train", "--data", "swissroll", "--steps", 10, "--beta-start", 0.5, "--beta-end", 0.1, "--iters", 5,
+          "-o", tmp_path / "t2"], 2, b"below --beta-start", "t2"),
     ]
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda case: run(*case[0]), cases))

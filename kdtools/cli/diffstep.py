@@ -273,6 +273,10 @@ def sample(
 
     if n < 1:
         raise KdUsageError(f"-n must be at least 1, not {n}")
+    if batch_size < 1:
+        raise KdUsageError(f"--batch-size must be at least 1, not {batch_size}")
+    if eta < 0:
+        raise KdUsageError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), not {eta}")
     if output is None and grid is None:
         raise KdUsageError("nothing to write: give -o FILE (or -o - for stdout) and/or --grid PNG")
     m = load_diffusion(model)

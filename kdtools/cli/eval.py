@@ -179,6 +179,10 @@ def fid(
     from ..sources import read_all
     from ._common import progress_bars, stdin_if
 
+    from ..errors import KdUsageError
+
+    if batch_size < 1:
+        raise KdUsageError(f"--batch-size must be at least 1, not {batch_size}")
     extractor = open_features(features, resolve_device(device))
     _, batch = read_all(samples, stdin_if(samples))
     x = limit_rows(batch["x"], n)

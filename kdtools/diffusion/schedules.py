@@ -30,6 +30,12 @@ def make_betas(num_steps: int, schedule: str = "linear", beta_start: float = 1e-
     """Betas as diffusers' DDPMScheduler builds them (float64 here, for exact algebra)."""
     if num_steps <= 0:
         raise KdUsageError(f"the number of diffusion steps must be positive, not {num_steps}")
+    # a beta is a per-step noise variance: outside (0, 1) alpha_t = 1 - beta_t is no longer a variance-preserving
+    # step, and training "diverges" for a reason --lr cannot fix
+    if schedule in ("linear", "scaled_linear") and not (0 < beta_start < 1 and 0 < beta_end < 1):
+        raise KdUsageError(f"--beta-start {beta_start} and --beta-end {beta_end}: each must lie in (0, 1)")
+    if schedule in ("linear", "scaled_linear") and beta_end < beta_start:
+        raise KdUsageError(f"--beta-end {beta_end} is below --beta-start {beta_start}: the noise must grow along the chain")
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
     if schedule == "scaled_linear":
