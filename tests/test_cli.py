@@ -167,6 +167,15 @@ def test_binary_is_never_written_to_a_terminal(tmp_path):
         os.close(slave)
         os.close(master)
     assert p.returncode == 2 and b"refusing to write a binary stream to a terminal" in p.stderr
+    # kd-diffstep sample refuses before loading (and sampling from) the model: the directory need not even exist
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run(kd_cmd("kd-diffstep") + ["sample", str(tmp_path / "none"), "-n", "2", "-o", "-"], stdout=slave,
+                           stderr=subprocess.PIPE, env=ENV, timeout=120)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert p.returncode == 2 and b"refusing to write a binary stream to a terminal" in p.stderr
 
 
 def test_sigkill_loses_no_answered_batch_and_resume_respects_the_budget(victim_path, queries_path, tmp_path):

@@ -25,7 +25,7 @@ from rich.table import Table
 from .. import __version__
 from ..device import resolve_device
 from ..errors import KdError, KdUsageError
-from ._common import DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, open_sink, progress_bars, run_app
+from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, open_sink, progress_bars, run_app, warn
 
 app = make_app("Diffusion step distillation: train a teacher, distill it to any number of steps (SFDDM) or "
                "with a baseline, sample, compare.")
@@ -74,7 +74,14 @@ def _load_training_data(data: str, split: str, n: Optional[int], image_size: Opt
         if x.dim() == 2:
             x = x.float()[:n] if n else x.float()
             return x, {"name": data, "kind": "tabular", "dim": int(x.shape[1]), "split": split}
-    ds = load_dataset(data, split, data_root(data_root_opt), download, image_size=image_size, channels=channels)
+    from ..errors import KdUsageError as _Usage
+
+    try:
+        ds = load_dataset(data, split, data_root(data_root_opt), download, image_size=image_size, channels=channels)
+    except _Usage as e:
+        if "unknown dataset" in str(e):  # kd-diffstep also trains on 2-D points, which the image loader does not list
+            raise _Usage(f"{e}, or {', '.join(TABULAR)} (2-D points)") from None
+        raise
     x = ds.x if ds.x.dtype == torch.uint8 else (ds.x.clamp(0, 1) * 255).round().to(torch.uint8)
     if n:
         x = x[:n]
@@ -139,6 +146,7 @@ def train(
     if steps < 1:
         raise KdUsageError(f"--steps must be at least 1, not {steps}")
     out = check_output_dir(output, force)
+    STOP_HINT["text"] = f"nothing was written to {output} (an output directory appears only complete); run the command again"
     cfg = _fit_config(iters, batch_size, lr, ema, seed)
     rank, world, dev = _distributed(device)
     x, described = _load_training_data(data, split, n, image_size, channels, data_root_opt, download)
@@ -212,9 +220,13 @@ def distill(
     if student_timesteps not in STUDENT_TIMESTEPS:
         raise KdUsageError(f"--student-timesteps {student_timesteps!r}: expected one of {', '.join(STUDENT_TIMESTEPS)}")
     out = check_output_dir(output, force)
+    STOP_HINT["text"] = f"nothing was written to {output} (an output directory appears only complete); run the command again"
     t = load_diffusion(teacher)
     check_student_steps(t.steps, steps)
     phi = make_subsequence(t.steps, steps, subsequence, seed) if method != "progressive" else None
+    if method == "progressive" and subsequence != "uniform":
+        # halving folds fix the steps (every other one of a uniform chain); a chosen sub-sequence cannot apply
+        warn(f"--subsequence {subsequence} ignored: progressive distillation halves a uniform chain fold by fold")
     d = t.data
     if image_size is not None and d.get("kind") == "image" and int(d["image_size"]) != image_size:
         raise KdError(f"{teacher}: the teacher makes {d['image_size']}x{d['image_size']} images, not --image-size {image_size}")
@@ -279,6 +291,10 @@ def sample(
         raise KdUsageError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), not {eta}")
     if output is None and grid is None:
         raise KdUsageError("nothing to write: give -o FILE (or -o - for stdout) and/or --grid PNG")
+    if output == "-":
+        from ._common import binary_stdout
+
+        binary_stdout()  # a terminal is refused now, not after minutes of sampling
     m = load_diffusion(model)
     dev = resolve_device(device)
     with progress_bars() as progress:
