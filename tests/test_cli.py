@@ -252,6 +252,8 @@ def test_resume_flag_continues_training(tmp_path):
     p = kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", "3", "--resume", out, "-o", out, check=True)
     from kdtools.weights import read_metadata
     assert read_metadata(out)["epochs_done"] == "3"
+    options = json.loads(read_metadata(out)["options"])  # "auto" as resolved: hard labels train with cross-entropy
+    assert options["loss"] == "auto" and options["loss_used"] == "ce" and options["device"] == "cpu"
 
 
 def test_sigterm_mid_training_names_the_checkpoint_and_resume_goes_on(tmp_path):

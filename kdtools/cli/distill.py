@@ -182,6 +182,8 @@ def distill(
              f"{num_classes} classes, device {dev}" + (f", {world} processes" if world > 1 else ""))
 
     options = {"source": source, "arch": model.arch, "arch_args": model.arch_args, **cfg.__dict__,
+               # what "auto" became, so the file says how it was made
+               "loss_used": cfg.loss if cfg.loss != "auto" else ("kl" if targets.soft else "ce"), "device": str(dev),
                "eval_data": eval_data, "init": init, "resume": resume, "world_size": world, "kdtools": __version__}
 
     resume_hint = (f"every finished epoch is saved in {ckpt_path}; the same command with --resume {output} "
