@@ -46,7 +46,9 @@ class ImageSet:
 
 
 def load_dataset(name: str, split: str = "train", root: Optional[str | Path] = None, download: bool = False,
-                 image_size: Optional[int] = None, channels: Optional[int] = None) -> ImageSet:
+                 image_size: Optional[int] = None, channels: Optional[int] = None,
+                 also_accepted: tuple[str, ...] = ()) -> ImageSet:
+    """An image set by name. ``also_accepted``: names the caller handles itself, listed when ``name`` is unknown."""
     key = name.lower()
     if key == "digits":
         data = _digits(split)
@@ -59,7 +61,7 @@ def load_dataset(name: str, split: str = "train", root: Optional[str | Path] = N
     elif Path(name).is_dir():
         data = _folder(name, split, image_size)
     else:
-        raise KdUsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise KdUsageError(f"unknown dataset {name!r}; choose one of {', '.join((*DATASETS, *also_accepted))}")
     return adapt_images(data, image_size=image_size, channels=channels)
 
 

@@ -59,6 +59,10 @@ class TrainConfig:
     # answers pile onto a few classes (kd-eval log shows the spread): an epoch keeps its length.
     class_balance: float = 0.0
 
+    def loss_for(self, soft: bool) -> str:
+        """The loss actually used: "auto" is KL on soft answers, cross-entropy on hard labels."""
+        return self.loss if self.loss != "auto" else ("kl" if soft else "ce")
+
     def validate(self) -> None:
         if self.loss not in LOSSES:
             raise KdUsageError(f"--loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
@@ -211,7 +215,7 @@ def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig,
     epoch (rank 0), ``resume`` is a loaded checkpoint to continue from.
     """
     cfg.validate()
-    loss_name = cfg.loss if cfg.loss != "auto" else ("kl" if targets.soft else "ce")
+    loss_name = cfg.loss_for(targets.soft)
     if loss_name in ("kl", "l1") and not targets.soft:
         raise KdUsageError(f"--loss {loss_name} needs soft targets (probs/logits/topk answers); these data have hard labels only")
     if x.shape[0] != targets.labels.shape[0]:
@@ -364,7 +368,7 @@ def train_online(model: nn.Module, batches, num_classes: int, cfg: TrainConfig, 
             continue
         targets = targets_from(batch, num_classes)
         if loss_name is None:
-            loss_name = cfg.loss if cfg.loss != "auto" else ("kl" if targets.soft else "ce")
+            loss_name = cfg.loss_for(targets.soft)
             if loss_name in ("kl", "l1") and not targets.soft:
                 raise KdUsageError(f"--loss {loss_name} needs soft targets; the stream has hard labels only")
         x = batch["x"]

@@ -180,3 +180,8 @@ def test_class_balance_lifts_a_rare_class():
         with torch.no_grad():
             recall[power] = (m(x[n_common:]).argmax(1) == 1).float().mean().item()
     assert recall[1.0] > recall[0.0] + 0.3, recall
+
+
+def test_auto_loss_is_kl_on_soft_answers_and_cross_entropy_on_labels():
+    assert TrainConfig().loss_for(soft=True) == "kl" and TrainConfig().loss_for(soft=False) == "ce"
+    assert TrainConfig(loss="l1").loss_for(soft=True) == "l1"

@@ -57,6 +57,15 @@ def _finish_distributed(world: int) -> None:
         dist.destroy_process_group()
 
 
+def _output_dir(output: str, force: bool):
+    """The checked output directory; a stop from here on says that nothing was written."""
+    from ..diffusion.teachers import check_output_dir
+
+    out = check_output_dir(output, force)
+    STOP_HINT["text"] = f"nothing was written to {output} (an output directory appears only complete); run the command again"
+    return out
+
+
 def _load_training_data(data: str, split: str, n: Optional[int], image_size: Optional[int], channels: Optional[int],
                         data_root_opt: Optional[str], download: bool) -> tuple[torch.Tensor, dict]:
     """(x_0 tensor, data description): uint8 images (N, C, H, W) or float points (N, D)."""
@@ -74,14 +83,8 @@ def _load_training_data(data: str, split: str, n: Optional[int], image_size: Opt
         if x.dim() == 2:
             x = x.float()[:n] if n else x.float()
             return x, {"name": data, "kind": "tabular", "dim": int(x.shape[1]), "split": split}
-    from ..errors import KdUsageError as _Usage
-
-    try:
-        ds = load_dataset(data, split, data_root(data_root_opt), download, image_size=image_size, channels=channels)
-    except _Usage as e:
-        if "unknown dataset" in str(e):  # kd-diffstep also trains on 2-D points, which the image loader does not list
-            raise _Usage(f"{e}, or {', '.join(TABULAR)} (2-D points)") from None
-        raise
+    ds = load_dataset(data, split, data_root(data_root_opt), download, image_size=image_size, channels=channels,
+                      also_accepted=tuple(f"{t} (2-D points)" for t in TABULAR))
     x = ds.x if ds.x.dtype == torch.uint8 else (ds.x.clamp(0, 1) * 255).round().to(torch.uint8)
     if n:
         x = x[:n]
@@ -140,13 +143,12 @@ def train(
     # the resolved options, taken before the imports below add their names to locals()
     options = {k: v for k, v in locals().items() if k not in ("debug",) and not k.startswith("_")}
     from ..diffusion.schedules import Chain, alphas_cumprod_from_betas, make_betas
-    from ..diffusion.teachers import DiffusionModel, MLPDenoiser, build_unet, check_output_dir, save_diffusion, scheduler_config_for
+    from ..diffusion.teachers import DiffusionModel, MLPDenoiser, build_unet, save_diffusion, scheduler_config_for
     from ..diffusion.training import denoising_loss, fit
 
     if steps < 1:
         raise KdUsageError(f"--steps must be at least 1, not {steps}")
-    out = check_output_dir(output, force)
-    STOP_HINT["text"] = f"nothing was written to {output} (an output directory appears only complete); run the command again"
+    out = _output_dir(output, force)
     cfg = _fit_config(iters, batch_size, lr, ema, seed)
     rank, world, dev = _distributed(device)
     x, described = _load_training_data(data, split, n, image_size, channels, data_root_opt, download)
@@ -213,14 +215,13 @@ def distill(
     from ..diffusion.baselines import METHODS, ddim_skipping, from_scratch, progressive_distillation
     from ..diffusion.schedules import check_student_steps, make_subsequence
     from ..diffusion.sfddm import STUDENT_TIMESTEPS, distill_sfddm, select_input_noise
-    from ..diffusion.teachers import check_output_dir, load_diffusion, save_diffusion
+    from ..diffusion.teachers import load_diffusion, save_diffusion
 
     if method not in METHODS:
         raise KdUsageError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     if student_timesteps not in STUDENT_TIMESTEPS:
         raise KdUsageError(f"--student-timesteps {student_timesteps!r}: expected one of {', '.join(STUDENT_TIMESTEPS)}")
-    out = check_output_dir(output, force)
-    STOP_HINT["text"] = f"nothing was written to {output} (an output directory appears only complete); run the command again"
+    out = _output_dir(output, force)
     t = load_diffusion(teacher)
     check_student_steps(t.steps, steps)
     phi = make_subsequence(t.steps, steps, subsequence, seed) if method != "progressive" else None

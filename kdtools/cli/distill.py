@@ -183,7 +183,7 @@ def distill(
 
     options = {"source": source, "arch": model.arch, "arch_args": model.arch_args, **cfg.__dict__,
                # what "auto" became, so the file says how it was made
-               "loss_used": cfg.loss if cfg.loss != "auto" else ("kl" if targets.soft else "ce"), "device": str(dev),
+               "loss_used": cfg.loss_for(targets.soft), "device": str(dev),
                "eval_data": eval_data, "init": init, "resume": resume, "world_size": world, "kdtools": __version__}
 
     resume_hint = (f"every finished epoch is saved in {ckpt_path}; the same command with --resume {output} "
