@@ -89,8 +89,9 @@ def find_checkpoints(inputs: Sequence[str]) -> list[tuple[int, Path]]:
         else:
             raise KdError(f"{p}: no such file or directory")
         found += [(queries_of(f), f) for f in files]
-    found.sort(key=lambda qp: (qp[0], str(qp[1])))
-    return found
+    # a weights file named beside the run directory that holds it is one checkpoint, not two points
+    unique = {f.resolve(): (q, f) for q, f in reversed(found)}
+    return sorted(unique.values(), key=lambda qp: (qp[0], str(qp[1])))
 
 
 def evaluate_curve(checkpoints: Sequence[tuple[int, Path]], data: ImageSet, device: torch.device,
@@ -117,10 +118,17 @@ def evaluate_curve(checkpoints: Sequence[tuple[int, Path]], data: ImageSet, devi
     return points, ref_acc
 
 
-def curve_json(points: list[CurvePoint], data_name: str, reference: Optional[str], reference_accuracy: Optional[float],
-               options: dict) -> dict:
-    return {"kdtools.version": __version__, "data": data_name, "reference": reference,
-            "reference_accuracy": reference_accuracy, "points": [asdict(p) for p in points], "options": options}
+def curve_json(series: Sequence[tuple[str, list[CurvePoint]]], data_name: str, reference: Optional[str],
+               reference_accuracy: Optional[float], options: dict) -> dict:
+    """The curve as JSON: always ``series`` (one entry per run: its name, "" for a single unnamed one, and its
+    points); with exactly one series its points are also ``points``, the shape a single curve had first."""
+    doc = {"kdtools.version": __version__, "data": data_name, "reference": reference,
+           "reference_accuracy": reference_accuracy,
+           "series": [{"run": name, "points": [asdict(p) for p in points]} for name, points in series],
+           "options": options}
+    if len(series) == 1:
+        doc["points"] = doc["series"][0]["points"]
+    return doc
 
 
 def run_label(item: str) -> str:

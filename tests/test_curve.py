@@ -88,3 +88,14 @@ def test_several_runs_are_compared_one_series_each(run_dir, victim_path, tmp_pat
     p = kd("kd-eval", "curve", other / "substitute-300.safetensors", run_dir / "checkpoints" / "substitute-100.safetensors",
            "--data", "digits", "--json", check=True)
     assert [pt["queries"] for pt in json.loads(p.stdout)["points"]] == [100, 300]
+
+
+def test_curve_json_always_has_series_and_counts_a_file_once(run_dir, tmp_path):
+    # one run: "series" too (one unnamed entry), with "points" the same list
+    p = kd("kd-eval", "curve", run_dir, "--data", "digits", "--json", check=True)
+    doc = json.loads(p.stdout)
+    assert [s["run"] for s in doc["series"]] == [""] and doc["series"][0]["points"] == doc["points"]
+    # a checkpoint named beside the run directory that holds it is one point, not two
+    ckpt = run_dir / "checkpoints" / "substitute-100.safetensors"
+    p = kd("kd-eval", "curve", run_dir, ckpt, "--data", "digits", "--json", check=True)
+    assert [pt["queries"] for pt in json.loads(p.stdout)["points"]] == [100, 2000, 5000]

@@ -47,6 +47,9 @@ def test_tabular_train_distill_sample_compare(tabular_teacher, tmp_path):
     # the recorded options are the command's own parameters, nothing the function imported
     assert info["options"]["steps"] == 40 and info["options"]["hidden_dim"] == 32
     assert not {"Chain", "fit", "make_betas", "save_diffusion"} & set(info["options"])
+    # defaults are recorded as what they resolved to: DDPM's betas scaled to 40 steps, the device used
+    assert info["options"]["beta_start"] == pytest.approx(1e-4 * 1000 / 40) and info["options"]["beta_end"] == pytest.approx(0.5)
+    assert info["options"]["device"] == "cpu"
     out = tmp_path / "sfddm"
     p = run("distill", t, "--steps", 5, "--iters", 20, "--batch-size", 64, "-o", out)
     assert p.returncode == 0, p.stderr.decode()
@@ -74,7 +77,8 @@ def test_tabular_train_distill_sample_compare(tabular_teacher, tmp_path):
     from diffusers import DDIMScheduler
 
     ddim = tmp_path / "ddim5"
-    p = run("distill", t, "--steps", 5, "--method", "ddim", "-o", ddim)
+    # step skipping trains nothing, so a training flag like --iters 0 is not its business
+    p = run("distill", t, "--steps", 5, "--method", "ddim", "--iters", 0, "-o", ddim)
     assert p.returncode == 0, p.stderr.decode()
     d = json.loads((ddim / "kdtools.json").read_text())
     sched = DDIMScheduler.from_pretrained(str(ddim), subfolder="scheduler")
@@ -90,6 +94,11 @@ def test_tabular_train_distill_sample_compare(tabular_teacher, tmp_path):
     assert x.shape == (50, 2) and x.dtype == torch.float32
     run("sample", out, "-n", 50, "-o", tmp_path / "b.h5")
     assert torch.equal(x, read_all(tmp_path / "b.h5")[1]["x"])
+    # --eta only shapes DDIM: with the teacher's own DDPM sampler it is named as ignored, with ddim it is not
+    p = run("sample", t, "-n", 4, "--eta", 0.5, "-o", tmp_path / "eta.h5")
+    assert p.returncode == 0 and b"--eta 0.5 ignored" in p.stderr
+    p = run("sample", t, "-n", 4, "--eta", 0.5, "--sampler", "ddim", "-o", tmp_path / "eta.h5")
+    assert p.returncode == 0 and b"ignored" not in p.stderr
     p = run("compare", out, "--teacher", t, "-n", 32, "--pairs", tmp_path / "pairs.png", "--interp",
             tmp_path / "interp.png", "--json")
     assert p.returncode == 0, p.stderr.decode()
@@ -206,6 +215,9 @@ def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
          b"must lie in (0, 1)", "t1"),
         (["train", "--data", "swissroll", "--steps", 10, "--beta-start", 0.5, "--beta-end", 0.1, "--iters", 5,
           "-o", tmp_path / "t2"], 2, b"below --beta-start", "t2"),
+        # a bad training flag is named with its value
+        (["train", "--data", "swissroll", "--steps", 10, "--iters", 5, "--lr", 0, "-o", tmp_path / "t3"], 2,
+         b"--lr must be > 0, not 0.0", "t3"),
     ]
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda case: run(*case[0]), cases))

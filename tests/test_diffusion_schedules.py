@@ -102,6 +102,9 @@ def test_subsequences():
     c = make_subsequence(1000, 16, "concentrated:0.4")
     inside = [p for p in c[1:-1] if 475 <= p <= 525]
     assert len(c) == 17 and len(inside) == round(0.4 * 15)
+    # a fraction too small for one step in the window leaves no hole there: the steps spread over the whole chain
+    c = make_subsequence(1000, 16, "concentrated:0.01")
+    assert max(b - a for a, b in zip(c, c[1:])) <= 72 and any(450 <= p <= 550 for p in c)
     assert make_subsequence(20, 3, "0,4,11,20") == [0, 4, 11, 20]
     assert make_subsequence(1000, 16, "0," + ",".join(str(62 * i) for i in range(1, 16)) + ",1000")[-1] == 1000
 

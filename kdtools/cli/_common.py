@@ -183,3 +183,24 @@ def not_yet(command: str, issue: Optional[int], what: str) -> None:
     """For commands not built yet: say so and fail, never pretend to work."""
     where = f"issue #{issue} adds it" if issue else "no open issue asks for it yet"
     raise KdError(f"{command}: {what} is not implemented yet ({where})")
+
+
+def distributed_setup(device_opt: str):
+    """(rank, world_size, device): under torchrun (WORLD_SIZE > 1) joins the process group, each rank on its
+    own GPU (LOCAL_RANK) with nccl, or on the CPU with gloo; otherwise (0, 1, the resolved device)."""
+    import torch
+
+    from ..device import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_opt)
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,28 +24,12 @@ from rich.table import Table
 from .. import __version__
 from ..device import resolve_device
 from ..errors import KdError, KdUsageError
-from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, open_sink, progress_bars, run_app, warn
+from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, distributed_setup, info, make_app, open_sink, progress_bars, run_app, warn
 
 app = make_app("Diffusion step distillation: train a teacher, distill it to any number of steps (SFDDM) or "
                "with a baseline, sample, compare.")
 
 TABULAR = ("swissroll",)
-
-
-def _distributed(device_opt: str):
-    """(rank, world_size, device) under torchrun, else (0, 1, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, resolve_device(device_opt)
-    import torch.distributed as dist
-
-    device = resolve_device(device_opt)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
 
 
 def _finish_distributed(world: int) -> None:
@@ -150,10 +133,15 @@ def train(
         raise KdUsageError(f"--steps must be at least 1, not {steps}")
     out = _output_dir(output, force)
     cfg = _fit_config(iters, batch_size, lr, ema, seed)
-    rank, world, dev = _distributed(device)
+    rank, world, dev = distributed_setup(device)
     x, described = _load_training_data(data, split, n, image_size, channels, data_root_opt, download)
-    betas = make_betas(steps, beta_schedule, beta_start if beta_start is not None else 1e-4 * 1000 / steps,
-                       beta_end if beta_end is not None else min(0.999, 0.02 * 1000 / steps))
+    if beta_start is None:
+        beta_start = 1e-4 * 1000 / steps
+    if beta_end is None:
+        beta_end = min(0.999, 0.02 * 1000 / steps)
+    # the file records what made it: the defaults as the numbers they resolved to, the device actually used
+    options.update(beta_start=beta_start, beta_end=beta_end, device=str(dev))
+    betas = make_betas(steps, beta_schedule, beta_start, beta_end)
     acp = alphas_cumprod_from_betas(betas)
     chain = Chain(list(range(steps)), acp)
     torch.manual_seed(seed)  # the same initial weights on every rank
@@ -231,8 +219,10 @@ def distill(
     d = t.data
     if image_size is not None and d.get("kind") == "image" and int(d["image_size"]) != image_size:
         raise KdError(f"{teacher}: the teacher makes {d['image_size']}x{d['image_size']} images, not --image-size {image_size}")
-    rank, world, dev = _distributed(device)
-    cfg = _fit_config(iters, batch_size, lr, ema, seed, hidden_weight, data_weight)
+    rank, world, dev = distributed_setup(device)
+    options["device"] = str(dev)
+    # DDIM step skipping trains nothing: the training flags neither apply nor are checked
+    cfg = _fit_config(iters, batch_size, lr, ema, seed, hidden_weight, data_weight) if method != "ddim" else None
     x = None
     if method != "ddim":
         name = data or d.get("name")
@@ -298,14 +288,16 @@ def sample(
         binary_stdout()  # a terminal is refused now, not after minutes of sampling
     m = load_diffusion(model)
     dev = resolve_device(device)
+    if eta > 0 and (sampler or m.info.get("default_sampler", "ddpm")) == "ddpm":
+        warn(f"--eta {eta} ignored: it sets DDIM's noise, and {model} samples with DDPM (give --sampler ddim to use it)")
     with progress_bars() as progress:
         x = draw(m, n, seed, sampler, eta, batch_size, dev, input_noise, progress=progress)
     if grid:
         save_grid(x, grid)
     if output is None:
         return
-    options = {"model": model, "n": n, "sampler": sampler or m.info.get("default_sampler"), "eta": eta, "seed": seed,
-               "input_noise": input_noise, "kdtools_version": __version__}
+    options = {"model": model, "n": n, "sampler": sampler or m.info.get("default_sampler", "ddpm"), "eta": eta, "seed": seed,
+               "input_noise": input_noise, "device": str(dev), "kdtools_version": __version__}
     if x.dim() == 2:
         rows = x.float()
         header = StreamHeader(kind="samples", fields={"x": {"dtype": "float32", "shape": [int(x.shape[1])]}},

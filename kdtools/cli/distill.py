@@ -4,7 +4,6 @@ answers (a query log, a stream on stdin): the student / substitute."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -13,14 +12,13 @@ import typer
 
 from .. import __version__
 from ..data import load_dataset
-from ..device import resolve_device
 from ..errors import KdError, KdUsageError
 from ..models import ImageClassifier, count_parameters
 from ..sources import collect, open_samples
 from ..oracle import without_rejected
 from ..train import TrainConfig, data_normalization, load_checkpoint, targets_from, train
 from ..weights import load_model, save_model
-from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, warn, progress_bars, run_app, stdin_if
+from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, distributed_setup, info, make_app, warn, progress_bars, run_app, stdin_if
 
 app = make_app("Train a student from a query log / stream (default: stdin) or a classifier from --data.")
 
@@ -35,22 +33,6 @@ def _normalization(spec: str, x: torch.Tensor, channels: int):
     except ValueError:
         raise KdUsageError(f"--normalize {spec!r}: expected auto, none or MEAN,STD") from None
     return [m] * channels, [s] * channels
-
-
-def _distributed(device_opt: str):
-    """(rank, world_size, device) under torchrun, else (0, 1, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, resolve_device(device_opt)
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_opt)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
 
 
 @app.command(help=app.info.help)  # one-command app: show the app's help
@@ -92,7 +74,7 @@ def distill(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     debug: bool = DebugOption,
 ):
-    rank, world, dev = _distributed(device)
+    rank, world, dev = distributed_setup(device)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                       weight_decay=weight_decay, schedule=schedule, loss=loss, temperature=temperature,
                       augment=augment, hflip=hflip, seed=seed, class_balance=class_balance)

@@ -130,12 +130,7 @@ def curve(
     if plot:
         plot_curves(series, plot, title or f"{ds.name} ({ds.split})", ref_acc, options)
     if as_json:
-        if len(series) == 1:
-            doc = curve_json(series[0][1], f"{ds.name} ({ds.split})", reference, ref_acc, options)
-        else:
-            doc = curve_json([], f"{ds.name} ({ds.split})", reference, ref_acc, options)
-            del doc["points"]
-            doc["series"] = [{"run": name, "points": curve_json(pts, "", None, None, {})["points"]} for name, pts in series]
+        doc = curve_json(series, f"{ds.name} ({ds.split})", reference, ref_acc, options)
         sys.stdout.write(json.dumps(doc) + "\n")
         return
     table = Table(title=f"kd-eval curve: {ds.name} ({ds.split}), {len(ds)} images")

@@ -104,7 +104,9 @@ def make_subsequence(T: int, T_student: int, kind: str = "uniform", seed: int = 
         lo, hi = max(1, T // 2 - half), min(T - 1, T // 2 + half)
         n_mid = min(round(frac * interior), hi - lo + 1)
         mid = _spread(lo, hi, n_mid)
-        rest_pool = [s for s in range(1, T) if s < lo or s > hi]
+        # the window is kept for its own steps; when P rounds to none of them, the rest spread over the whole
+        # chain (else a 5 % hole would open at the midpoint: concentrated:0.01 should be nearly uniform)
+        rest_pool = [s for s in range(1, T) if s < lo or s > hi or not mid]
         n_rest = interior - len(mid)
         if n_rest > len(rest_pool):
             raise KdUsageError(f"--subsequence {kind}: {T_student} steps do not fit this concentration in a {T}-step teacher")

@@ -38,10 +38,16 @@ class FitConfig:
     data_weight: float = 0.0  # SFDDM: weight of the plain denoising loss on the true noise (eq. 6.15)
 
     def validate(self) -> None:
-        if self.iters < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.ema < 1:
-            raise KdUsageError("--iters and --batch-size must be positive, --lr > 0 and --ema in [0, 1)")
-        if self.hidden_weight < 0 or self.data_weight < 0:
-            raise KdUsageError("--hidden-weight and --data-weight must be >= 0")
+        # one message per flag, naming it and its value: a generic rule list leaves the user to find which
+        problems = [f"--iters must be at least 1, not {self.iters}" if self.iters < 1 else "",
+                    f"--batch-size must be at least 1, not {self.batch_size}" if self.batch_size < 1 else "",
+                    f"--lr must be > 0, not {self.lr}" if not self.lr > 0 else "",
+                    f"--ema must be in [0, 1), not {self.ema}" if not 0 <= self.ema < 1 else "",
+                    f"--hidden-weight must be >= 0, not {self.hidden_weight}" if not self.hidden_weight >= 0 else "",
+                    f"--data-weight must be >= 0, not {self.data_weight}" if not self.data_weight >= 0 else ""]
+        problems = [p for p in problems if p]
+        if problems:
+            raise KdUsageError("; ".join(problems))
 
     def to_json(self) -> dict:
         return asdict(self)
