@@ -14,11 +14,15 @@ from each run's HDF5 log. ``--scale 0.1`` runs every budget at a tenth; results 
 WORK/results.jsonl so a long benchmark can be run piecewise; the table shows every result there.
 
   KD_DATA=../shared/data python benchmarks/extraction.py --targets mnist-label --methods ideal dfme
+
+With --http the same attacks query the victim through kd-serve on loopback HTTP (run directories and rows
+tagged "http"), so a file-oracle run and its HTTP twin sit side by side in the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import re
 import os
@@ -148,6 +152,10 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="Name a variant (e.g. one with --method-args): its run directory gets the suffix "
                                                  "-TAG and its rows say 'METHOD [TAG]', so it sits beside the default run.")
     ap.add_argument("--table-only", action="store_true", help="Print the table of earlier results and stop.")
+    ap.add_argument("--http", action="store_true",
+                    help="Query the victim through kd-serve on loopback HTTP (started here, --mode label,probs) instead of "
+                         "from its file: the run directory gets the suffix -http and its rows say [http], beside the "
+                         "file-oracle run of the same settings, so accuracy and time compare side by side.")
     ap.add_argument("--post-train", action="store_true",
                     help="After each attack (or on its existing log), also train a fresh substitute on the attack's "
                          "query log with kd-distill (no further query) and report it as its own row.")
@@ -177,10 +185,19 @@ def main() -> None:
             vpath = victim(dataset, victims[dataset], work, args.victim_epochs)
             victims[dataset] = str(vpath)
             vacc = test_accuracy(vpath, dataset)
+            oracle, server = str(vpath), None
+            tags = [t for t in (args.tag, "http" if args.http else "") if t]
+            if args.http and not args.post_train_only:
+                from http_overhead import start_server  # the same kd-serve start as the HTTP overhead benchmark
+
+                (work / "serve").mkdir(exist_ok=True)
+                (work / "serve" / "port").unlink(missing_ok=True)
+                server, oracle = start_server(vpath, work / "serve", dict(os.environ))
+                atexit.register(server.terminate)  # also when an attack fails part-way
             for method in [m for m in METHODS_FOR[mode] if m in args.methods]:
-                out = work / (f"{name}-{method}-{budget}" + (f"-{args.tag}" if args.tag else ""))
-                label = f"{method} [{args.tag}]" if args.tag else method
-                cmd = [*tool("kd-gen-queries"), method, "--oracle", str(vpath), "--mode", mode, "--budget", str(budget),
+                out = work / (f"{name}-{method}-{budget}" + "".join(f"-{t}" for t in tags))
+                label = f"{method} [{', '.join(tags)}]" if tags else method
+                cmd = [*tool("kd-gen-queries"), method, "--oracle", oracle, "--mode", mode, "--budget", str(budget),
                        "--substitute", args.substitute, "-o", str(out), "--eval-data", dataset, "--device", args.device,
                        "-q", *PIXELS[dataset], *method_args[method], *shlex.split(args.extra)]
                 if (out / "state.pt").exists():
@@ -206,6 +223,9 @@ def main() -> None:
                     # the command that makes the file; "seconds" of a resumed run cover only the resumed part
                     record(results, {**base, "method": f"{label} + {how}", "seconds": round(seconds, 1), "resumed": resumed,
                                      "command": shlex.join(["kd-distill", *pcmd[3:]])}, post, out)
+            if server is not None:
+                server.terminate()
+                server.wait(30)
 
     rows = [json.loads(line) for line in open(results)] if results.exists() else []
     print()
