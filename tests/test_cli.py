@@ -142,6 +142,25 @@ def test_usage_errors_exit_2(victim_path):
     assert kd("kd-query", victim_path, "--max-batch", "0", input=b"").returncode == 2
 
 
+def test_a_reader_that_goes_away_gets_one_line_not_silence(tmp_path):
+    # `kd-gen-queries ... | head -c 1000`: the writer exits 1 and says why, in one line, no traceback
+    err = tmp_path / "err"
+    with open(err, "wb") as e:
+        p = subprocess.Popen([*kd_cmd("kd-gen-queries"), "noise", "--shape", "1x28x28", "-n", "200000"],
+                             stdout=subprocess.PIPE, stderr=e, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        p.stdout.read(1000)
+        p.stdout.close()
+        assert p.wait(120) == 1
+    lines = err.read_bytes().decode().strip().splitlines()
+    assert len(lines) == 1 and "broken pipe" in lines[0] and "Traceback" not in lines[0], lines
+
+
+def test_messages_print_as_typed(victim_path):
+    # ":abc:" in a flag value is not an emoji code
+    p = kd("kd-query", victim_path, "--mode", "topk:abc:", input=b"")
+    assert p.returncode == 2 and b"topk:abc:" in p.stderr, p.stderr
+
+
 def test_a_run_that_paid_nothing_leaves_no_log_to_block_the_corrected_rerun(victim_path, tmp_path):
     log = tmp_path / "q.h5"
     wrong = kd("kd-gen-queries", "noise", "--shape", "1x16x16", "-n", "20", check=True).stdout

@@ -68,16 +68,17 @@ def make_app(help: str) -> typer.Typer:
 def fail(message: str, code: int = 1) -> None:
     """Print one line on stderr and exit with ``code``."""
     # messages quote file names, server replies and library errors: never read them as rich markup
-    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    # (nor ":abc:" as an emoji code: "topk:abc" must print as typed)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
     raise SystemExit(code)
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
 
 
 def info(message: str) -> None:
-    stderr.print(message, highlight=False, soft_wrap=True, markup=False)
+    stderr.print(message, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 def run_app(app: typer.Typer, prog_name: str) -> None:
@@ -98,12 +99,12 @@ def run_app(app: typer.Typer, prog_name: str) -> None:
             traceback.print_exc()
         fail(str(e), e.exit_code)
     except BrokenPipeError:
-        # the reader went away (e.g. `| head`): that is not our error; silence Python's own report
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
-        raise SystemExit(1)
+        _broken_pipe()
+    except SystemExit as e:
+        # click answers a broken pipe itself with a silent exit 1; give it the one line all our exits 1 have
+        if e.code == 1 and isinstance(e.__context__, BrokenPipeError):
+            _broken_pipe()
+        raise
     except KeyboardInterrupt:
         fail(_stopped("interrupted"), 130)
     except Terminated:
@@ -112,6 +113,16 @@ def run_app(app: typer.Typer, prog_name: str) -> None:
         if DEBUG["on"]:
             traceback.print_exc()
         fail(f"{type(e).__name__}: {e}" + ("" if DEBUG["on"] else " (run with --debug for the traceback)"), 1)
+
+
+def _broken_pipe() -> None:
+    # the reader went away (`| head`, or a downstream command that failed): not our error, but the output is
+    # cut short, so the one line says so; stdout goes to devnull so Python's own report at exit stays silent
+    try:
+        sys.stdout = open(os.devnull, "w")
+    except OSError:
+        pass
+    fail("stdout was closed by the reader (broken pipe): the output is incomplete", 1)
 
 
 def binary_stdout():
