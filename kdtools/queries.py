@@ -20,6 +20,8 @@ def noise_batches(shape: tuple, n: int, batch_size: int = 256, distribution: str
     """Random images: uniform on [0, 1], or gaussian(mean, std) clipped to [0, 1]."""
     if distribution not in ("uniform", "gaussian"):
         raise KdUsageError(f"--dist {distribution!r}: expected uniform or gaussian")
+    if batch_size < 1:
+        raise KdUsageError(f"--batch-size must be at least 1, not {batch_size}")
     g = torch.Generator().manual_seed(seed)
     for i in range(0, n, batch_size):
         m = min(batch_size, n - i)
@@ -49,6 +51,8 @@ def dataset_batches(data: ImageSet, n: int, batch_size: int = 256, shuffle: bool
     """``n`` images drawn from ``data`` (cycling through it when n exceeds its size), optionally augmented."""
     if len(data) == 0:
         raise KdUsageError(f"dataset {data.name} ({data.split}) is empty")
+    if batch_size < 1:  # a zero or negative step would never finish
+        raise KdUsageError(f"--batch-size must be at least 1, not {batch_size}")
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=g) if shuffle else torch.arange(len(data))
     produced = 0

@@ -142,6 +142,16 @@ def test_usage_errors_exit_2(victim_path):
     assert kd("kd-query", victim_path, "--max-batch", "0", input=b"").returncode == 2
 
 
+def test_a_batch_size_below_one_is_a_usage_error_not_a_hang(victim_path, tmp_path):
+    # (a negative one used to loop for ever, zero to crash in range())
+    for args in (["dataset", "--data", "digits", "-n", "10", "--batch-size", "-1", "-o", tmp_path / "q.kds"],
+                 ["noise", "--shape", "1x8x8", "-n", "10", "--batch-size", "0", "-o", tmp_path / "q.kds"],
+                 ["ideal", "--oracle", victim_path, "--budget", "100", "--batch-size", "-5", "-o", tmp_path / "att"]):
+        p = kd("kd-gen-queries", *args, timeout=120)
+        assert p.returncode == 2 and b"--batch-size" in p.stderr, (args, p.stderr)
+    assert not (tmp_path / "att").exists() and not (tmp_path / "q.kds").exists()
+
+
 def test_a_reader_that_goes_away_gets_one_line_not_silence(tmp_path):
     # `kd-gen-queries ... | head -c 1000`: the writer exits 1 and says why, in one line, no traceback
     err = tmp_path / "err"
