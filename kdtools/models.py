@@ -153,6 +153,11 @@ ARCHITECTURES = ["mlp", "lenet5", "lenet5-half", "alexnet", "vgg11", "vgg13", "v
 def build_network(arch: str, in_channels: int, num_classes: int, input_size: Sequence[int], **kwargs) -> nn.Module:
     """Build an untrained network by name. ``kwargs`` are architecture arguments (e.g. ``hidden`` for mlp)."""
     input_size = tuple(int(s) for s in input_size)
+    zoo = {"mlp": (MLP, ()), "lenet5": (LeNet5, ()), "lenet5-half": (LeNet5, ("width",)), "alexnet": (AlexNetCifar, ()),
+           "resnet18": (ResNetCifar, ("blocks",)), "resnet34": (ResNetCifar, ("blocks",)),
+           **{name: (VGGCifar, ("depth",)) for name in VGG_CONFIGS}}
+    if arch in zoo:
+        _check_arch_args(arch, *zoo[arch], kwargs)
     if arch == "mlp":
         return MLP(in_channels, num_classes, input_size, **kwargs)
     if arch == "lenet5":
@@ -170,6 +175,17 @@ def build_network(arch: str, in_channels: int, num_classes: int, input_size: Seq
     if arch.startswith("torchvision:"):
         return _torchvision_network(arch.split(":", 1)[1], in_channels, num_classes, **kwargs)
     raise KdUsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)} or torchvision:<name>")
+
+
+def _check_arch_args(arch: str, cls: type, fixed: Sequence[str], kwargs: dict) -> None:
+    """Name an argument the architecture does not take (else a TypeError from deep inside reads like a bug)."""
+    import inspect
+
+    taken = [k for k in list(inspect.signature(cls).parameters)[3:] if k not in fixed]  # after channels, classes, size
+    unknown = [k for k in kwargs if k not in taken]
+    if unknown:
+        raise KdUsageError(f"architecture {arch} takes no argument {', '.join(map(repr, unknown))} "
+                           f"(its arguments: {', '.join(taken) or 'none'})")
 
 
 def _torchvision_network(name: str, in_channels: int, num_classes: int, **kwargs) -> nn.Module:

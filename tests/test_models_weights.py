@@ -96,3 +96,13 @@ def test_truncated_weights_file(tmp_path):
     p.write_bytes(data[: len(data) - 100])
     with pytest.raises(KdError):
         load_model(p)
+
+
+def test_an_argument_the_architecture_does_not_take_is_named():
+    from kdtools.models import build_network
+
+    with pytest.raises(KdUsageError, match=r"architecture mlp takes no argument 'nosuch' \(its arguments: hidden\)"):
+        build_network("mlp", 1, 10, (8, 8), nosuch=1)
+    with pytest.raises(KdUsageError, match="lenet5-half takes no argument 'width'"):
+        build_network("lenet5-half", 1, 10, (28, 28), width=2)
+    assert build_network("lenet5", 1, 10, (28, 28), width=2) is not None
