@@ -166,6 +166,12 @@ def test_budget_reached_mid_batch_keeps_every_paid_answer(victim_path, tmp_path)
            "--substitute", "lenet5-half", "-o", out, "--resume")
     assert p.returncode == 0, p.stderr.decode()
     assert log_info(out / "queries.h5")["spent"] == 100
+    # --resume with another substitute: one line saying which one the attack was started with, nothing paid
+    p = kd("kd-gen-queries", "tandemgan", "--oracle", victim_path, "--budget", 200, "--batch-size", 16,
+           "--substitute", "lenet5", "-o", out, "--resume")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "started with --substitute lenet5-half" in err and len(err.strip().splitlines()) == 1, err
+    assert log_info(out / "queries.h5")["spent"] == 100
 
 
 def test_the_oracle_itself_is_sent_exactly_the_budget(victim_path, tmp_path):

@@ -20,6 +20,7 @@ attack keeps every paid answer in memory (``AnswerPool``, mirroring the log row 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -486,11 +487,15 @@ class Attack:
         state = {
             "schema": STATE_SCHEMA, "method": self.method, "kdtools": __version__, "finished": finished,
             "iterations": self.iterations, "spent": self.oracle.spent, "rows": self.pool.n,
-            "substitute": self.substitute.state_dict(), "rng": torch.get_rng_state(),
+            "substitute": self.substitute.state_dict(), "substitute_spec": self._substitute_spec(), "rng": torch.get_rng_state(),
             "history": self.history, "last_loss": float(self.last_loss), "method_state": self.state(),
         }
         self.run.save_state(state)
         self.last_state_save = time.monotonic()
+
+    def _substitute_spec(self) -> dict:
+        arch = getattr(self.substitute, "arch", type(self.substitute).__name__)
+        return {"arch": arch, "arch_args": dict(getattr(self.substitute, "arch_args", {}) or {})}
 
     def _restore(self) -> None:
         """On --resume: the latest saved state, and every answer of the log back in the pool."""
@@ -500,8 +505,18 @@ class Attack:
         if state is not None:
             if state.get("method") != self.method:
                 raise KdError(f"{self.run.state_path}: state of a {state.get('method')} attack, not {self.method}")
-            self.substitute.load_state_dict(state["substitute"])
-            self.load(state["method_state"])
+            saved, now = state.get("substitute_spec"), self._substitute_spec()
+            if saved is not None and saved != now:
+                raise KdError(f"{self.run.state_path}: this attack was started with --substitute {saved['arch']} "
+                              f"{json.dumps(saved['arch_args'])}, not {now['arch']} {json.dumps(now['arch_args'])}; "
+                              "resume it with the substitute it was started with")
+            try:
+                self.substitute.load_state_dict(state["substitute"])
+                self.load(state["method_state"])
+            except RuntimeError as e:  # a state from before substitute_spec was recorded, or other settings
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise KdError(f"{self.run.state_path}: the saved attack does not fit this command's --substitute or "
+                              f"generator settings ({first}); resume with the settings it was started with") from None
             self.iterations = int(state["iterations"])
             self.history = list(state["history"])
             self.last_loss = float(state["last_loss"])
