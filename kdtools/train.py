@@ -93,8 +93,15 @@ class Targets:
         return self.probs is not None or self.logits is not None
 
 
-def targets_from(batch: dict, num_classes: int) -> Targets:
-    """Build targets from the answer fields of a sample set (see kdtools.oracle)."""
+def targets_from(batch: dict, num_classes: int, where: str = "the training data") -> Targets:
+    """Build targets from the answer fields of a sample set (see kdtools.oracle); ``where`` names the source
+    in errors. Non-finite answers are refused here: trained on, they only show up later as a NaN loss."""
+    for name in ("logits", "probs", "topk_value"):
+        if name in batch:
+            bad = ~torch.isfinite(batch[name].float()).reshape(batch[name].shape[0], -1).all(1)
+            if bad.any():
+                raise KdError(f"{where}: {int(bad.sum())} answers hold NaN or infinite {name} "
+                              f"(first at row {int(bad.nonzero()[0])})")
     if "logits" in batch:
         logits = batch["logits"].float()
         return Targets(logits.argmax(1), torch.softmax(logits, 1), logits)
@@ -111,7 +118,7 @@ def targets_from(batch: dict, num_classes: int) -> Targets:
     if "label" in batch:
         y = batch["label"].long()
         if y.numel() and (y.min() < 0 or y.max() >= num_classes):
-            raise KdError(f"labels outside 0..{num_classes - 1} in the training data")
+            raise KdError(f"{where}: labels outside 0..{num_classes - 1}")
         return Targets(y)
     raise KdError("the training data has no labels or answers (fields label, probs, logits or topk_*)")
 
@@ -366,7 +373,7 @@ def train_online(model: nn.Module, batches, num_classes: int, cfg: TrainConfig, 
         rejected += dropped
         if batch["x"].shape[0] == 0:
             continue
-        targets = targets_from(batch, num_classes)
+        targets = targets_from(batch, num_classes, "a batch of the input stream")
         if loss_name is None:
             loss_name = cfg.loss_for(targets.soft)
             if loss_name in ("kl", "l1") and not targets.soft:

@@ -185,3 +185,19 @@ def test_class_balance_lifts_a_rare_class():
 def test_auto_loss_is_kl_on_soft_answers_and_cross_entropy_on_labels():
     assert TrainConfig().loss_for(soft=True) == "kl" and TrainConfig().loss_for(soft=False) == "ce"
     assert TrainConfig(loss="l1").loss_for(soft=True) == "l1"
+
+
+def test_non_finite_answers_and_bad_labels_are_refused_naming_the_source():
+    from kdtools.errors import KdError
+
+    probs = torch.full((4, 3), 1 / 3)
+    probs[2, 1] = float("nan")
+    with pytest.raises(KdError, match=r"snan.kds: 1 answers hold NaN or infinite probs \(first at row 2\)"):
+        targets_from({"probs": probs}, 3, "snan.kds")
+    logits = torch.zeros(3, 3)
+    logits[0, 0] = float("inf")
+    with pytest.raises(KdError, match=r"row 0"):
+        targets_from({"logits": logits}, 3, "x")
+    with pytest.raises(KdError, match=r"q.h5: labels outside 0..2"):
+        targets_from({"label": torch.tensor([0, 3])}, 3, "q.h5")
+    assert targets_from({"probs": torch.full((2, 3), 1 / 3)}, 3).soft

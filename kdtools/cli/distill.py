@@ -117,7 +117,7 @@ def distill(
             warn(f"{input or 'stdin'}: skipped {rejected} rows whose query the oracle refused (a query defence); "
                  f"training on the {batch['x'].shape[0]} answered ones")
         x, num_classes, source = batch["x"], header.num_classes, input or "stdin"
-        targets = targets_from(batch, num_classes)
+        targets = targets_from(batch, num_classes, source)
         if image_size or channels:
             from ..data import ImageSet, adapt_images
             x = adapt_images(ImageSet("input", "", x, None, num_classes), image_size, channels).x
