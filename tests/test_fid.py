@@ -90,3 +90,15 @@ def test_kd_eval_fid_bad_inputs(lenet, tmp_path):
     pts = _write(tmp_path / "pts.h5", torch.randn(50, 2))
     p = kd("kd-eval", "fid", pts, "--ref", pts, "--features", "raw", "--json")
     assert p.returncode == 0 and json.loads(p.stdout)["fid"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_non_finite_samples_are_named_not_a_linear_algebra_error():
+    from kdtools.errors import KdError
+
+    x = torch.rand(20, 2)
+    bad = x.clone()
+    bad[5, 0] = float("nan")
+    with pytest.raises(KdError, match=r"the samples: 1 rows hold NaN or infinite values \(first at row 5\)"):
+        fid(bad, x, RawFeatures())
+    with pytest.raises(KdError, match="the reference"):
+        fid(x, bad, RawFeatures())
