@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,22 @@ def _is_missing_word(value: str) -> bool:
     return value.strip().lower() in MISSING_WORDS
 
 
+def _records(reader, name: str, first_line: int) -> Iterator[tuple[int, list[str]]]:
+    """``(line, fields)`` for each record of a ``csv.reader``; ``line`` is the line of the file where the
+    record *starts* (``first_line`` is the file line of the reader's first line). A quoting error is
+    reported at the line where the broken record starts, not at the last good one (a quote left
+    open swallows every following line, so the reader only notices at the end of the data)."""
+    while True:
+        start = first_line + reader.line_num  # the lines consumed so far; the next record starts after them
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise KdError(f"{name}:{start}: malformed line: {e}") from None
+        yield start, fields
+
+
 def read_long(stream: IO[str], name: str, columns: Columns = Columns(),
               delimiter: Optional[str] = None) -> Iterator[Row]:
     """Yield ``(task, worker, label)`` from a long CSV/TSV with a header; raise KdError on a bad line."""
@@ -76,10 +93,8 @@ def read_long(stream: IO[str], name: str, columns: Columns = Columns(),
                       f"set --task-col/--worker-col/--label-col") from None
     width = len(header)
     reader = csv.reader(stream, delimiter=delim, strict=True)
-    lineno = 1
     try:
-        for fields in reader:
-            lineno = reader.line_num + 1
+        for lineno, fields in _records(reader, name, first_line=2):
             if not fields or (len(fields) == 1 and not fields[0].strip()):
                 continue  # blank line
             if len(fields) != width:
@@ -93,8 +108,6 @@ def read_long(stream: IO[str], name: str, columns: Columns = Columns(),
                 raise KdError(f"{name}:{lineno}: the label of task {task!r} by worker {worker!r} is missing "
                               f"({label or 'empty'}); drop the row instead")
             yield (task, worker, label)
-    except csv.Error as e:
-        raise KdError(f"{name}:{lineno}: malformed line: {e}") from None
     except UnicodeDecodeError as e:
         raise KdError(f"{name}: not a text file ({e.reason})") from None
 
@@ -127,7 +140,7 @@ def read_dense(stream: IO[str], name: str, columns: Columns = Columns(),
     delim = delimiter or guess_delimiter(name, first)
     if delim == "," and "," not in first and (" " in first.strip()):
         delim = " "
-    split = (lambda line: line.split()) if delim == " " else (lambda line: next(csv.reader([line], delimiter=delim)))
+    split = (lambda line: line.split()) if delim == " " else (lambda line: next(csv.reader([line], delimiter=delim, strict=True)))
     cells = [c.strip() for c in split(first.rstrip("\r\n"))]
     has_header = bool(cells) and cells[0].lstrip("\ufeff") == columns.task
     if has_header:
@@ -150,6 +163,7 @@ def read_dense(stream: IO[str], name: str, columns: Columns = Columns(),
             n += 1
             yield n, line
 
+    lineno = 1
     try:
         for lineno, line in lines():
             line = line.rstrip("\r\n")
@@ -172,7 +186,7 @@ def read_dense(stream: IO[str], name: str, columns: Columns = Columns(),
                 if label is not None:
                     yield (task, worker, label)
     except csv.Error as e:
-        raise KdError(f"{name}: malformed line: {e}") from None
+        raise KdError(f"{name}:{lineno}: malformed line: {e}") from None
     except UnicodeDecodeError as e:
         raise KdError(f"{name}: not a text file ({e.reason})") from None
 
@@ -212,12 +226,28 @@ def group_by_task(rows: Iterable[Row]) -> list[list[Row]]:
     return list(groups.values())
 
 
+def _check_sizes(chunk_size: Optional[int], first_size: Optional[int]) -> None:
+    for what, value in (("chunk_size", chunk_size), ("first_size", first_size)):
+        if value is None:
+            continue
+        try:
+            ok = operator.index(value) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{what} must be a whole number of tasks >= 1 (or None), not {value!r}")
+
+
 def split_groups(groups: Sequence[list[Row]], chunk_size: Optional[int],
                  first_size: Optional[int] = None) -> list[list[Row]]:
-    """Cut task groups into chunks of ``chunk_size`` tasks (the first one ``first_size``)."""
+    """Cut task groups into chunks of ``chunk_size`` tasks (the first one ``first_size``).
+
+    ``chunk_size`` None: one chunk holding everything (offline). A size below 1 is refused
+    (ValueError): a zero or negative step would never reach the end of the groups."""
+    _check_sizes(chunk_size, first_size)
     if not groups:
         return []
-    if not chunk_size:
+    if chunk_size is None:
         return [[r for g in groups for r in g]]
     chunks = []
     start = 0
@@ -235,8 +265,14 @@ def stream_chunks(rows: Iterable[Row], chunk_size: Optional[int],
 
     A chunk is closed when a task not in it arrives and it already holds ``chunk_size`` tasks, so a
     stream grouped by task gives the same chunks as :func:`split_groups` on the whole file.
+    Sizes as for :func:`split_groups` (None: one chunk; below 1: ValueError, raised at the call).
     """
-    if not chunk_size:
+    _check_sizes(chunk_size, first_size)
+    return _stream_chunks(rows, chunk_size, first_size)
+
+
+def _stream_chunks(rows: Iterable[Row], chunk_size: Optional[int], first_size: Optional[int]) -> Iterator[list[Row]]:
+    if chunk_size is None:
         rows = list(rows)
         if rows:
             yield rows
@@ -285,20 +321,20 @@ def read_gold(path: str | os.PathLike, task_col: str = "task", truth_col: str = 
                 raise KdError(f"{name}: no {truth_col!r} column in the gold file")
             gi = others[0]
         gold: dict[str, str] = {}
-        reader = csv.reader(f, delimiter=delim)
+        reader = csv.reader(f, delimiter=delim, strict=True)  # broken quoting is an error, as in the labels
         try:
-            for fields in reader:
+            for lineno, fields in _records(reader, name, first_line=2):
                 if not fields or (len(fields) == 1 and not fields[0].strip()):
                     continue
                 if len(fields) != len(header):
-                    raise KdError(f"{name}:{reader.line_num + 1}: malformed line: expected {len(header)} fields, "
+                    raise KdError(f"{name}:{lineno}: malformed line: expected {len(header)} fields, "
                                   f"found {len(fields)}")
                 truth = fields[gi].strip()
                 if _is_missing_word(truth):
                     continue  # a task without gold
                 gold[fields[ti].strip()] = truth
-        except csv.Error as e:
-            raise KdError(f"{name}: malformed line: {e}") from None
+        except UnicodeDecodeError as e:
+            raise KdError(f"{name}: not a UTF-8 text file (byte 0x{e.object[e.start]:02x} cannot be decoded)") from None
     return gold
 
 

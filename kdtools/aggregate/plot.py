@@ -7,7 +7,28 @@ import os
 from typing import Mapping, Sequence
 
 from .. import __version__
+from ..errors import KdError, KdUsageError
 from ..fileio import atomic_path
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The image format matplotlib writes ``path`` in: its suffix (lower case), ``png`` when it has none.
+
+    Raises KdUsageError for a suffix matplotlib cannot write (``errors.txt``), so a command can check
+    its plot path before any work rather than fail after it."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = os.path.splitext(str(path))[1].lower().lstrip(".") or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in supported:
+        raise KdUsageError(f"{path}: cannot draw a plot as {suffix!r} (use one of "
+                           f"{', '.join('.' + f for f in sorted(supported))}; no suffix means PNG)")
+    return suffix
+
+
+def has_points(curves: Mapping[str, Sequence[tuple[int, float]]]) -> bool:
+    """Whether any curve has a point to draw."""
+    return any(len(points) for points in curves.values())
 
 
 def plot_error_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | os.PathLike,
@@ -16,7 +37,12 @@ def plot_error_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: s
 
     Writes a PNG (or any format matplotlib infers from the suffix) atomically; the kdtools version
     and ``options`` are recorded in the image metadata where the format supports it (PNG does).
+    Raises KdUsageError for an unsupported suffix (see :func:`image_format`) and KdError when no
+    curve has a point (an empty plot is never written; check :func:`has_points` first).
     """
+    fmt = image_format(path)
+    if not has_points(curves):
+        raise KdError(f"{path}: no error-rate point to draw (no task with gold was aggregated)")
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -34,10 +60,11 @@ def plot_error_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: s
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    suffix = os.path.splitext(str(path))[1].lower() or ".png"
     meta = None
-    if suffix == ".png":
+    if fmt == "png":
         meta = {"Software": f"kdtools {__version__}", "Description": json.dumps(options or {}, default=str)}
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=suffix.lstrip("."), metadata=meta)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, metadata=meta)
+    finally:
+        plt.close(fig)

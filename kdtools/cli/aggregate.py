@@ -90,6 +90,27 @@ def _chunks(inputs: list[str], fmt: str, columns, delimiter: Optional[str], chun
                 yield (path if len(pieces) == 1 else f"{path} chunk {i + 1}"), chunk
 
 
+def _check_outputs(paths: dict[str, Optional[str]]) -> None:
+    """Output paths are checked before any work: none is a directory, no two are the same file."""
+    seen: dict[str, str] = {}
+    for flag, path in paths.items():
+        if not path:
+            continue
+        if Path(path).is_dir():
+            raise KdUsageError(f"{flag} {path}: is a directory; give a file name")
+        parent = Path(path).parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent  # missing folders are created; the first existing one must be a folder
+        if not parent.is_dir():
+            raise KdUsageError(f"{flag} {path}: {parent} is not a directory")
+        if Path(path).exists() and not Path(path).is_file():
+            continue  # a device such as /dev/null: several outputs may share it
+        key = os.path.realpath(path)
+        if key in seen:
+            raise KdUsageError(f"{seen[key]} and {flag} name the same file {path}; give each output its own file")
+        seen[key] = flag
+
+
 def _check_config(state_path: str, saved: dict, given: dict) -> None:
     for key, value in given.items():
         if value is None:
@@ -182,6 +203,14 @@ def aggregate(
         raise KdUsageError("name label files or '-' for stdin (see --help)")
     if plot and not gold:
         raise KdUsageError("--plot needs --gold (the plot shows error rates)")
+    if plot:
+        from ..aggregate.plot import image_format
+
+        try:
+            image_format(plot)
+        except KdUsageError as e:
+            raise KdUsageError(f"--plot {e}") from None
+    _check_outputs({"-o": None if output == "-" else output, "--confusion": confusion, "--plot": plot, "--state": state})
     if state and len(methods) > 1:
         raise KdUsageError("--state keeps one method's model; give a single --method with --state")
     if relabel_all and methods[0] != "bila":
@@ -210,7 +239,13 @@ def aggregate(
         if agg.method != methods[0]:
             raise KdError(f"{state} holds a {agg.method} state, not {methods[0]}; use --method {agg.method} or a new state file")
         if class_list is not None and class_list != agg.classes.items:
-            raise KdError(f"{state} was made for classes {','.join(agg.classes.items)}, not {','.join(class_list)}")
+            how = "" if agg.classes_fixed else " (learned from its labels, not declared)"
+            raise KdError(f"{state} was made for classes {','.join(agg.classes.items)}{how}, not {','.join(class_list)}; "
+                          f"start a new state file for other classes")
+        if class_list is not None and not agg.classes_fixed:
+            # a state that learned exactly these classes: --classes declares them from now on (other labels
+            # are errors in this run, and the state records the classes as declared)
+            agg.classes_fixed = True
         _check_config(state, {**agg.config.to_dict(), "seed": agg.seed}, given_cfg)
         aggs[methods[0]] = agg
     cfg_kwargs = {k: v for k, v in given_cfg.items() if v is not None}
@@ -274,14 +309,22 @@ def aggregate(
             crowdio.write_labels(out, [], [], [], None, [])
         if output != "-":
             out.flush()
-    # the labels are out; now the side files and the state (the state last: a failure before this
-    # point leaves the previous state untouched)
-    if confusion:
-        _write_confusion(confusion, main_agg, options)
-    if plot:
-        from ..aggregate.plot import plot_error_curves
+        # the side files before the labels are committed (leaving this block renames -o into place): a
+        # side file that cannot be written leaves a previous -o, like the state, untouched
+        n_gold = aggs[methods[0]].error_rate(gold_map)[1] if gold_map is not None else 0
+        if gold_map is not None and n_gold == 0:
+            warn(f"no task of {gold} was aggregated ({len(gold_map)} gold tasks, {len(main_agg.tasks)} tasks "
+                 f"{'in the state' if state else 'aggregated'}): no error rate" + (f"; {plot} not written" if plot else ""))
+        if confusion:
+            _write_confusion(confusion, main_agg, options)
+        if plot and n_gold:
+            from ..aggregate.plot import has_points, plot_error_curves
 
-        plot_error_curves(curves, plot, options=options)
+            if has_points(curves):
+                plot_error_curves(curves, plot, options=options)
+            else:  # gold tasks only in the state (--relabel-all without inputs): no chunk, no point
+                warn(f"no chunk was aggregated in this run, so there is no error curve to draw; {plot} not written")
+    # the labels are out; now the state (last: a failure before this point leaves the previous state untouched)
     if state:
         from ..aggregate.state import save_state
 
@@ -297,9 +340,9 @@ def aggregate(
         if gold_map is not None:
             for m in methods:
                 err, n_gold = aggs[m].error_rate(gold_map)
-                rate = f"{100 * err:.2f} %" if n_gold else "n/a"
+                rate = f"{100 * err:.2f} % on {n_gold} gold tasks" if n_gold else "n/a (no gold task aggregated)"
                 speed = f", {aggs[m].labels_seen / timing[m]:.0f} labels/s" if timing[m] > 0 else ""
-                info(f"  {m}: error {rate} on {n_gold} gold tasks{speed}")
+                info(f"  {m}: error {rate}{speed}")
 
 
 @sim_app.command(help=sim_app.info.help)

@@ -209,28 +209,61 @@ def fid(
 
 @app.command()
 def aggregation(
-    labels: str = typer.Argument(..., help="Crowd labels CSV (task,worker,label)."),
+    labels: str = typer.Argument(..., help="Crowd labels CSV (task,worker,label); '-' = stdin."),
     gold: str = typer.Option(..., "--gold", help="task,truth CSV (used for scoring only)."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Also draw the curves to this image (PNG)."),
     methods: str = typer.Option("bila,ds,mv", "--method", help="Comma list of methods."),
-    chunk_size: int = typer.Option(25, "--chunk-size"),
-    initial_size: Optional[int] = typer.Option(None, "--initial-size"),
+    chunk_size: int = typer.Option(25, "--chunk-size", help="Tasks per chunk (>= 1; for one chunk holding "
+                                                               "everything give at least the number of tasks)."),
+    initial_size: Optional[int] = typer.Option(None, "--initial-size", help="Tasks in the first chunk (>= 1; default: the chunk size)."),
     seed: int = typer.Option(0, "--seed"),
     debug: bool = DebugOption,
 ):
     """Error rate after each chunk for each crowd aggregation method (as kd-aggregate runs them): CSV
     method,tasks,error on stdout, drawn to --plot."""
+    import io
+    from pathlib import Path
+
     from ..aggregate import crowdio
     from ..aggregate.online import METHODS, error_curves
-    from ..aggregate.plot import plot_error_curves
-    from ..errors import KdUsageError
+    from ..aggregate.plot import image_format, plot_error_curves
+    from ..errors import KdError, KdUsageError
     from ._common import info
 
+    # every check before any work: kd-aggregate's rule, a chunk holds at least one task
     ms = [m.strip() for m in methods.split(",") if m.strip()]
     if not ms or any(m not in METHODS for m in ms):
         raise KdUsageError(f"--method takes a comma list of {', '.join(METHODS)}")
-    chunks = crowdio.split_groups(crowdio.group_by_task(crowdio.read_all([labels])), chunk_size, initial_size)
-    curves = error_curves(chunks, crowdio.read_gold(gold), ms, seed=seed)
+    for flag, value in (("--chunk-size", chunk_size), ("--initial-size", initial_size)):
+        if value is not None and value < 1:
+            raise KdUsageError(f"{flag} must be >= 1, not {value} (a chunk holds at least one task)")
+    if plot:
+        try:
+            image_format(plot)
+        except KdUsageError as e:
+            raise KdUsageError(f"--plot {e}") from None
+        if Path(plot).is_dir():
+            raise KdUsageError(f"--plot {plot}: is a directory; give a file name")
+    if gold == "-":
+        raise KdUsageError("--gold must name a file ('-' is for the labels)")
+    if labels == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise KdUsageError("'-' reads labels from standard input, but it is a terminal; pipe a CSV in")
+        rows = list(crowdio.read_rows(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline=""), "<stdin>"))
+    else:
+        rows = crowdio.read_all([labels])
+    name = crowdio.path_name(labels)
+    if not rows:
+        raise KdError(f"{name}: no labels")
+    gold_map = crowdio.read_gold(gold)
+    if not gold_map:
+        raise KdError(f"{gold}: no gold labels")
+    groups = crowdio.group_by_task(rows)
+    if not any(g[0][0] in gold_map for g in groups):
+        raise KdError(f"no task of {name} has a gold label in {gold} ({len(groups)} tasks, {len(gold_map)} gold tasks): "
+                      "nothing to score")
+    chunks = crowdio.split_groups(groups, chunk_size, initial_size)
+    curves = error_curves(chunks, gold_map, ms, seed=seed)
     if plot:
         plot_error_curves(curves, plot, options={"labels": labels, "method": ms, "chunk_size": chunk_size,
                                                  "initial_size": initial_size, "seed": seed})
