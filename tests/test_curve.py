@@ -99,3 +99,8 @@ def test_curve_json_always_has_series_and_counts_a_file_once(run_dir, tmp_path):
     ckpt = run_dir / "checkpoints" / "substitute-100.safetensors"
     p = kd("kd-eval", "curve", run_dir, ckpt, "--data", "digits", "--json", check=True)
     assert [pt["queries"] for pt in json.loads(p.stdout)["points"]] == [100, 2000, 5000]
+
+
+def test_a_plot_name_that_is_not_png_is_refused_before_any_work(run_dir, tmp_path):
+    p = kd("kd-eval", "curve", run_dir, "--data", "digits", "--plot", tmp_path / "c.txt")
+    assert p.returncode == 2 and b"give a file name ending in .png" in p.stderr and not (tmp_path / "c.txt").exists()

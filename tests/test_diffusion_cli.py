@@ -210,6 +210,8 @@ def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
         (["distill", tabular_teacher, "--steps", 4, "--method", "ddim", "-o", keep], 2, b"", None),
         (["sample", tmp_path / "nowhere", "-n", 2, "-o", tmp_path / "s.h5"], 1, b"", "s.h5"),
         (["sample", tabular_teacher, "-n", 2, "--batch-size", 0, "-o", tmp_path / "s0.h5"], 2, b"--batch-size", "s0.h5"),
+        # figures are PNG: another name is refused before sampling, not filled with PNG bytes
+        (["sample", tabular_teacher, "-n", 2, "--grid", tmp_path / "g.jpg"], 2, b"ending in .png", "g.jpg"),
         # betas are per-step variances in (0, 1), growing along the chain: a usage error, not "lower --lr"
         (["train", "--data", "swissroll", "--steps", 10, "--beta-end", 1.5, "--iters", 5, "-o", tmp_path / "t1"], 2,
          b"must lie in (0, 1)", "t1"),

@@ -215,3 +215,11 @@ def distributed_setup(device_opt: str):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
+
+
+def png_path(path: Optional[str], flag: str) -> Optional[str]:
+    """``path`` if it names a PNG; a usage error before any work otherwise (the figure is written as PNG,
+    and PNG bytes under another name only mislead the next program that opens it)."""
+    if path is not None and not path.lower().endswith(".png"):
+        raise KdUsageError(f"{flag} {path}: the figure is written as PNG; give a file name ending in .png")
+    return path

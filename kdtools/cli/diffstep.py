@@ -24,7 +24,7 @@ from rich.table import Table
 from .. import __version__
 from ..device import resolve_device
 from ..errors import KdError, KdUsageError
-from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, distributed_setup, info, make_app, open_sink, progress_bars, run_app, warn
+from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, distributed_setup, info, make_app, open_sink, png_path, progress_bars, run_app, warn
 
 app = make_app("Diffusion step distillation: train a teacher, distill it to any number of steps (SFDDM) or "
                "with a baseline, sample, compare.")
@@ -282,6 +282,7 @@ def sample(
         raise KdUsageError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), not {eta}")
     if output is None and grid is None:
         raise KdUsageError("nothing to write: give -o FILE (or -o - for stdout) and/or --grid PNG")
+    png_path(grid, "--grid")
     if output == "-":
         from ._common import binary_stdout
 
@@ -337,6 +338,8 @@ def compare(
 
     if n < 1:
         raise KdUsageError(f"-n must be at least 1, not {n}")
+    png_path(pairs, "--pairs")
+    png_path(interp, "--interp")
     t = load_diffusion(teacher)
     s = load_diffusion(student)
     dev = resolve_device(device)

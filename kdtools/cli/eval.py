@@ -15,7 +15,7 @@ from ..data import load_dataset
 from ..device import resolve_device
 from ..evaluate import evaluate_accuracy
 from ..weights import load_model, parse_shape
-from ._common import DataRootOption, DebugOption, DeviceOption, data_root, make_app, run_app
+from ._common import DataRootOption, DebugOption, DeviceOption, data_root, make_app, png_path, run_app
 
 app = make_app("Evaluate models: accuracy on a labelled split and fidelity to a reference (the victim).")
 
@@ -112,6 +112,7 @@ def curve(
 
     from ..curve import curve_json, evaluate_curve, find_checkpoints, is_run, plot_curves, run_label
 
+    png_path(plot, "--plot")
     # several runs (directories or logs) are compared, one series each; weights files make one series
     if len(inputs) > 1 and all(is_run(i) for i in inputs):
         groups = [(run_label(i), find_checkpoints([i])) for i in inputs]
