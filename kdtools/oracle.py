@@ -196,20 +196,27 @@ def cat_answers(parts: list) -> dict:
 
 def derive_answer(answer: dict, have: str, want: str) -> dict:
     """An answer in mode ``want`` computed from one in mode ``have`` (logits give every mode, probs
-    give label and topk:K). Raises KdError when ``have`` does not carry what ``want`` needs."""
+    give label and topk:K). Raises KdError when ``have`` does not carry what ``want`` needs.
+
+    Rows that hold a refused query's placeholders (``rejected_placeholders``: probs all 0, logits NaN)
+    stay refused in the derived answer (label -1, topk_index -1 and topk_value 0, probs 0), never the
+    argmax of zeros: a derived answer is never made up."""
     hk, _ = parse_mode(have)
     wk, k = parse_mode(want)
     if have == want:
         return answer
     if hk == "logits":
-        return format_logits(answer["logits"], want)
-    if hk == "probs" and wk in ("label", "topk"):
+        out = format_logits(answer["logits"], want)
+    elif hk == "probs" and wk in ("label", "topk"):
         probs = answer["probs"]
         if wk == "label":
-            return {"label": probs.argmax(1).long()}
-        v, i = probs.topk(k, dim=1)
-        return {"topk_index": i.long().contiguous(), "topk_value": v.contiguous()}
-    raise KdError(f"the oracle answers in mode {have!r}, which does not give {want!r}")
+            out = {"label": probs.argmax(1).long()}
+        else:
+            v, i = probs.topk(k, dim=1)
+            out = {"topk_index": i.long().contiguous(), "topk_value": v.contiguous()}
+    else:
+        raise KdError(f"the oracle answers in mode {have!r}, which does not give {want!r}")
+    return rejected_placeholders(out, rejected_rows(answer)) if answer_rows(answer) else out
 
 
 def rejected_placeholders(answer: dict, rejected: torch.Tensor) -> dict:
@@ -595,7 +602,7 @@ class HttpOracle(Oracle):
             chunk = x[i:i + self.max_batch]
             try:
                 answers, rejected = self._query_chunk(chunk, mode)
-            except KdError as e:
+            except BaseException as e:  # a failure, or Ctrl-C / SIGTERM mid-batch: the chunks received are paid for
                 e.partial = cat_answers(done)
                 raise
             answers = rejected_placeholders(answers, rejected)
@@ -604,9 +611,11 @@ class HttpOracle(Oracle):
                 if self.options.on_rejected == "error":
                     first = int(rejected.nonzero()[0])
                     kept = i + first
+                    before = (f"the {kept} answered before the first rejection are kept" if kept
+                              else "no query before the first rejection was answered")
                     err = QueryRejected(f"{self.identity}: the server's query defence rejected {int(rejected.sum())} of "
-                                        f"{chunk.shape[0]} queries in a batch; the {kept} answered before the first rejection "
-                                        "are kept (use --on-rejected flag to record rejected rows as label -1 and go on)")
+                                        f"{chunk.shape[0]} queries in a batch; {before} "
+                                        "(use --on-rejected flag to record rejected rows as label -1 and go on)")
                     err.partial = cat_answers(done + [slice_answer(answers, 0, first)])
                     err.rejected = rejected
                     raise err
@@ -774,7 +783,10 @@ class ExecOracle(Oracle):
         if any(f not in tensors for f in self.fields):
             raise KdError(f"{self.where}: an answer batch lacks the fields of mode {self.mode}")
         got = {f: tensors[f] for f in self.fields}
-        got = check_answer(got, self.mode, n, self.num_classes, self.where)
+        # a child that relays a defence's refusals (kd-query --on-rejected flag) sends the placeholders: they
+        # stay refused (and derive to refused rows), they are not range errors
+        whole = all(t.ndim >= 1 and t.shape[0] == n for t in got.values())  # else check_answer says what is wrong
+        got = check_answer(got, self.mode, n, self.num_classes, self.where, rejected_rows(got) if whole else None)
         return derive_answer(got, self.mode, mode)
 
     def close(self) -> None:
@@ -801,8 +813,10 @@ class ExecOracle(Oracle):
 class ReplayOracle(Oracle):
     """Answers from a recorded query log, by exact match of the query values (as float32 in [0, 1]).
 
-    A query the log does not hold is a KdError: a replay never makes up answers. Its identity is the
-    recorded oracle's, so a log written from a replay names where the answers really came from.
+    A query the log does not hold is a KdError: a replay never makes up answers. A query the recorded
+    server's defence refused (a ``--on-rejected flag`` placeholder) is answered as refused, in every mode
+    (``derive_answer``); ``replayed_rejected`` counts those rows. Its identity is the recorded oracle's,
+    so a log written from a replay names where the answers really came from.
     """
 
     kind = "replay"
@@ -832,6 +846,7 @@ class ReplayOracle(Oracle):
             row += batch["x"].shape[0]
         self.rows = row
         self.answers = {f: torch.cat(v) if v else torch.empty(0) for f, v in parts.items()}
+        self.replayed_rejected = 0  # rows answered with a recorded refusal, for the caller's report
 
     def answer(self, x: torch.Tensor, mode: str) -> dict:
         rows = [self.index.get(k) for k in row_keys(x.detach().float().cpu())]
@@ -840,7 +855,10 @@ class ReplayOracle(Oracle):
             raise KdError(f"replay:{self.path}: {len(missing)} of {len(rows)} queries are not in the log (first: row {missing[0]} "
                           f"of the batch); a replay answers only queries recorded exactly ({self.rows} recorded)")
         idx = torch.tensor(rows, dtype=torch.long)
-        return derive_answer({f: v[idx] for f, v in self.answers.items()}, self.mode, mode)
+        recorded = {f: v[idx] for f, v in self.answers.items()}
+        if idx.numel():
+            self.replayed_rejected += int(rejected_rows(recorded).sum())
+        return derive_answer(recorded, self.mode, mode)
 
 
 def row_keys(x: torch.Tensor) -> list:
@@ -905,6 +923,8 @@ class BudgetedOracle:
         self.mode = mode
         self.budget = budget
         self.log = log  # a kdtools.h5store.SampleWriter or None
+        if budget is None and log is not None:
+            self.budget = budget = log.budget  # the budget recorded in the log holds unless a new one is given
         self.store_uint8 = store_uint8
         self.spent = log.spent if log is not None else 0
         if budget is not None and self.spent > budget:
@@ -929,8 +949,8 @@ class BudgetedOracle:
             stored = (xq * 255).round().to(torch.uint8) if self.store_uint8 else xq
             try:
                 answers = self.oracle.answer(xq, mode)
-            except KdError as e:
-                # a remote oracle that failed part-way hands back what it did answer: paid for, so logged
+            except BaseException as e:
+                # a remote oracle that failed (or was stopped) part-way hands back what it did answer: paid for, so logged
                 partial = getattr(e, "partial", None)
                 if partial and self.log is not None:
                     self.log.append({"x": stored[:answer_rows(partial)], **partial})

@@ -7,8 +7,12 @@ Order of operations per batch (why: a kill at any point must neither lose a paid
      (persisted) before the oracle is called;
   3. the answers are appended to the log and flushed, and only then written downstream.
 An oracle that fails part-way through a batch (an HTTP oracle whose second request fails, a server
-that rejects a query) raises a KdError carrying the answers it did get (``partial``): those are logged
-and written downstream before the error propagates.
+that rejects a query, Ctrl-C or SIGTERM between two requests) raises an error carrying the answers it
+did get (``partial``): those are logged and written downstream before the error propagates.
+
+Budget: ``budget`` caps the oracle calls, the log's spent count included. Without one (None), the
+budget recorded in the log (``SampleWriter.budget``) holds, so a rerun that forgets ``--budget`` does
+not overspend; a new budget must be given explicitly. ``budget=0`` answers from the log alone.
 """
 
 from __future__ import annotations
@@ -50,11 +54,15 @@ def run_queries(source: SampleSource, oracle: Oracle, mode: str, budget: Optiona
                 progress: ProgressCallback = no_progress, total_hint: Optional[int] = None) -> QueryStats:
     """Answer every batch of ``source``; ``emit`` receives each answered batch (x + answer fields).
 
-    Raises BudgetExhausted after answering, logging and emitting what fitted.
+    Raises BudgetExhausted after answering, logging and emitting what fitted. ``budget`` None: the
+    budget recorded in ``log`` (if any) applies.
     """
     if "x" not in source.header.fields:
         raise KdError(f"{source.where}: the input has no queries (field x)")
     t0 = time.perf_counter()
+    budget_from_log = budget is None and log is not None and log.budget is not None
+    if budget_from_log:
+        budget = log.budget
     stats = QueryStats(budget=budget)
     spent = log.spent if log else 0
     replay_upto = log.rows if log else 0  # rows of the log that may answer this run's first queries
@@ -83,6 +91,7 @@ def run_queries(source: SampleSource, oracle: Oracle, mode: str, budget: Optiona
         paid_rows = rest
         if budget is not None:
             paid_rows = max(0, min(rest, budget - spent))
+        error = None
         if paid_rows:
             xq = x[start:start + paid_rows]
             if log:
@@ -91,34 +100,37 @@ def run_queries(source: SampleSource, oracle: Oracle, mode: str, budget: Optiona
             stats.paid += paid_rows
             try:
                 answer = oracle.answer(to_float(xq), mode)
-            except KdError as e:
-                # a remote oracle that failed part-way (or a query defence) hands back what it answered
-                # before the failure: those rows were paid for, so they are logged and passed on first
-                partial = getattr(e, "partial", None)
-                if partial and answer_rows(partial):
-                    got = {"x": xq[:answer_rows(partial)], **partial}
-                    if log:
-                        log.append(got)
-                    answered.append(got)
-                if answered and emit:  # rows replayed from the log and the partial answers
-                    emit({k: torch.cat([a[k] for a in answered]) for k in answered[0]})
-                stats.answered += sum(a["x"].shape[0] for a in answered)
-                raise
-            new = {"x": xq, **answer}
-            if log:
-                log.append(new)
-            answered.append(new)
+            except BaseException as e:
+                # a remote oracle that failed (or was stopped) part-way, or a query defence, hands back what it
+                # answered before: those rows were paid for, so they are logged and passed on before the error
+                error, answer = e, getattr(e, "partial", None) or {}
+            got = answer_rows(answer)
+            if error is None and got != paid_rows:
+                raise KdError(f"{oracle.identity}: answered {got} rows for {paid_rows} queries")
+            if got:
+                new = {"x": xq[:got], **answer}
+                if log:
+                    log.append(new)
+                answered.append(new)
         if answered:
             out = {k: torch.cat([a[k] for a in answered]) for k in answered[0]}
             stats.answered += out["x"].shape[0]
             if emit:
                 emit(out)
+        if error is not None:
+            raise error
         progress(ProgressEvent("querying", stats.answered, total_hint, {"spent": spent, "replayed": stats.replayed}))
         if paid_rows < rest:
             stats.status = "budget_exhausted"
             stats.spent_total = spent
             stats.seconds = time.perf_counter() - t0
-            raise BudgetExhausted(f"query budget of {budget} reached: answered {stats.answered} queries in this run "
+            if budget == 0:
+                raise BudgetExhausted(f"--budget 0 pays for nothing: answered {stats.answered} queries from the log; the other "
+                                      f"{rest - paid_rows} of the current batch and any input after it are not in the log "
+                                      "(in this order) and were not asked; everything answered is kept; a --budget above the "
+                                      f"{spent} queries the log spent pays for them")
+            where = f" (recorded in {log.path}; --budget N sets a new one)" if budget_from_log else ""
+            raise BudgetExhausted(f"query budget of {budget}{where} reached: answered {stats.answered} queries in this run "
                                   f"({stats.paid} paid, {stats.replayed} from the log); the other {rest - paid_rows} of the "
                                   "current batch and any input after it are unanswered; everything answered is kept"
                                   + ("; a larger --budget with the same --log goes on without paying twice" if log else ""))

@@ -22,8 +22,11 @@ stream) and in docs/oracles.md. What the server adds on top of answering:
   lower one than natural images; ``sides="low"`` keeps only the lower threshold, the literal reading
   of the chapter's "low quality queries".
 
-Library code: it never prints; ``on_request`` receives one dict per request for an access log
-(the API key is never in it).
+Library code: it never prints; ``on_request`` receives one dict per request, whatever its status, for
+an access log: method, path, status, account (``key #1``, ``anonymous``, ``no key``, ``unknown key``: the
+API key is never in it), and either rows / rejected / mode / quota_left (an answered query) or error
+(the one-line message of an error answer). A row the oracle itself answers with a refused query's
+placeholders (a served ``replay:`` log recorded with ``--on-rejected flag``) is flagged rejected too.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from .data import to_float
 from .errors import KdError, KdUsageError
 from .fileio import atomic_path
 from .oracle import (PROTOCOL_VERSION, STREAM_CONTENT_TYPE, Oracle, decode_array, encode_array, parse_mode,
-                     read_stream_bytes, response_fields, stream_bytes)
+                     read_stream_bytes, rejected_rows, response_fields, stream_bytes)
 
 MAX_BODY_BYTES = 512 << 20  # a request body larger than this is refused (HTTP 413) without reading it
 
@@ -197,6 +200,13 @@ class Quotas:
                 return i
         raise ServeError(401, "unknown API key")
 
+    def name(self, key: Optional[str]) -> str:
+        """The account a request's key belongs to, for the access log (never the key itself)."""
+        try:
+            return self.accounts[self.account(key)]
+        except ServeError:
+            return "unknown key" if key else "no key"
+
     def left(self, account: int) -> Optional[int]:
         limit = self.limit[account]
         return None if limit is None else max(0, limit - self.used[account])
@@ -301,14 +311,16 @@ class VictimService:
             self.quotas.refund(account, n)
             raise
         rejected = ~passed
+        if n:  # an oracle answering with a refused query's placeholders (a served replay: log) refused it too
+            rejected |= rejected_rows(answers)
         if bool(rejected.any()):  # placeholders: a rejected query learns nothing about the model
             answers = {k: v.masked_fill(rejected.view(-1, *([1] * (v.ndim - 1))), -1 if not v.dtype.is_floating_point else 0.0)
                        for k, v in answers.items()}
         self.answered += n
         self.rejected += int(rejected.sum())
         if self.on_request:
-            self.on_request({"account": self.quotas.accounts[account], "rows": n, "rejected": int(rejected.sum()),
-                             "mode": mode, "quota_left": left})
+            self.on_request({"method": "POST", "path": "/v1/query", "status": 200, "account": self.quotas.accounts[account],
+                             "rows": n, "rejected": int(rejected.sum()), "mode": mode, "quota_left": left})
         if style == "stream":
             from .stream import StreamHeader, fields_of
 
@@ -348,13 +360,35 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _key(self) -> Optional[str]:
+        headers = getattr(self, "headers", None)  # absent when http.server refused the request line itself
+        auth = headers.get("Authorization", "") if headers is not None else ""
+        return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+    def _log(self, status: int, **event) -> None:
+        """One access-log event for a request that ``VictimService.query`` did not answer (errors, GET)."""
+        if self.service.on_request is None:
+            return
+        path = (getattr(self, "path", None) or "-").split("?", 1)[0]  # never a query string: it may hold secrets
+        self.service.on_request({"method": getattr(self, "command", None) or "-", "path": path, "status": status,
+                                 "account": self.service.quotas.name(self._key()), **event})
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        # http.server's own refusals (a malformed request line, an unsupported method: 400, 501, ...) are requests too
+        self._log(code, error=message or self.responses.get(code, ("",))[0] or f"HTTP {code}")
+        super().send_error(code, message, explain)
+
     def _error(self, status: int, message: str, close: bool = False) -> None:
+        message = message.splitlines()[0] if message else f"HTTP {status}"
+        self._log(status, error=message)  # logged before the answer goes out, like an answered query
         self._send(status, "application/json", json.dumps({"error": message}).encode(), close)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0].rstrip("/")
         if path.endswith("/v1/info"):
-            self._send(200, "application/json", json.dumps(self.service.info()).encode())
+            data = json.dumps(self.service.info()).encode()
+            self._log(200)
+            self._send(200, "application/json", data)
         else:
             self._error(404, f"no such endpoint {path!r}: GET /v1/info, POST /v1/query")
 
@@ -372,15 +406,14 @@ class _Handler(BaseHTTPRequestHandler):
         if not path.endswith("/v1/query"):
             self._error(404, f"no such endpoint {path!r}: GET /v1/info, POST /v1/query")
             return
-        auth = self.headers.get("Authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        key = self._key()
         try:
             status, ctype, data = self.service.query(body, self.headers.get("Content-Type", ""), key)
         except ServeError as e:
             self._error(e.status, e.message)
             return
         except KdError as e:  # the oracle behind the server failed (e.g. a proxied remote oracle)
-            self._error(502, str(e).splitlines()[0])
+            self._error(502, str(e))
             return
         except Exception as e:  # a bug: answer 500, keep serving
             self._error(500, f"internal error ({type(e).__name__})")

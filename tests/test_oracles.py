@@ -359,3 +359,165 @@ def test_rejected_rows_finds_exactly_the_placeholder_rows(victim_path, mode):
     kept, dropped = without_rejected({"x": x, **flagged})
     assert dropped == 3 and torch.equal(kept["x"], x[~refused])
     assert all(torch.equal(kept[k], answer[k][~refused]) for k in answer)
+
+
+def flagged_log(path, victim_path, queries_path, mode, refused):
+    """A query log in ``mode`` over the first 100 queries whose ``refused`` rows hold the placeholders of
+    queries a defence rejected (as ``kd-query --on-rejected flag`` records them)."""
+    from kdtools.oracle import rejected_placeholders
+
+    local = ModelOracle(load_model(victim_path))
+    src = open_samples(queries_path)
+    batch = next(iter(src))
+    answer = rejected_placeholders(local.answer(batch["x"].float() / 255, mode), refused)
+    with SampleWriter(path, output_header(src.header, local, mode, {}), local.identity) as log:
+        log.reserve(100)
+        log.append({"x": batch["x"], **answer})
+    return batch["x"], local
+
+
+@pytest.mark.parametrize("have", ["probs", "logits"])
+def test_replay_answers_refused_queries_as_refused_in_every_mode(victim_path, queries_path, tmp_path, have):
+    refused = torch.zeros(100, dtype=torch.bool)
+    refused[[3, 10, 57]] = True
+    x, local = flagged_log(tmp_path / "q.h5", victim_path, queries_path, have, refused)
+    rep = ReplayOracle(str(tmp_path / "q.h5"))
+    xf = x.float() / 255
+    label = rep.answer(xf, "label")["label"]
+    assert (label[refused] == -1).all()  # not the argmax of all-zero probabilities (class 0)
+    assert torch.equal(label[~refused], local.answer(xf, "label")["label"][~refused])
+    top = rep.answer(xf, "topk:3")
+    assert (top["topk_index"][refused] == -1).all() and (top["topk_value"][refused] == 0).all()
+    assert (top["topk_index"][~refused] >= 0).all()
+    if have == "logits":
+        probs = rep.answer(xf, "probs")["probs"]
+        assert (probs[refused] == 0).all() and torch.allclose(probs[~refused].sum(1), torch.ones(97))
+    assert rep.replayed_rejected == 3 * (3 if have == "logits" else 2)
+
+
+def test_kd_query_replay_keeps_refused_rows_refused(victim_path, queries_path, tmp_path):
+    # a probs log recorded with --on-rejected flag, replayed in label mode: the refused rows stay label -1,
+    # so kd-distill skips them instead of training on label 0
+    from conftest import kd
+
+    refused = torch.zeros(100, dtype=torch.bool)
+    refused[::4] = True
+    flagged_log(tmp_path / "dlp.h5", victim_path, queries_path, "probs", refused)
+    src = open_samples(queries_path)
+    first = next(iter(src))
+    sink_path = tmp_path / "q100.kds"
+    from kdtools.sources import SampleSink
+
+    sink = SampleSink(src.header, path=sink_path)
+    sink.write({"x": first["x"]})
+    sink.close()
+    p = kd("kd-query", f"replay:{tmp_path / 'dlp.h5'}", sink_path, "--mode", "label", "-o", tmp_path / "r.kds")
+    assert p.returncode == 0, p.stderr
+    assert b"25 of the replayed queries were refused by the recorded server's defence" in p.stderr, p.stderr
+    from kdtools.sources import read_all
+
+    labels = read_all(tmp_path / "r.kds")[1]["label"]
+    assert (labels[refused] == -1).all() and (labels[~refused] >= 0).all()
+
+
+def test_wire_and_on_rejected_values_are_checked_whatever_the_oracle(victim_path, queries_path, tmp_path):
+    from conftest import kd
+
+    flagged_log(tmp_path / "q.h5", victim_path, queries_path, "label", torch.zeros(100, dtype=torch.bool))
+    for spec in (str(victim_path), f"replay:{tmp_path / 'q.h5'}"):
+        for flag, value in (("--wire", "xml"), ("--on-rejected", "ignore")):
+            p = kd("kd-query", spec, queries_path, flag, value, "-o", tmp_path / "x.kds")
+            assert p.returncode == 2 and f"{flag} '{value}': expected".encode() in p.stderr, (spec, p.stderr)
+            assert not (tmp_path / "x.kds").exists()
+    p = kd("kd-query", f"exec:{sys.executable} -c pass", queries_path, "--input-shape", "1x28x28", "--wire", "xml")
+    assert p.returncode == 2 and b"--wire 'xml': expected json or stream" in p.stderr
+    # valid values that do not apply to this oracle are named as ignored, like --rate-limit
+    p = kd("kd-query", victim_path, queries_path, "--wire", "stream", "--on-rejected", "flag", "-o", tmp_path / "a.kds")
+    assert p.returncode == 0, p.stderr
+    assert b"--wire stream and --on-rejected flag only apply to an HTTP oracle; ignored for this model oracle" in p.stderr
+
+
+def test_an_output_file_keeps_what_was_answered_when_the_oracle_dies(queries_path, tmp_path):
+    # no --log: the -o file is the only place the 200 paid answers live; it must be kept (a valid, shorter
+    # stream whose end record says why), and the error says where they are
+    from conftest import kd
+
+    script = tmp_path / "victim.py"
+    script.write_text(CHILD.format(root=str(ROOT), die=2))
+    out = tmp_path / "out.kds"
+    p = kd("kd-query", f"exec:{sys.executable} {script}", queries_path, "--input-shape", "1x28x28", "-o", out)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "exited with code 7" in err and len(err.strip().splitlines()) == 1, err
+    assert f"the 200 queries answered in this run are kept in {out}" in err
+    src = open_samples(out)
+    labels = [int(v) for b in src for v in b["label"]]
+    assert labels == [3] * 200 and src.end["status"] == "error" and "exited with code 7" in src.end["message"]
+    # a failure before any answer leaves no file (and no temporary file) behind
+    script.write_text(CHILD.format(root=str(ROOT), die=0))
+    p = kd("kd-query", f"exec:{sys.executable} {script}", queries_path, "--input-shape", "1x28x28", "-o", tmp_path / "none.kds")
+    assert p.returncode == 1 and b"kept in" not in p.stderr
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out.kds", "victim.py"]
+
+
+STALLING_CHILD = textwrap.dedent("""
+    # answers label 3 for two batches; on the third it touches a marker file and waits for the end of its input
+    import sys, torch
+    sys.path.insert(0, {root!r})
+    from kdtools.stream import StreamHeader, StreamReader, StreamWriter
+    reader = StreamReader(sys.stdin.buffer, "stdin")
+    out = StreamWriter(sys.stdout.buffer, StreamHeader("samples", {{"label": {{"dtype": "int64", "shape": []}}}}, 10, mode="label"))
+    for i, batch in enumerate(reader):
+        if i == 2:
+            open({marker!r}, "w").close()
+            sys.stdin.buffer.read()
+            sys.exit(0)
+        out.write({{"label": torch.full((batch["x"].shape[0],), 3, dtype=torch.long)}})
+    out.close()
+""")
+
+
+def test_sigterm_keeps_what_was_answered_in_the_output_file(queries_path, tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    from conftest import kd_cmd
+
+    script, marker, out = tmp_path / "victim.py", tmp_path / "asked", tmp_path / "out.kds"
+    script.write_text(STALLING_CHILD.format(root=str(ROOT), marker=str(marker)))
+    p = subprocess.Popen(kd_cmd("kd-query") + [f"exec:{sys.executable} {script}", str(queries_path), "--input-shape", "1x28x28",
+                                               "-o", str(out)], stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=60)[1].decode()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143 and "terminated (SIGTERM)" in err and f"the 200 queries answered in this run are kept in {out}" in err, err
+    src = open_samples(out)
+    assert sum(b["label"].shape[0] for b in src) == 200 and src.end["status"] == "error"
+
+
+def test_exec_oracle_relaying_refusals_keeps_them_refused(tmp_path):
+    script = tmp_path / "victim.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from kdtools.stream import StreamHeader, StreamReader, StreamWriter
+        reader = StreamReader(sys.stdin.buffer, "stdin")
+        out = StreamWriter(sys.stdout.buffer, StreamHeader("samples", {{"probs": {{"dtype": "float32", "shape": [10]}}}}, 10, mode="probs"))
+        for batch in reader:
+            p = torch.full((batch["x"].shape[0], 10), 0.1)
+            p[1::2] = 0  # rows a defence refused, as kd-query --on-rejected flag writes them
+            out.write({{"probs": p}})
+        out.close()
+    """))
+    orc = ExecOracle(f"{sys.executable} {script}", (1, 4, 4), RemoteOptions(timeout=60))
+    try:
+        assert orc.answer(queries(4)[0], "label")["label"].tolist() == [0, -1, 0, -1]
+    finally:
+        orc.close()

@@ -95,3 +95,59 @@ def test_nan_and_wrong_shape_queries_are_refused(victim_path, tmp_path):
         sink.close()
         with pytest.raises(KdError, match=msg):
             run_queries(open_samples(p), orc, "label")
+
+
+def test_a_recorded_budget_holds_when_no_budget_is_given(victim_path, queries_path, tmp_path):
+    # a log made with --budget 250; a rerun that omits --budget keeps to it instead of paying for the rest
+    from conftest import kd
+
+    orc = oracle(victim_path)
+    header = output_header(open_samples(queries_path).header, orc, "label", {})
+    with SampleWriter(tmp_path / "q.h5", header, orc.identity, budget=250) as log:
+        with pytest.raises(BudgetExhausted):
+            run_queries(open_samples(queries_path), orc, "label", 250, log)
+    with SampleWriter(tmp_path / "q.h5", header, orc.identity) as log:  # no budget given
+        assert log.budget == 250
+        with pytest.raises(BudgetExhausted, match=r"budget of 250 \(recorded in .*q.h5; --budget N sets a new one\)"):
+            run_queries(open_samples(queries_path), orc, "label", None, log)
+    assert log_info(tmp_path / "q.h5")["spent"] == 250
+    # the same through kd-query; an explicit --budget replaces the recorded one
+    p = kd("kd-query", victim_path, queries_path, "--log", tmp_path / "q.h5", "-o", tmp_path / "out.kds")
+    assert p.returncode == 1 and b"budget of 250 (recorded in" in p.stderr, p.stderr
+    assert log_info(tmp_path / "q.h5")["spent"] == 250
+    p = kd("kd-query", victim_path, queries_path, "--log", tmp_path / "q.h5", "--budget", "600", "-o", tmp_path / "all.kds")
+    assert p.returncode == 0, p.stderr
+    facts = log_info(tmp_path / "q.h5")
+    assert facts["spent"] == facts["rows"] == 600 and facts["budget"] == 600
+
+
+def test_budget_0_answers_from_the_log_alone_and_pays_nothing(victim_path, queries_path, tmp_path):
+    from conftest import kd
+
+    from kdtools.sources import SampleSink, read_all
+
+    log = tmp_path / "lb.h5"
+    p = kd("kd-query", victim_path, queries_path, "--budget", "250", "--log", log, "-o", tmp_path / "first.kds")
+    assert p.returncode == 1 and log_info(log)["spent"] == 250
+    # all 600 queries: the 250 in the log are answered from it, the rest refused by the budget, nothing paid
+    p = kd("kd-query", victim_path, queries_path, "--budget", "0", "--log", log, "-o", tmp_path / "out.kds")
+    assert p.returncode == 1 and b"--budget 0 pays for nothing: answered 250 queries from the log" in p.stderr, p.stderr
+    assert b"smaller than" not in p.stderr and b"Traceback" not in p.stderr
+    facts = log_info(log)
+    assert facts["spent"] == facts["rows"] == 250 and facts["budget"] == 250  # the recorded budget is untouched
+    src = open_samples(tmp_path / "out.kds")
+    got = torch.cat([b["label"] for b in src])
+    assert got.shape[0] == 250 and src.end["status"] == "budget_exhausted"
+    _, first = read_all(tmp_path / "first.kds")
+    assert torch.equal(got, first["label"])
+    # queries the log holds entirely: a complete run, exit 0, still nothing paid
+    header, q = read_all(queries_path)
+    sink = SampleSink(header, path=tmp_path / "q200.kds")
+    sink.write({"x": q["x"][:200]})
+    sink.close()
+    p = kd("kd-query", victim_path, tmp_path / "q200.kds", "--budget", "0", "--log", log, "-o", tmp_path / "o200.kds")
+    assert p.returncode == 0, p.stderr
+    assert log_info(log)["spent"] == 250 and read_all(tmp_path / "o200.kds")[1]["label"].shape[0] == 200
+    # --budget 0 with a log that does not exist is a usage error, and creates nothing
+    p = kd("kd-query", victim_path, queries_path, "--budget", "0", "--log", tmp_path / "new.h5", "-o", tmp_path / "n.kds")
+    assert p.returncode == 2 and b"does not exist" in p.stderr and not (tmp_path / "new.h5").exists()

@@ -145,6 +145,8 @@ def test_quota_exhaustion_keeps_the_log_and_never_writes_the_key(victim_path, qu
     with kd_serve(tmp_path, victim_path, "--mode", "label", "--keys-file", keys, "--access-log") as (url, err):
         with pytest.raises(KdError, match="wants a valid API key"):  # no key
             HttpOracle(url).answer(torch.zeros(1, 1, 28, 28), "label")
+        with pytest.raises(KdError, match="HTTP 415"):  # refused requests are in the access log too
+            HttpOracle(url, RemoteOptions(api_key=SECRET))._request("POST", "/v1/query", b"x", "text/plain")
         # the query stream holds batches of 100: two are answered, the third exceeds the quota of 250
         p = kd("kd-query", url, queries_path, "--api-key-env", "MY_KEY", "--log", log, "-o", tmp_path / "a.kds",
                env={"MY_KEY": SECRET})
@@ -164,6 +166,9 @@ def test_quota_exhaustion_keeps_the_log_and_never_writes_the_key(victim_path, qu
         assert log_info(log)["rows"] == 250
     assert b"key #1: 100 queries (label), 0 rejected, quota left 50" in err.read_bytes()
     assert b"key #1: 50 queries (label), 0 rejected, quota left 0" in err.read_bytes()
+    assert b"kd-serve: no key: POST /v1/query: HTTP 401: this server needs an API key" in err.read_bytes()
+    assert b"kd-serve: key #1: POST /v1/query: HTTP 415: unsupported content type" in err.read_bytes()
+    assert b"kd-serve: key #1: POST /v1/query: HTTP 429: query quota exhausted" in err.read_bytes()
     for path in (log, tmp_path / "a.kds", tmp_path / "b.kds", err):
         if path.exists():
             assert SECRET.encode() not in path.read_bytes(), path
@@ -188,6 +193,12 @@ def test_entropy_defence_over_http(victim_path, tmp_path):
         p = kd("kd-query", url, tmp_path / "mixed.kds", "--mode", "label", "--on-rejected", "flag",
                "--log", tmp_path / "m.h5", "-o", tmp_path / "m.kds")
         assert p.returncode == 0, p.stderr
+        # the warning says where the placeholders went: the log and the output here, the output alone without a log
+        assert f"(written as label -1 / empty scores to the log {tmp_path / 'm.h5'} and {tmp_path / 'm.kds'})".encode() in p.stderr, p.stderr
+        p = kd("kd-query", url, tmp_path / "mixed.kds", "--on-rejected", "flag", "-o", tmp_path / "m2.kds")
+        assert p.returncode == 0 and f"(written as label -1 / empty scores to {tmp_path / 'm2.kds'})".encode() in p.stderr, p.stderr
+        warning = next(line for line in p.stderr.decode().splitlines() if "defence rejected" in line)
+        assert "log" not in warning, warning
     import h5py
 
     with h5py.File(tmp_path / "m.h5") as f:
@@ -203,6 +214,106 @@ def test_entropy_defence_over_http(victim_path, tmp_path):
     assert f"online on {120 - refused} samples".encode() in p.stderr and f"skipped {refused} rows".encode() in p.stderr
     assert json.loads((tmp_path / "defense.json").read_text())["kind"] == "entropy"
     assert b"entropy defence: pass" in err.read_bytes()
+
+
+def test_refused_rows_stay_refused_when_replayed_and_paid_answers_stay_in_the_output(victim_path, tmp_path):
+    digits = load_dataset("digits", "test").x[:200]
+    noise = (torch.rand(30, 1, 28, 28, generator=torch.Generator().manual_seed(3)) * 255).round().to(torch.uint8)
+    with kd_serve(tmp_path, victim_path, "--mode", "probs,label", "--defense", "entropy", "--defense-data", "digits",
+                  "--defense-save", tmp_path / "defense.json") as (url, err):
+        passing = digits[EntropyDefense.load(tmp_path / "defense.json").passes(digits)][:50]
+        write_queries(tmp_path / "q.kds", torch.cat([passing, noise]))
+        # default --on-rejected, -o and no --log: the 50 answered before the first rejection were paid for and
+        # are kept in the output (a valid, shorter stream), as the message says
+        p = kd("kd-query", url, tmp_path / "q.kds", "--mode", "probs", "-o", tmp_path / "kept.kds")
+        err_text = p.stderr.decode()
+        assert p.returncode == 1 and "rejected 30 of 80 queries" in err_text and "the 50 answered before the first rejection are kept" in err_text
+        assert f"the 50 queries answered in this run are kept in {tmp_path / 'kept.kds'}" in err_text, err_text
+        _, kept = read_all(tmp_path / "kept.kds")
+        assert torch.equal(kept["x"], passing) and kept["probs"].shape == (50, 10)
+        # --on-rejected flag in probs mode: refused rows are all-zero probabilities in the log ...
+        p = kd("kd-query", url, tmp_path / "q.kds", "--mode", "probs", "--on-rejected", "flag", "--log", tmp_path / "dlp.h5",
+               "-o", tmp_path / "dlp.kds")
+        assert p.returncode == 0, p.stderr
+    # ... and a replay in label mode answers them as refused (label -1), never as class 0
+    p = kd("kd-query", f"replay:{tmp_path / 'dlp.h5'}", tmp_path / "q.kds", "--mode", "label", "-o", tmp_path / "r.kds")
+    assert p.returncode == 0, p.stderr
+    labels = read_all(tmp_path / "r.kds")[1]["label"]
+    assert (labels[50:] == -1).all() and (labels[:50] >= 0).all()
+    assert torch.equal(labels[:50], kept["probs"].argmax(1))
+    assert b"30 of the replayed queries were refused" in p.stderr
+
+
+class _Failing:
+    """An oracle for VictimService: labels 0, except for queries holding any non-zero pixel, where the model
+    behind the server "fails" (a KdError: HTTP 502)."""
+
+    identity, kind, input_shape, num_classes = "test", "test", (1, 2, 2), 3
+
+    def answer(self, x, mode):
+        if bool((x > 0).any()):
+            raise KdError("the proxied oracle is down")
+        return {"label": torch.zeros(x.shape[0], dtype=torch.long)}
+
+    def close(self):
+        pass
+
+
+def test_access_log_has_one_event_per_request_whatever_its_status(tmp_path):
+    import http.client
+    import threading
+
+    from kdtools.serve import make_server
+
+    events = []
+    svc = VictimService(_Failing(), ["label"], Quotas({SECRET: 5}), max_batch=8, on_request=events.append)
+    server = make_server(svc)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    body = lambda n, v=0.0: json.dumps({"mode": "label", "inputs": torch.full((n, 1, 2, 2), v).tolist()}).encode()
+    requests = [("GET", "/v1/info", None, {}, 200), ("GET", "/nope", None, {}, 404),
+                ("POST", "/v1/query", body(1), {"Content-Type": "application/json"}, 401),
+                ("POST", "/v1/query", body(1), {"Content-Type": "application/json", "Authorization": "Bearer wrong"}, 401),
+                ("POST", "/v1/query", b"{nope", {"Content-Type": "application/json", **auth}, 400),
+                ("POST", "/v1/query", body(1), {"Content-Type": "text/plain", **auth}, 415),
+                ("POST", "/v1/query", body(9), {"Content-Type": "application/json", **auth}, 413),
+                ("POST", "/v1/query", body(2), {"Content-Type": "application/json", **auth}, 200),
+                ("POST", "/v1/query", body(4), {"Content-Type": "application/json", **auth}, 429),
+                ("POST", "/v1/query", body(1, 0.5), {"Content-Type": "application/json", **auth}, 502),
+                ("POST", "/v2/other", body(1), {"Content-Type": "application/json", **auth}, 404),
+                ("PUT", "/v1/query", b"", auth, 501)]
+    try:
+        for method, path, data, headers, want in requests:
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            assert resp.status == want, (method, path, resp.status)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [e["status"] for e in events] == [want for *_, want in requests]
+    assert [e["account"] for e in events] == ["no key", "no key", "no key", "unknown key"] + ["key #1"] * 8
+    assert events[7]["rows"] == 2 and events[7]["quota_left"] == 3
+    assert "proxied oracle is down" in events[9]["error"] and "quota exhausted" in events[8]["error"]
+    assert all(e["error"] for e in events if e["status"] != 200)
+    assert SECRET not in json.dumps(events)
+
+
+def test_a_served_replay_flags_the_refused_rows_it_recorded(tmp_path):
+    from kdtools.h5store import SampleWriter
+    from kdtools.oracle import ReplayOracle
+    from kdtools.stream import StreamHeader
+
+    x = torch.arange(3 * 16, dtype=torch.uint8).reshape(3, 1, 4, 4)
+    probs = torch.tensor([[0.2, 0.8], [0.0, 0.0], [0.6, 0.4]])  # row 1: a query the recorded defence refused
+    header = StreamHeader("samples", {"x": {"dtype": "uint8", "shape": [1, 4, 4]}, "probs": {"dtype": "float32", "shape": [2]}}, 2, mode="probs")
+    with SampleWriter(tmp_path / "log.h5", header, "sha256:test") as log:
+        log.append({"x": x, "probs": probs})
+    svc = VictimService(ReplayOracle(str(tmp_path / "log.h5")), ["label"])
+    reply = json.loads(svc.query(json.dumps({"mode": "label", "inputs": (x.float() / 255).tolist()}).encode(), "application/json", None)[2])
+    assert reply["rejected"] == [False, True, False] and reply["answers"]["label"] == [1, -1, 0]
 
 
 def test_kd_serve_usage_errors():

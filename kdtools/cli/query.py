@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from typing import Optional
 
 import typer
 
 from ..device import resolve_device
-from ..errors import BudgetExhausted, KdUsageError
+from ..errors import BudgetExhausted, KdError, KdUsageError
 from ..h5store import SampleWriter
 from ..oracle import RemoteOptions, open_oracle, parse_mode, safe_spec
 from ..query import output_header, run_queries
@@ -41,7 +44,8 @@ def query(
     oracle: str = typer.Argument(..., help="The victim: a model file (.safetensors, TorchScript .pt, torch.export .pt2), http(s)://HOST:PORT, exec:CMD or replay:LOG.h5."),
     input: Optional[str] = typer.Argument(None, help="Queries: stream file or HDF5; default '-' (stdin)."),
     mode: str = typer.Option("label", "--mode", help="label | probs | logits | topk:K"),
-    budget: Optional[int] = typer.Option(None, "--budget", help="Hard cap on oracle calls, counting those the log already spent."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Hard cap on oracle calls, counting those the log already spent "
+                                         "(default: the budget recorded in --log, else none). 0: answer from --log alone, pay nothing."),
     log: Optional[str] = typer.Option(None, "--log", help="HDF5 query log to append to (created, or resumed if it exists)."),
     output: str = typer.Option("-", "-o", "--output", help="Where queries + answers go; '-' = stdout."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="CxHxW, for model files that do not record it."),
@@ -63,6 +67,8 @@ def query(
     if budget == 0 and not log:
         # with a log, --budget 0 is meaningful: answer from the log only, pay for nothing
         raise KdUsageError("--budget 0 pays for no query: it only makes sense with a --log to replay answers from")
+    if budget == 0 and not os.path.exists(log):
+        raise KdUsageError(f"--budget 0 answers from the log alone, and {log} does not exist")
     remote = remote_options(api_key_env, timeout, retries, rate_limit, wire, on_rejected, max_batch)
     orc = open_oracle(oracle, resolve_device(device), trust_pickle, parse_shape(input_shape) if input_shape else None, remote=remote)
     warn_http_only(orc, remote)
@@ -78,45 +84,107 @@ def _run(orc, oracle: str, input, mode, budget, log, output, remote: RemoteOptio
     if orc.kind in ("http", "exec"):
         options["remote"] = remote.public()  # never the key itself
     header = output_header(source.header, orc, mode, options)
-    # With a log and a terminal on stdout the answers live in the log alone; without a log they must go somewhere.
-    to_stdout = output == "-"
-    if to_stdout and sys.stdout.isatty() and log:
-        sink = None
-    else:
-        sink = open_sink(header, output)
     new_log = bool(log) and not os.path.exists(log)
-    writer = SampleWriter(log, header, oracle=orc.identity, budget=budget) if log else None
+    # --budget N > 0 is recorded in the log (and refused below what it already spent); --budget 0 pays for nothing
+    # and leaves the recorded budget as it was; no --budget keeps to the recorded one (run_queries)
+    writer = SampleWriter(log, header, oracle=orc.identity, budget=budget or None) if log else None
+    limit = budget if budget is not None else (writer.budget if writer else None)
+    spent_before = writer.spent if writer else 0
+    sink = None
+    try:
+        # With a log and a terminal on stdout the answers live in the log alone; without a log they must go somewhere.
+        if not (output == "-" and sys.stdout.isatty() and log):
+            sink = open_sink(header, output)
+    except BaseException:
+        _close_log(writer, log, new_log, failed=True)
+        raise
     if writer and writer.spent:
         info(f"kd-query: resuming {log}: {writer.rows} answers logged, {writer.spent} queries spent"
-             + (f" of {budget}" if budget is not None else ""))
+             + (f" of {limit}" if limit is not None else "")
+             + (" (the budget recorded in the log)" if budget is None and limit is not None else ""))
     if writer:
         STOP_HINT["text"] = f"every answer paid for is in {log}; rerun with the same --log and nothing is paid twice"
-    status, message, failed = "complete", "", False
+    elif sink is not None and sink.path is not None:
+        STOP_HINT["text"] = f"what was answered is kept in {output}"
+    failed = False
     try:
         with progress_bars(not no_progress) as progress:
-            stats = run_queries(source, orc, mode, budget, writer, sink.write if sink else None, progress)
+            stats = run_queries(source, orc, mode, budget, writer, (lambda b: _write_whole(sink, b)) if sink else None, progress)
     except BudgetExhausted as e:
-        status, message = "budget_exhausted", str(e)
         if sink:
-            sink.close(status, message)
+            sink.close("budget_exhausted", str(e))
         raise
     except BaseException as e:
         failed = True
-        if sink:
-            sink.abort(str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+        kept = _keep_answered(sink, e, output)
+        paid = writer is not None and writer.spent > spent_before
+        where = ([f"every answer paid for is in {log}"] if paid else []) + ([kept] if kept else [])
+        if where:
+            if isinstance(e, KdError):
+                e.args = (f"{e}; {'; '.join(where)}",)
+            else:  # Ctrl-C, SIGTERM: run_app appends the hint to its "interrupted" / "terminated" line
+                STOP_HINT["text"] = "; ".join(where + (["rerun with the same --log and nothing is paid twice"] if paid else []))
         raise
     finally:
-        if writer:
-            writer.close()
-            if failed and new_log and writer.spent == 0:
-                # a run that failed before paying anything (wrong query shape, a refused first request) must not
-                # leave an empty log behind: its header (query shape, answer mode) would refuse the corrected rerun
-                os.unlink(log)
+        _close_log(writer, log, new_log, failed)
     if sink:
-        sink.close(status, message)
+        sink.close("complete", "")
     info(f"kd-query: answered {stats.answered} queries ({stats.paid} paid, {stats.replayed} replayed from the log) "
-         f"in {stats.seconds:.1f} s; spent {stats.spent_total}" + (f" of {budget}" if budget is not None else ""))
-    report_remote(orc)
+         f"in {stats.seconds:.1f} s; spent {stats.spent_total}" + (f" of {stats.budget}" if stats.budget is not None else ""))
+    places = ([f"the log {log}"] if writer else []) + ([output if sink.path is not None else "stdout"] if sink else [])
+    report_remote(orc, " and ".join(places))
+
+
+def _close_log(writer, log, new_log: bool, failed: bool) -> None:
+    if writer:
+        writer.close()
+        if failed and new_log and writer.spent == 0:
+            # a run that failed before paying anything (wrong query shape, a refused first request) must not
+            # leave an empty log behind: its header (query shape, answer mode) would refuse the corrected rerun
+            os.unlink(log)
+
+
+@contextmanager
+def _signals_deferred():
+    """Hold Ctrl-C and SIGTERM while a batch is written, so a stop never leaves half a record in the output:
+    a signal that arrives meanwhile is delivered (and handled) right after."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _write_whole(sink, batch: dict) -> None:
+    with _signals_deferred():
+        sink.write(batch)
+
+
+def _keep_answered(sink, error: BaseException, output: str) -> str:
+    """After a failure (an oracle error, a refused query, Ctrl-C, SIGTERM): answers already written to an
+    output file were paid for, so the file is finished as a valid shorter one whose end record says why it
+    stopped; a file with no row is dropped (any previous one stays). Returns what to tell about it."""
+    if sink is None:
+        return ""
+    if isinstance(error, KdError):
+        why = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+    else:
+        why = {"KeyboardInterrupt": "interrupted", "Terminated": "terminated (SIGTERM)"}.get(type(error).__name__, type(error).__name__)
+    if sink.path is None:  # stdout: the stream ends with an error record; what was written went downstream
+        sink.abort(why)
+        return f"the {sink.rows} queries answered in this run were written to stdout" if sink.rows else ""
+    if not sink.rows:
+        sink.abort(why)
+        return ""
+    try:
+        sink.close("error", why)
+    except OSError as e:  # the output itself failed (a full disk): say so, the original error stays the one reported
+        return f"{output} could not be finished ({e.strerror or e})"
+    return f"the {sink.rows} queries answered in this run are kept in {output} (its end record says why it stopped)"
 
 
 def remote_options(api_key_env: str, timeout: float, retries: int, rate_limit: Optional[float], wire: str, on_rejected: str,
@@ -132,24 +200,43 @@ def remote_options(api_key_env: str, timeout: float, retries: int, rate_limit: O
         raise KdUsageError("--max-batch must be >= 1")
     if not api_key_env or not api_key_env.replace("_", "").isalnum():
         raise KdUsageError("--api-key-env takes the NAME of an environment variable, not the key")
+    # checked whatever the oracle: a typo is a usage error even where the flag does not apply (warn_http_only)
+    if wire not in ("json", "stream"):
+        raise KdUsageError(f"--wire {wire!r}: expected json or stream")
+    if on_rejected not in ("error", "flag"):
+        raise KdUsageError(f"--on-rejected {on_rejected!r}: expected error or flag")
     return RemoteOptions(api_key=os.environ.get(api_key_env) or None, timeout=timeout, retries=retries,
                          rate_limit=rate_limit, wire=wire, on_rejected=on_rejected, max_batch=max_batch)
 
 
 def warn_http_only(orc, remote: RemoteOptions) -> None:
-    """--rate-limit and --max-batch shape HTTP requests; say so rather than ignore them silently elsewhere."""
+    """--rate-limit, --max-batch, --wire and --on-rejected concern HTTP requests; say so rather than ignore them
+    silently elsewhere (--wire and --on-rejected when not left at their defaults)."""
+    if orc.kind == "http":
+        return
     given = [flag for flag, value in (("--rate-limit", remote.rate_limit), ("--max-batch", remote.max_batch)) if value]
-    if given and orc.kind != "http":
+    if given:
         warn(f"{' and '.join(given)} only {'shapes' if len(given) == 1 else 'shape'} requests to an HTTP oracle; ignored for this {orc.kind} oracle")
+    given = [f"{flag} {value}" for flag, value, default in (("--wire", remote.wire, "json"), ("--on-rejected", remote.on_rejected, "error"))
+             if value != default]
+    if given:
+        warn(f"{' and '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to an HTTP oracle; ignored for this {orc.kind} oracle"
+             + ("; a replay answers queries the recorded server refused as refused (label -1 / empty scores)"
+                if orc.kind == "replay" and remote.on_rejected != "error" else ""))
 
 
-def report_remote(orc) -> None:
-    """What a remote oracle did beyond answering: retries and rejected queries (on stderr)."""
+def report_remote(orc, where: str) -> None:
+    """What a remote oracle did beyond answering: retries and rejected queries (on stderr). ``where`` names
+    the places the answers went (the log, the output file, stdout)."""
     if getattr(orc, "retried_rows", 0):
         warn(f"{orc.identity}: {orc.retried_rows} query rows were re-sent after transient errors "
              "(counted once in the budget; a server that bills failed requests may have charged them)")
     if getattr(orc, "rejected_total", 0):
-        warn(f"{orc.identity}: the server's defence rejected {orc.rejected_total} queries (logged with label -1 / empty scores)")
+        warn(f"{orc.identity}: the server's defence rejected {orc.rejected_total} queries "
+             f"(written as label -1 / empty scores to {where})")
+    if getattr(orc, "replayed_rejected", 0):
+        warn(f"replay:{orc.path}: {orc.replayed_rejected} of the replayed queries were refused by the recorded server's defence "
+             f"(written as refused, label -1 / empty scores, to {where})")
 
 
 def main() -> None:

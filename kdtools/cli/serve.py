@@ -40,7 +40,7 @@ def serve(
     max_batch: int = typer.Option(4096, "--max-batch", help="Most query rows in one request (HTTP 413 above)."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="CxHxW, for model files that do not record it."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled model file (runs code from it!)."),
-    access_log: bool = typer.Option(False, "--access-log", help="One stderr line per request (rows, rejected, quota left; never keys)."),
+    access_log: bool = typer.Option(False, "--access-log", help="One stderr line per request, whatever its status (rows, rejected, quota left, or the error; never keys)."),
     data_root_opt: Optional[str] = DataRootOption,
     device: str = DeviceOption,
     debug: bool = DebugOption,
@@ -82,8 +82,14 @@ def serve(
         info(f"kd-serve: entropy defence: pass {guard.low:.3f} <= H <= {hi} bits ({guard.fitted_on or defense_load})")
 
     def log_request(event: dict) -> None:
-        left = "unlimited" if event["quota_left"] is None else event["quota_left"]
-        info(f"kd-serve: {event['account']}: {event['rows']} queries ({event['mode']}), {event['rejected']} rejected, quota left {left}")
+        # one line per request, whatever its status (the account is "key #N", never the key)
+        who = event.get("account") or "-"
+        if "rows" in event:  # an answered query
+            left = "unlimited" if event["quota_left"] is None else event["quota_left"]
+            info(f"kd-serve: {who}: {event['rows']} queries ({event['mode']}), {event['rejected']} rejected, quota left {left}")
+            return
+        why = f": {event['error']}" if event.get("error") else ""
+        info(f"kd-serve: {who}: {event.get('method', '-')} {event.get('path', '-')}: HTTP {event.get('status')}{why}")
 
     service = VictimService(oracle, modes, Quotas(keys, quota), guard, max_batch, log_request if access_log else None)
     server = make_server(service, host, port)
