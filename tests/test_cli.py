@@ -111,6 +111,9 @@ def test_bad_inputs_give_one_line_and_leave_outputs_intact(victim_path, queries_
         assert message in err, (args, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert sha(keep) == before, args
+    # the truncated input's first batches were answered (paid): they are kept beside the untouched output
+    partial = tmp_path / "student.partial.safetensors"
+    assert partial.is_file() and "kept in " + str(partial) in results[3].stderr.decode()
 
 
 def test_pickled_victim_is_refused(tmp_path, queries_path):

@@ -180,11 +180,16 @@ def _keep_answered(sink, error: BaseException, output: str) -> str:
     if not sink.rows:
         sink.abort(why)
         return ""
+    # a failed run must not replace an existing output either: its partial answers then go beside it
+    previous = sink.path.exists()
+    if previous:
+        sink.path = sink.path.with_name(f"{sink.path.stem}.partial{sink.path.suffix}")
     try:
         sink.close("error", why)
     except OSError as e:  # the output itself failed (a full disk): say so, the original error stays the one reported
-        return f"{output} could not be finished ({e.strerror or e})"
-    return f"the {sink.rows} queries answered in this run are kept in {output} (its end record says why it stopped)"
+        return f"{sink.path} could not be finished ({e.strerror or e})"
+    return (f"the {sink.rows} queries answered in this run are kept in {sink.path} (its end record says why it stopped)"
+            + (f"; {output}, from before, is left as it was" if previous else ""))
 
 
 def remote_options(api_key_env: str, timeout: float, retries: int, rate_limit: Optional[float], wire: str, on_rejected: str,
