@@ -312,6 +312,24 @@ def test_sigterm_mid_training_names_the_checkpoint_and_resume_goes_on(tmp_path):
     assert int(read_metadata(out)["epochs_done"]) == done + 1
 
 
+def test_ctrl_c_mid_training_exits_130_with_its_line(tmp_path):
+    # typer hands Ctrl-C back as a returned 130: it used to end the command with exit 0 and no word
+    out = tmp_path / "v.safetensors"
+    cmd = [*kd_cmd("kd-distill"), "--data", "digits", "--arch", "mlp", "--epochs", "400", "-q", "-o", str(out)]
+    proc = subprocess.Popen(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    ckpt = Path(str(out) + ".ckpt")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ckpt.exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be stopped: " + proc.stderr.read().decode()
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 130
+    assert err.strip().splitlines() == [f"error: interrupted; every finished epoch is saved in {ckpt}; the same "
+                                        f"command with --resume {out} continues from the last one"], err
+
+
 def test_an_arch_that_disagrees_with_init_is_named_not_silently_dropped(tmp_path):
     first = tmp_path / "a.safetensors"
     kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", "1", "-q", "-o", first, check=True)

@@ -86,7 +86,11 @@ def run_app(app: typer.Typer, prog_name: str) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)  # kd-serve installs its own (a clean shutdown)
     try:
-        app(prog_name=prog_name, standalone_mode=False)
+        rc = app(prog_name=prog_name, standalone_mode=False)
+        if rc == 130:
+            # typer turns Ctrl-C (KeyboardInterrupt) into a *returned* 130 when not standalone: without this
+            # the command would exit 0, silently, after the commands' own cleanup had already run
+            fail(_stopped("interrupted"), 130)
     except (click.exceptions.Exit, typer.Exit) as e:  # --help and explicit typer.Exit
         raise SystemExit(e.exit_code)
     except (click.exceptions.Abort, typer.Abort):
