@@ -67,6 +67,17 @@ def test_budget_reached_keeps_answers_and_exits_1(victim_path, queries_path, tmp
     p = kd("kd-query", victim_path, queries_path, "--budget", "100", "--log", log, "-o", tmp_path / "x.kds")
     assert p.returncode == 1 and b"smaller than the 150 queries" in p.stderr
     assert sha(log) == before and not (tmp_path / "x.kds").exists()
+    # a budget stop never replaces an earlier output: the answers go beside it, each stopped run its own name
+    keep = tmp_path / "keep.kds"
+    keep.write_bytes(b"mine")
+    for budget, name in ((200, "keep.partial.kds"), (250, "keep.partial-2.kds")):
+        p = kd("kd-query", victim_path, queries_path, "--budget", budget, "--log", log, "-o", keep)
+        assert p.returncode == 1 and f"kept in {tmp_path / name}".encode() in p.stderr, p.stderr
+        assert sum(b["x"].shape[0] for b in open_samples(tmp_path / name)) == budget
+    assert keep.read_bytes() == b"mine"
+    # HDF5 has no end record to say it stopped early: a stopped run's HDF5 output is always named .partial
+    p = kd("kd-query", victim_path, queries_path, "--budget", 300, "--log", log, "-o", tmp_path / "a.h5")
+    assert p.returncode == 1 and (tmp_path / "a.partial.h5").is_file() and not (tmp_path / "a.h5").exists()
 
 
 def test_bad_inputs_give_one_line_and_leave_outputs_intact(victim_path, queries_path, tmp_path):

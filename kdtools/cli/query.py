@@ -111,19 +111,23 @@ def _run(orc, oracle: str, input, mode, budget, log, output, remote: RemoteOptio
         with progress_bars(not no_progress) as progress:
             stats = run_queries(source, orc, mode, budget, writer, (lambda b: _write_whole(sink, b)) if sink else None, progress)
     except BudgetExhausted as e:
-        if sink:
+        if sink and sink.path is None:
             sink.close("budget_exhausted", str(e))
+        elif sink:
+            kept = _finish_early(sink, "budget_exhausted", str(e).splitlines()[0][:300], output)
+            e.args = (f"{e}; {kept}" if kept else f"{e}; no query was answered, so {output} was not written",)
         raise
     except BaseException as e:
         failed = True
         kept = _keep_answered(sink, e, output)
         paid = writer is not None and writer.spent > spent_before
         where = ([f"every answer paid for is in {log}"] if paid else []) + ([kept] if kept else [])
-        if where:
-            if isinstance(e, KdError):
-                e.args = (f"{e}; {'; '.join(where)}",)
-            else:  # Ctrl-C, SIGTERM: run_app appends the hint to its "interrupted" / "terminated" line
-                STOP_HINT["text"] = "; ".join(where + (["rerun with the same --log and nothing is paid twice"] if paid else []))
+        if where and isinstance(e, KdError):
+            e.args = (f"{e}; {'; '.join(where)}",)
+        elif not isinstance(e, KdError):
+            # Ctrl-C, SIGTERM: run_app appends the hint to its "interrupted" / "terminated" line; with nothing
+            # kept the hint set before the run would point at a file that was not written
+            STOP_HINT["text"] = "; ".join(where + (["rerun with the same --log and nothing is paid twice"] if paid else []))
         raise
     finally:
         _close_log(writer, log, new_log, failed)
@@ -146,28 +150,42 @@ def _close_log(writer, log, new_log: bool, failed: bool) -> None:
 
 @contextmanager
 def _signals_deferred():
-    """Hold Ctrl-C and SIGTERM while a batch is written, so a stop never leaves half a record in the output:
-    a signal that arrives meanwhile is delivered (and handled) right after."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold Ctrl-C and SIGTERM while a batch is written to a file, so a stop never leaves half a record in it:
+    a signal that arrives meanwhile is only noted, and acted on (the command's own handler) right after.
+    Done in Python, not with pthread_sigmask: a mask holds only this thread's signals, and with any other
+    thread alive (rich's refresh, an exec oracle's stderr reader) the kernel hands the signal to that one,
+    while Python still runs the handler here, mid-write."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if noted:
+            handler = previous[noted[0]]
+            if callable(handler):
+                handler(noted[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), noted[0])
 
 
 def _write_whole(sink, batch: dict) -> None:
+    if sink.path is None:  # a pipe: holding SIGTERM while a stalled reader blocks the write would ignore it
+        sink.write(batch)
+        return
     with _signals_deferred():
         sink.write(batch)
 
 
 def _keep_answered(sink, error: BaseException, output: str) -> str:
     """After a failure (an oracle error, a refused query, Ctrl-C, SIGTERM): answers already written to an
-    output file were paid for, so the file is finished as a valid shorter one whose end record says why it
-    stopped; a file with no row is dropped (any previous one stays). Returns what to tell about it."""
+    output file were paid for, so they are kept (``_finish_early``); a file with no row is dropped (any
+    previous one stays). Returns what to tell about it."""
     if sink is None:
         return ""
     if isinstance(error, KdError):
@@ -177,18 +195,31 @@ def _keep_answered(sink, error: BaseException, output: str) -> str:
     if sink.path is None:  # stdout: the stream ends with an error record; what was written went downstream
         sink.abort(why)
         return f"the {sink.rows} queries answered in this run were written to stdout" if sink.rows else ""
+    return _finish_early(sink, "error", why, output)
+
+
+def _finish_early(sink, status: str, why: str, output: str) -> str:
+    """Finish the -o file of a run that stopped before its input ended (a failure, a stop, the budget).
+
+    Its rows were paid for, so they are kept, but never in place of an earlier file: when OUTPUT exists
+    they go to a free OUTPUT-stem.partial[-N].suffix beside it. An HDF5 output has no end record to say it
+    stopped early, so it always gets the .partial name. A run with no row leaves no file."""
     if not sink.rows:
         sink.abort(why)
         return ""
-    # a failed run must not replace an existing output either: its partial answers then go beside it
     previous = sink.path.exists()
-    if previous:
-        sink.path = sink.path.with_name(f"{sink.path.stem}.partial{sink.path.suffix}")
+    if previous or sink.path.suffix.lower() in (".h5", ".hdf5"):
+        base, n = sink.path, 1
+        sink.path = base.with_name(f"{base.stem}.partial{base.suffix}")
+        while sink.path.exists():  # an earlier failed run's answers were paid for too
+            n += 1
+            sink.path = base.with_name(f"{base.stem}.partial-{n}{base.suffix}")
     try:
-        sink.close("error", why)
+        sink.close(status, why)
     except OSError as e:  # the output itself failed (a full disk): say so, the original error stays the one reported
         return f"{sink.path} could not be finished ({e.strerror or e})"
-    return (f"the {sink.rows} queries answered in this run are kept in {sink.path} (its end record says why it stopped)"
+    return (f"the {sink.rows} queries answered in this run are kept in {sink.path}"
+            + (" (its end record says why it stopped)" if sink.path.suffix.lower() not in (".h5", ".hdf5") else "")
             + (f"; {output}, from before, is left as it was" if previous else ""))
 
 
