@@ -173,7 +173,7 @@ def fid(samples: torch.Tensor, reference: torch.Tensor, extractor, batch_size: i
         raise KdUsageError("these samples are points, not images; use --features raw")
     for what, x in (("the samples", samples), ("the reference", reference)):
         if x.is_floating_point():  # a NaN would otherwise surface as a linear-algebra error in sqrtm
-            bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+            bad = ~torch.isfinite(x).flatten(1).all(1)
             if bad.any():
                 raise KdError(f"{what}: {int(bad.sum())} rows hold NaN or infinite values (first at row {int(bad.nonzero()[0])})")
     fs = extract(extractor, samples, batch_size, progress, "sample features")

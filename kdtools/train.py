@@ -98,7 +98,7 @@ def targets_from(batch: dict, num_classes: int, where: str = "the training data"
     in errors. Non-finite answers are refused here: trained on, they only show up later as a NaN loss."""
     for name in ("logits", "probs", "topk_value"):
         if name in batch:
-            bad = ~torch.isfinite(batch[name].float()).reshape(batch[name].shape[0], -1).all(1)
+            bad = ~torch.isfinite(batch[name].float()).flatten(1).all(1)  # flatten: 0 rows too
             if bad.any():
                 raise KdError(f"{where}: {int(bad.sum())} answers hold NaN or infinite {name} "
                               f"(first at row {int(bad.nonzero()[0])})")

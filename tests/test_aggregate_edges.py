@@ -29,7 +29,7 @@ class Result:
 
 
 def _limit_memory():  # a runaway loop fails fast instead of eating the machine's memory
-    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))  # torch's CUDA build maps ~3 GB at import
 
 
 def run_sub(module, args, stdin=None, timeout=120):
@@ -339,3 +339,11 @@ def test_plot_error_curves_refuses_an_empty_plot(tmp_path):
     assert not (tmp_path / "e.png").exists()
     plot_error_curves({"mv": [(10, 0.1), (20, 0.05)], "ds": []}, tmp_path / "e.png")
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_gold_file_that_is_not_utf8_is_one_clear_error_even_when_small(tmp_path):
+    # the decoder reads ahead, so a bad byte in a small file surfaces while reading the header line
+    gold = tmp_path / "g.csv"
+    gold.write_bytes(b"task,truth\nt1,\xff\n")
+    with pytest.raises(KdError, match=r"g.csv: not a UTF-8 text file \(byte 0xff"):
+        crowdio.read_gold(gold)

@@ -201,3 +201,4 @@ def test_non_finite_answers_and_bad_labels_are_refused_naming_the_source():
     with pytest.raises(KdError, match=r"q.h5: labels outside 0..2"):
         targets_from({"label": torch.tensor([0, 3])}, 3, "q.h5")
     assert targets_from({"probs": torch.full((2, 3), 1 / 3)}, 3).soft
+    assert targets_from({"probs": torch.zeros(0, 3)}, 3).labels.shape == (0,)  # no rows: the caller says so

@@ -304,6 +304,13 @@ def read_gold(path: str | os.PathLike, task_col: str = "task", truth_col: str = 
               delimiter: Optional[str] = None) -> dict[str, str]:
     """Read ``task,truth`` (the second column is used when no column is named ``truth``)."""
     name = str(path)
+    try:  # around everything: the decoder reads ahead, so a bad byte can surface at the header line
+        return _read_gold(path, name, task_col, truth_col, delimiter)
+    except UnicodeDecodeError as e:
+        raise KdError(f"{name}: not a UTF-8 text file (byte 0x{e.object[e.start]:02x} cannot be decoded)") from None
+
+
+def _read_gold(path, name: str, task_col: str, truth_col: str, delimiter: Optional[str]) -> dict[str, str]:
     with open_text(path) as f:
         first = f.readline()
         if not first.strip():
@@ -322,19 +329,15 @@ def read_gold(path: str | os.PathLike, task_col: str = "task", truth_col: str = 
             gi = others[0]
         gold: dict[str, str] = {}
         reader = csv.reader(f, delimiter=delim, strict=True)  # broken quoting is an error, as in the labels
-        try:
-            for lineno, fields in _records(reader, name, first_line=2):
-                if not fields or (len(fields) == 1 and not fields[0].strip()):
-                    continue
-                if len(fields) != len(header):
-                    raise KdError(f"{name}:{lineno}: malformed line: expected {len(header)} fields, "
-                                  f"found {len(fields)}")
-                truth = fields[gi].strip()
-                if _is_missing_word(truth):
-                    continue  # a task without gold
-                gold[fields[ti].strip()] = truth
-        except UnicodeDecodeError as e:
-            raise KdError(f"{name}: not a UTF-8 text file (byte 0x{e.object[e.start]:02x} cannot be decoded)") from None
+        for lineno, fields in _records(reader, name, first_line=2):
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue
+            if len(fields) != len(header):
+                raise KdError(f"{name}:{lineno}: malformed line: expected {len(header)} fields, found {len(fields)}")
+            truth = fields[gi].strip()
+            if _is_missing_word(truth):
+                continue  # a task without gold
+            gold[fields[ti].strip()] = truth
     return gold
 
 
