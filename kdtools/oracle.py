@@ -251,6 +251,23 @@ def rejected_rows(answer: dict) -> torch.Tensor:
     return out
 
 
+def exact_placeholder_rows(answer: dict) -> torch.Tensor:
+    """(n,) bool: rows holding exactly what ``rejected_placeholders`` writes in every field (label and
+    topk_index -1, logits all NaN, probs and topk_value all 0). Stricter than ``rejected_rows``: for answers
+    from a process we do not control, where a label of -5 or one NaN logit is a bug to report, not a refusal."""
+    n = next(iter(answer.values())).shape[0]
+    out = torch.ones(n, dtype=torch.bool)
+    for name, v in answer.items():
+        flat = v.reshape(n, -1)
+        if name in ("label", "topk_index"):
+            out &= (flat == -1).all(1)
+        elif name == "logits":
+            out &= torch.isnan(flat.float()).all(1)
+        else:  # probs, topk_value
+            out &= (flat.float() == 0).all(1)
+    return out
+
+
 def without_rejected(batch: dict) -> tuple[dict, int]:
     """Drop the rows a query defence refused (``kd-query --on-rejected flag`` placeholders: label -1,
     probs all 0, logits NaN, topk_index -1): they hold no answer. Returns (batch, rows dropped)."""
@@ -696,6 +713,7 @@ class ExecOracle(Oracle):
             raise KdUsageError("an exec: oracle needs --input-shape CxHxW (what the command takes)")
         self.command = command
         self.identity = "exec:" + command
+        self.relayed_rejected = 0  # rows the child answered with a refusal's placeholders
         self.where = f"exec oracle {argv[0]!r}"
         self.input_shape = tuple(int(v) for v in input_shape)
         self.stderr_tail: deque = deque(maxlen=20)
@@ -786,7 +804,10 @@ class ExecOracle(Oracle):
         # a child that relays a defence's refusals (kd-query --on-rejected flag) sends the placeholders: they
         # stay refused (and derive to refused rows), they are not range errors
         whole = all(t.ndim >= 1 and t.shape[0] == n for t in got.values())  # else check_answer says what is wrong
-        got = check_answer(got, self.mode, n, self.num_classes, self.where, rejected_rows(got) if whole else None)
+        refused = exact_placeholder_rows(got) if whole else None
+        got = check_answer(got, self.mode, n, self.num_classes, self.where, refused)
+        if refused is not None:
+            self.relayed_rejected += int(refused.sum())
         return derive_answer(got, self.mode, mode)
 
     def close(self) -> None:

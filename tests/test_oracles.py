@@ -519,5 +519,27 @@ def test_exec_oracle_relaying_refusals_keeps_them_refused(tmp_path):
     orc = ExecOracle(f"{sys.executable} {script}", (1, 4, 4), RemoteOptions(timeout=60))
     try:
         assert orc.answer(queries(4)[0], "label")["label"].tolist() == [0, -1, 0, -1]
+        assert orc.relayed_rejected == 2  # counted, so kd-query says so
+    finally:
+        orc.close()
+
+
+def test_exec_oracle_answers_that_only_look_refused_are_errors(tmp_path):
+    # a label of -5 is a bug in the child, not a refusal (those are exactly -1)
+    script = tmp_path / "victim.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from kdtools.stream import StreamHeader, StreamReader, StreamWriter
+        reader = StreamReader(sys.stdin.buffer, "stdin")
+        out = StreamWriter(sys.stdout.buffer, StreamHeader("samples", {{"label": {{"dtype": "int64", "shape": []}}}}, 10, mode="label"))
+        for batch in reader:
+            out.write({{"label": torch.full((batch["x"].shape[0],), -5, dtype=torch.int64)}})
+        out.close()
+    """))
+    orc = ExecOracle(f"{sys.executable} {script}", (1, 4, 4), RemoteOptions(timeout=60))
+    try:
+        with pytest.raises(KdError, match="outside"):
+            orc.answer(queries(4)[0], "label")
     finally:
         orc.close()

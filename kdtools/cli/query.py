@@ -270,6 +270,9 @@ def report_remote(orc, where: str) -> None:
     if getattr(orc, "rejected_total", 0):
         warn(f"{orc.identity}: the server's defence rejected {orc.rejected_total} queries "
              f"(written as label -1 / empty scores to {where})")
+    if getattr(orc, "relayed_rejected", 0):
+        warn(f"{orc.identity}: the oracle process answered {orc.relayed_rejected} queries as refused "
+             f"(written as label -1 / empty scores to {where})")
     if getattr(orc, "replayed_rejected", 0):
         warn(f"replay:{orc.path}: {orc.replayed_rejected} of the replayed queries were refused by the recorded server's defence "
              f"(written as refused, label -1 / empty scores, to {where})")
