@@ -369,9 +369,12 @@ class _Handler(BaseHTTPRequestHandler):
         """One access-log event for a request that ``VictimService.query`` did not answer (errors, GET)."""
         if self.service.on_request is None:
             return
-        path = (getattr(self, "path", None) or "-").split("?", 1)[0]  # never a query string: it may hold secrets
-        self.service.on_request({"method": getattr(self, "command", None) or "-", "path": path, "status": status,
-                                 "account": self.service.quotas.name(self._key()), **event})
+        # http.server sets command (and then path and headers) only once a request line parses: before that
+        # path and headers are the previous request's on a kept-alive connection, so neither is logged
+        parsed = getattr(self, "command", None) is not None
+        path = (getattr(self, "path", None) or "-").split("?", 1)[0] if parsed else "-"  # never a query string: it may hold secrets
+        self.service.on_request({"method": self.command if parsed else "-", "path": path, "status": status,
+                                 "account": self.service.quotas.name(self._key()) if parsed else "-", **event})
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         # http.server's own refusals (a malformed request line, an unsupported method: 400, 501, ...) are requests too
