@@ -156,6 +156,8 @@ def main() -> None:
                     help="Query the victim through kd-serve on loopback HTTP (started here, --mode label,probs) instead of "
                          "from its file: the run directory gets the suffix -http and its rows say [http], beside the "
                          "file-oracle run of the same settings, so accuracy and time compare side by side.")
+    ap.add_argument("--http-port", type=int, default=18931,
+                    help="kd-serve's loopback port with --http (fixed, so a stopped run resumes against the same URL).")
     ap.add_argument("--post-train", action="store_true",
                     help="After each attack (or on its existing log), also train a fresh substitute on the attack's "
                          "query log with kd-distill (no further query) and report it as its own row.")
@@ -192,7 +194,9 @@ def main() -> None:
 
                 (work / "serve").mkdir(exist_ok=True)
                 (work / "serve" / "port").unlink(missing_ok=True)
-                server, oracle = start_server(vpath, work / "serve", dict(os.environ))
+                # a fixed port: the log records the oracle by its URL, so a resumed or repeated run must find
+                # the victim at the same address
+                server, oracle = start_server(vpath, work / "serve", dict(os.environ), args.http_port)
                 atexit.register(server.terminate)  # also when an attack fails part-way
             for method in [m for m in METHODS_FOR[mode] if m in args.methods]:
                 out = work / (f"{name}-{method}-{budget}" + "".join(f"-{t}" for t in tags))

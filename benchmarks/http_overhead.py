@@ -34,9 +34,9 @@ from kdtools.stream import StreamHeader, fields_of  # noqa: E402
 from kdtools.weights import load_model, save_model  # noqa: E402
 
 
-def start_server(victim: Path, tmp: Path, env: dict) -> tuple:
+def start_server(victim: Path, tmp: Path, env: dict, port: int = 0) -> tuple:
     port_file = tmp / "port"
-    p = subprocess.Popen([sys.executable, "-m", "kdtools.cli.serve", str(victim), "--mode", "label,probs", "--port", "0",
+    p = subprocess.Popen([sys.executable, "-m", "kdtools.cli.serve", str(victim), "--mode", "label,probs", "--port", str(port),
                           "--port-file", str(port_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 120
     while not port_file.exists():
@@ -103,7 +103,7 @@ def main() -> None:
                     t, got = steady(orc, x, mode, args.batch_size, args.repeats)
                     k = "label" if mode == "label" else "probs"
                     same = torch.equal(got[k], want[k]) if mode == "label" else bool(torch.allclose(got[k], want[k], atol=1e-6))
-                    rows.append((f"kd-serve (in-process client)", wire, mode, t, base, same))
+                    rows.append(("kd-serve (in-process client)", wire, mode, t, base, same))
                     orc.close()
             # end to end: the kd-query command, once per oracle
             e2e = []
