@@ -27,11 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdtools.data import load_dataset, to_float  # noqa: E402
+from kdtools.data import to_float  # noqa: E402
 from kdtools.h5store import SampleWriter  # noqa: E402
 from kdtools.oracle import ModelOracle  # noqa: E402
 from kdtools.query import output_header, run_queries  # noqa: E402
-from kdtools.queries import dataset_batches  # noqa: E402
 from kdtools.sources import SampleSink, open_samples  # noqa: E402
 from kdtools.weights import load_model  # noqa: E402
 
