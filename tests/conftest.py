@@ -98,3 +98,14 @@ def counting_exec_oracle(directory: Path, victim: Path) -> tuple[str, Path]:
 
 def rows_received(count: Path) -> int:
     return sum(int(line) for line in count.read_text().split()) if count.exists() else 0
+
+
+def write_csv(path, rows, header=("task", "worker", "label")):
+    """A crowd label CSV (header, then one row per label)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,14 +62,6 @@ def make_crowd(n_tasks=200, seed=0, n_workers=8):
                 lab = y if rng.random() < acc[w] else int(rng.integers(0, 3))
                 rows.append((f"q{i}", f"worker-{w}", ["red", "green", "blue"][lab]))
     return rows, truth
-
-
-def write_csv(path, rows, header=("task", "worker", "label")):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 def read_out(path_or_text):

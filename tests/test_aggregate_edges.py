@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import write_csv
 
 from kdtools.aggregate import crowdio
 from kdtools.errors import KdError
@@ -85,14 +86,6 @@ def one_error_line(r, code, *needles):
         assert needle in lines[0], lines[0]
     assert "Traceback" not in r.stderr
     return lines[0]
-
-
-def write_csv(path, rows, header=("task", "worker", "label")):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,6 @@ def test_bad_inputs_give_one_line_and_leave_outputs_intact(victim_path, queries_
     kd("kd-gen-queries", "noise", "--shape", "1x28x28", "-n", "4", "-o", nan, check=True)
     raw = bytearray(nan.read_bytes())
     # overwrite the first float of the first batch with NaN (little-endian 0x7fc00000)
-    first = raw.index(b'"x"', 200)
     n0 = int.from_bytes(raw[:8], "little") + 8
     h1 = int.from_bytes(raw[n0:n0 + 8], "little")
     raw[n0 + 8 + h1:n0 + 8 + h1 + 4] = bytes.fromhex("0000c07f")
@@ -292,24 +291,30 @@ def test_resume_flag_continues_training(tmp_path):
     out = tmp_path / "v.safetensors"
     kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", "2", "-q", "-o", out, check=True)
     assert Path(str(out) + ".ckpt").exists()
-    p = kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", "3", "--resume", out, "-o", out, check=True)
+    kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", "3", "--resume", out, "-o", out, check=True)
     from kdtools.weights import read_metadata
     assert read_metadata(out)["epochs_done"] == "3"
     options = json.loads(read_metadata(out)["options"])  # "auto" as resolved: hard labels train with cross-entropy
     assert options["loss"] == "auto" and options["loss_used"] == "ce" and options["device"] == "cpu"
 
 
-def test_sigterm_mid_training_names_the_checkpoint_and_resume_goes_on(tmp_path):
-    # a batch scheduler's time limit in the middle of a long training run
+def _long_training_with_a_checkpoint(tmp_path):
+    """A kd-distill run far from done whose first epoch is saved: (process, weights path, checkpoint path)."""
     out = tmp_path / "v.safetensors"
     cmd = [*kd_cmd("kd-distill"), "--data", "digits", "--arch", "mlp", "--epochs", "400", "-q", "-o", str(out)]
-    env = {**ENV, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C reaches it
     ckpt = Path(str(out) + ".ckpt")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not ckpt.exists():
         time.sleep(0.05)
     assert proc.poll() is None, "training ended before it could be stopped: " + proc.stderr.read().decode()
+    return proc, out, ckpt
+
+
+def test_sigterm_mid_training_names_the_checkpoint_and_resume_goes_on(tmp_path):
+    # a batch scheduler's time limit in the middle of a long training run
+    proc, out, ckpt = _long_training_with_a_checkpoint(tmp_path)
     proc.send_signal(signal.SIGTERM)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 143
@@ -325,15 +330,7 @@ def test_sigterm_mid_training_names_the_checkpoint_and_resume_goes_on(tmp_path):
 
 def test_ctrl_c_mid_training_exits_130_with_its_line(tmp_path):
     # typer hands Ctrl-C back as a returned 130: it used to end the command with exit 0 and no word
-    out = tmp_path / "v.safetensors"
-    cmd = [*kd_cmd("kd-distill"), "--data", "digits", "--arch", "mlp", "--epochs", "400", "-q", "-o", str(out)]
-    proc = subprocess.Popen(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    ckpt = Path(str(out) + ".ckpt")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not ckpt.exists():
-        time.sleep(0.05)
-    assert proc.poll() is None, "training ended before it could be stopped: " + proc.stderr.read().decode()
+    proc, out, ckpt = _long_training_with_a_checkpoint(tmp_path)
     proc.send_signal(signal.SIGINT)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 130
