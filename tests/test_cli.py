@@ -312,13 +312,17 @@ def _long_training_with_a_checkpoint(tmp_path):
     return proc, out, ckpt
 
 
-def test_sigterm_mid_training_names_the_checkpoint_and_resume_goes_on(tmp_path):
-    # a batch scheduler's time limit in the middle of a long training run
+@pytest.mark.parametrize("sig, code, word", [
+    (signal.SIGTERM, 143, "terminated (SIGTERM)"),  # a batch scheduler's time limit
+    # Ctrl-C: typer hands it back as a returned 130, which used to end the command with exit 0 and no word
+    (signal.SIGINT, 130, "interrupted"),
+])
+def test_a_stop_mid_training_names_the_checkpoint_and_resume_goes_on(tmp_path, sig, code, word):
     proc, out, ckpt = _long_training_with_a_checkpoint(tmp_path)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 143
-    assert err.strip().splitlines() == [f"error: terminated (SIGTERM); every finished epoch is saved in {ckpt}; the same "
+    assert proc.wait(timeout=60) == code
+    assert err.strip().splitlines() == [f"error: {word}; every finished epoch is saved in {ckpt}; the same "
                                         f"command with --resume {out} continues from the last one"], err
     from kdtools.weights import read_metadata
     done = int(read_metadata(out)["epochs_done"])
@@ -326,16 +330,6 @@ def test_sigterm_mid_training_names_the_checkpoint_and_resume_goes_on(tmp_path):
     p = kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", str(done + 1), "--resume", out, "-q", "-o", out)
     assert p.returncode == 0, p.stderr.decode()
     assert int(read_metadata(out)["epochs_done"]) == done + 1
-
-
-def test_ctrl_c_mid_training_exits_130_with_its_line(tmp_path):
-    # typer hands Ctrl-C back as a returned 130: it used to end the command with exit 0 and no word
-    proc, out, ckpt = _long_training_with_a_checkpoint(tmp_path)
-    proc.send_signal(signal.SIGINT)
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 130
-    assert err.strip().splitlines() == [f"error: interrupted; every finished epoch is saved in {ckpt}; the same "
-                                        f"command with --resume {out} continues from the last one"], err
 
 
 def test_an_arch_that_disagrees_with_init_is_named_not_silently_dropped(tmp_path):
