@@ -365,16 +365,25 @@ class _Handler(BaseHTTPRequestHandler):
         auth = headers.get("Authorization", "") if headers is not None else ""
         return auth[7:].strip() if auth.lower().startswith("bearer ") else None
 
+    def parse_request(self) -> bool:
+        # http.server replaces headers only once a new request's headers parse: a refusal before that (a header
+        # line too long, too many headers: 431) would otherwise be logged under the previous request's account
+        # on a kept-alive connection
+        self.headers = None
+        return super().parse_request()
+
     def _log(self, status: int, **event) -> None:
         """One access-log event for a request that ``VictimService.query`` did not answer (errors, GET)."""
         if self.service.on_request is None:
             return
-        # http.server sets command (and then path and headers) only once a request line parses: before that
-        # path and headers are the previous request's on a kept-alive connection, so neither is logged
-        parsed = getattr(self, "command", None) is not None
-        path = (getattr(self, "path", None) or "-").split("?", 1)[0] if parsed else "-"  # never a query string: it may hold secrets
-        self.service.on_request({"method": self.command if parsed else "-", "path": path, "status": status,
-                                 "account": self.service.quotas.name(self._key()) if parsed else "-", **event})
+        # http.server sets command (then path, then headers) only as the request line parses; a request line
+        # over 64 KiB (414) leaves command empty. Before they parse, path and headers would be the previous
+        # request's on a kept-alive connection, so neither is logged
+        line_parsed = bool(getattr(self, "command", None))
+        headers_parsed = line_parsed and getattr(self, "headers", None) is not None
+        path = (getattr(self, "path", None) or "-").split("?", 1)[0] if line_parsed else "-"  # never a query string: it may hold secrets
+        self.service.on_request({"method": self.command if line_parsed else "-", "path": path, "status": status,
+                                 "account": self.service.quotas.name(self._key()) if headers_parsed else "-", **event})
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         # http.server's own refusals (a malformed request line, an unsupported method: 400, 501, ...) are requests too

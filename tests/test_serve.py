@@ -301,6 +301,41 @@ def test_access_log_has_one_event_per_request_whatever_its_status(tmp_path):
     assert SECRET not in json.dumps(events)
 
 
+def test_access_log_never_names_the_previous_requests_account_on_a_kept_alive_connection():
+    # one socket, three requests: a keyed query, then one whose header line is too long (431) and one whose
+    # request line is too long (414); http.server refuses both before their headers parse, so the log must
+    # not name the account (or path) of the request before them
+    import socket
+    import threading
+
+    from kdtools.serve import make_server
+
+    events = []
+    svc = VictimService(_Failing(), ["label"], Quotas({SECRET: 5}), max_batch=8, on_request=events.append)
+    server = make_server(svc)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    body = json.dumps({"mode": "label", "inputs": torch.zeros(1, 1, 2, 2).tolist()}).encode()
+    first = (f"POST /v1/query HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SECRET}\r\n"
+             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    try:
+        for second, want in ((b"GET /v1/info HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", 431),
+                             (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414)):
+            with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as sock:
+                sock.sendall(first)
+                reply = b""
+                while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                    reply += sock.recv(65536)
+                assert reply.startswith(b"HTTP/1.1 200")
+                sock.sendall(second)
+                assert sock.recv(65536).startswith(f"HTTP/1.1 {want}".encode())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(e["status"], e["account"]) for e in events] == [(200, "key #1"), (431, "-"), (200, "key #1"), (414, "-")]
+    assert events[3]["path"] == "-" and events[3]["method"] == "-"
+    assert SECRET not in json.dumps(events)
+
+
 def test_a_served_replay_flags_the_refused_rows_it_recorded(tmp_path):
     from kdtools.h5store import SampleWriter
     from kdtools.oracle import ReplayOracle
