@@ -243,7 +243,7 @@ def test_bad_state_from_other_class_set(state_file, crowd, tmp_path, capsys, mon
     other = tmp_path / "other.csv"
     other.write_text("task,worker,label\nz1,w1,cat\nz1,w2,dog\n")
     assert_fails_cleanly(run_here([other, "--state", state_file], **kw), state_file, before,
-                         "other.csv: label 'cat' (task 'z1', worker 'w1') is not one of the fixed classes")
+                         "other.csv:2: label 'cat' (task 'z1', worker 'w1') is not one of the fixed classes")
 
 
 def test_bad_binary_file_is_one_clear_error(state_file, tmp_path, capsys, monkeypatch):

@@ -283,7 +283,7 @@ def test_gold_and_dense_errors_name_their_line(tmp_path):
 
 
 def test_kd_eval_aggregation_reads_labels_from_stdin(crowd, keval):
-    args = ["--gold", crowd / "truth.csv", "--method", "mv,ds", "--chunk-size", 20]
+    args = ["--gold", crowd / "truth.csv", "--method", "mv,ds", "--chunk-size", 20, "--initial-size", 20]
     from_file = keval(crowd / "labels.csv", *args)
     assert from_file.returncode == 0, from_file.stderr
     from_stdin = keval("-", *args, stdin=(crowd / "labels.csv").read_text())

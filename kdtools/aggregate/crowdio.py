@@ -8,12 +8,17 @@ Rules (documented in docs/kd-aggregate.md):
 
 * A label row is ``(task, worker, label)``. A label cell that is empty or reads NaN/NA/null/None
   is an error (a crowd label cannot be missing in the long format; leave the row out instead).
+* Labels (long and dense alike) and gold truths are read by :func:`normalise_label`: a whole number
+  is read as that number (``1.0``, ``01``, ``+1`` are all ``1``), anything else is kept as written.
+  Task and worker ids are never rewritten.
 * Repeated ``(task, worker)`` pairs: **the last label wins** (the order of the input), inside a chunk
   and across chunks; the number of replaced labels is reported.
 * Dense matrix: one row per item, one column per worker, ``-1`` (or an empty cell) for a missing
   label. With a header whose first cell is the task column name, the first column holds the task
   ids and the other header cells the worker ids; without it, tasks are the 0-based row numbers of
-  the file and workers the 0-based column numbers.
+  the file and workers the 0-based column numbers. A first line that looks like a header but does
+  not start with the task column name is refused (:func:`_refuse_likely_header`), never read as
+  labels.
 * Chunks count *tasks*: a file is one chunk (or, with ``chunk_size``, its tasks in order of first
   appearance are split into chunks of that many tasks, each task with all its labels of that file);
   a stream (stdin) is cut when a new task would make the chunk exceed ``chunk_size`` tasks. A task
@@ -28,15 +33,60 @@ import io
 import math
 import operator
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Optional, Sequence
+from typing import IO, Collection, Iterable, Iterator, Optional, Sequence
 
 from ..errors import KdError, KdUsageError
 
 Row = tuple  # (task, worker, label) as strings
 
 MISSING_WORDS = {"", "nan", "na", "n/a", "null", "none"}
+
+# a dense file without a header: this many lines after the first are read ahead to tell a header line
+# from a row of labels
+DENSE_LOOKAHEAD = 1000
+
+# the initial set (the paper's L*) when none is given: the benchmarks' setting (docs/aggregate-benchmarks.md);
+# a chunk larger than this is the initial set itself
+DEFAULT_INITIAL_SIZE = 500
+
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+(\.0*)?")
+
+
+def default_initial_size(chunk_size: Optional[int]) -> Optional[int]:
+    """The initial set used when none is given: ``DEFAULT_INITIAL_SIZE`` tasks, or the chunk size if larger
+    (None without a chunk size: nothing is split)."""
+    return None if chunk_size is None else max(chunk_size, DEFAULT_INITIAL_SIZE)
+
+
+def normalise_label(value: str) -> str:
+    """A label or gold truth as the aggregators see it: a whole number is read as that number (``1.0``,
+    ``01``, ``+1`` -> ``1``; ``-0`` -> ``0``), anything else (``1.5``, ``cat``) is kept as written (stripped).
+    The same rule for the long and the dense format and for the gold file."""
+    v = value.strip()
+    if _WHOLE_NUMBER.fullmatch(v):
+        return str(int(v.split(".")[0]))
+    return v
+
+
+def _delimiter_hint(first_line: str, delim: str) -> str:
+    """Advice for a header that did not split: it holds another likely separator and not the one used."""
+    if delim in first_line:
+        return ""
+    for sep, word in ((";", "';'"), ("\t", "tab"), ("|", "'|'")):
+        if sep in first_line:
+            return f"; the header line looks {word}-separated: give --delimiter {word}"
+    return ""
+
+
+def _class_check(classes, label: str, task: str, worker: str, name: str, lineno: int) -> None:
+    if classes is not None and label not in classes:
+        items = list(classes)
+        known = ", ".join(items[:10]) + (" ..." if len(items) > 10 else "")
+        raise KdError(f"{name}:{lineno}: label {label!r} (task {task!r}, worker {worker!r}) is not one of the fixed "
+                      f"classes ({known}; fixed by --classes, now or when the state was made)")
 
 
 @dataclass
@@ -77,8 +127,10 @@ def _records(reader, name: str, first_line: int) -> Iterator[tuple[int, list[str
 
 
 def read_long(stream: IO[str], name: str, columns: Columns = Columns(),
-              delimiter: Optional[str] = None) -> Iterator[Row]:
-    """Yield ``(task, worker, label)`` from a long CSV/TSV with a header; raise KdError on a bad line."""
+              delimiter: Optional[str] = None, classes: Optional[Collection[str]] = None,
+              meta: Optional[dict] = None) -> Iterator[Row]:
+    """Yield ``(task, worker, label)`` from a long CSV/TSV with a header; raise KdError on a bad line
+    (with ``classes``, a label outside them is one, reported at its line)."""
     first = stream.readline()
     if not first.strip():
         raise KdError(f"{name}: empty input (no header line)")
@@ -90,7 +142,7 @@ def read_long(stream: IO[str], name: str, columns: Columns = Columns(),
     except ValueError:
         raise KdError(f"{name}: the header must name the columns {columns.task!r}, {columns.worker!r} and "
                       f"{columns.label!r} (found {', '.join(repr(h) for h in header)}); "
-                      f"set --task-col/--worker-col/--label-col") from None
+                      f"set --task-col/--worker-col/--label-col{_delimiter_hint(first, delim)}") from None
     width = len(header)
     reader = csv.reader(stream, delimiter=delim, strict=True)
     try:
@@ -107,6 +159,8 @@ def read_long(stream: IO[str], name: str, columns: Columns = Columns(),
             if _is_missing_word(label):
                 raise KdError(f"{name}:{lineno}: the label of task {task!r} by worker {worker!r} is missing "
                               f"({label or 'empty'}); drop the row instead")
+            label = normalise_label(label)
+            _class_check(classes, label, task, worker, name, lineno)
             yield (task, worker, label)
     except UnicodeDecodeError as e:
         raise KdError(f"{name}: not a text file ({e.reason})") from None
@@ -126,14 +180,16 @@ def _dense_value(cell: str, name: str, lineno: int) -> Optional[str]:
         raise KdError(f"{name}:{lineno}: a cell reads {v!r}; write -1 for a missing label")
     if f == -1:
         return None
-    if f.is_integer():
-        return str(int(f))
-    return v
+    return normalise_label(v)
 
 
 def read_dense(stream: IO[str], name: str, columns: Columns = Columns(),
-               delimiter: Optional[str] = None) -> Iterator[Row]:
-    """Yield label rows from an item x worker matrix (-1 or empty = no label)."""
+               delimiter: Optional[str] = None, classes: Optional[Collection[str]] = None,
+               meta: Optional[dict] = None) -> Iterator[Row]:
+    """Yield label rows from an item x worker matrix (-1 or empty = no label).
+
+    ``meta``, when given, receives ``row_numbers``: True when the file has no header, so its task ids
+    are the row numbers (the same ids in every such file)."""
     first = stream.readline()
     if not first.strip():
         raise KdError(f"{name}: empty input")
@@ -141,23 +197,36 @@ def read_dense(stream: IO[str], name: str, columns: Columns = Columns(),
     if delim == "," and "," not in first and (" " in first.strip()):
         delim = " "
     split = (lambda line: line.split()) if delim == " " else (lambda line: next(csv.reader([line], delimiter=delim, strict=True)))
-    cells = [c.strip() for c in split(first.rstrip("\r\n"))]
+    try:
+        cells = [c.strip() for c in split(first.rstrip("\r\n"))]
+    except csv.Error as e:
+        raise KdError(f"{name}:1: malformed line: {e}") from None
+    if delimiter is None and len(cells) == 1 and _delimiter_hint(first, delim):
+        raise KdError(f"{name}:1: one field per line with the separator {delim!r}{_delimiter_hint(first, delim)}")
     has_header = bool(cells) and cells[0].lstrip("\ufeff") == columns.task
+    pending: list[str] = []
     if has_header:
         workers = cells[1:]
         if len(set(workers)) != len(workers):
             raise KdError(f"{name}:1: repeated worker ids in the header")
-        width = len(cells)
-        pending: list[str] = []
     else:
         workers = [str(j) for j in range(len(cells))]
-        width = len(cells)
-        pending = [first]
+        # read ahead: a header line that does not start with the task column name must not become a task
+        for line in stream:
+            pending.append(line)
+            if len(pending) >= DENSE_LOOKAHEAD:
+                break
+        _refuse_likely_header(cells, pending, split, name, columns)
+        pending.insert(0, first)
+    if meta is not None:
+        meta["row_numbers"] = not has_header
+    width = len(cells)
     row_index = 0
 
     def lines() -> Iterator[tuple[int, str]]:
-        n = 1
+        n = 1 if has_header else 0
         for line in pending:
+            n += 1
             yield n, line
         for line in stream:
             n += 1
@@ -184,6 +253,7 @@ def read_dense(stream: IO[str], name: str, columns: Columns = Columns(),
             for worker, cell in zip(workers, values):
                 label = _dense_value(cell, name, lineno)
                 if label is not None:
+                    _class_check(classes, label, task, worker, name, lineno)
                     yield (task, worker, label)
     except csv.Error as e:
         raise KdError(f"{name}:{lineno}: malformed line: {e}") from None
@@ -191,17 +261,58 @@ def read_dense(stream: IO[str], name: str, columns: Columns = Columns(),
         raise KdError(f"{name}: not a text file ({e.reason})") from None
 
 
+def _refuse_likely_header(cells: list[str], following: list[str], split, name: str, columns: Columns) -> None:
+    """Refuse a first line that is a header in all but name (``item,w1,w2,...`` or the worker ids alone).
+
+    A row of labels repeats classes (more workers than classes) and uses the classes of the other rows;
+    a header names each worker once. So the first line is taken for a header when its cells after the
+    first (the first column may hold task ids, in the header as in the rows) are all different (at least
+    two of them) and more than half of them never occur in those columns of the lines after it (up to
+    ``DENSE_LOOKAHEAD`` of them)."""
+    values = [c for c in cells[1:] if c and c != "-1"]
+    if len(values) < 2 or len(set(values)) != len(values) or not following:
+        return
+    seen: set[str] = set()
+    for line in following:
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        try:
+            fields = split(line)
+        except csv.Error:
+            return  # the reader reports the line itself
+        seen.update(normalise_label(f) for f in fields[1:])
+    if not seen:
+        return
+    unseen = [v for v in values if normalise_label(v) not in seen]
+    if 2 * len(unseen) <= len(values):
+        return
+    examples = ", ".join(unseen[:3]) + (" ..." if len(unseen) > 3 else "")
+    first = cells[0].lstrip("\ufeff")
+    named = bool(first) and not _WHOLE_NUMBER.fullmatch(first)  # a name, not a label: likely the task column's
+    raise KdError(f"{name}:1: the first line looks like a header, not labels ({len(unseen)} of its {len(values)} worker "
+                  f"cells, e.g. {examples}, never occur as a label below it), but a dense header starts with the task "
+                  f"column name {columns.task!r}: " + (f"give --task-col {first} if its first column holds the task "
+                  f"ids, or " if named else "") +
+                  f"write the header as {columns.task},<worker ids> (or remove the line: without a header, tasks are "
+                  f"row numbers and workers column numbers)")
+
+
 def read_rows(stream: IO[str], name: str, fmt: str = "long", columns: Columns = Columns(),
-              delimiter: Optional[str] = None) -> Iterator[Row]:
+              delimiter: Optional[str] = None, classes: Optional[Collection[str]] = None,
+              meta: Optional[dict] = None) -> Iterator[Row]:
+    """Label rows of a long or dense file. ``classes``: the allowed labels (another label is an error at
+    its line); ``meta``: filled by the reader (dense: ``row_numbers``)."""
     if fmt not in ("long", "dense"):
         raise KdUsageError(f"unknown input format {fmt!r} (expected long or dense)")
-    return _text_only(read_long if fmt == "long" else read_dense, stream, name, columns, delimiter)
+    return _text_only(read_long if fmt == "long" else read_dense, stream, name, columns, delimiter, classes, meta)
 
 
-def _text_only(reader, stream: IO[str], name: str, columns: Columns, delimiter: Optional[str]) -> Iterator[Row]:
+def _text_only(reader, stream: IO[str], name: str, columns: Columns, delimiter: Optional[str], classes=None,
+               meta=None) -> Iterator[Row]:
     """The reader's rows; a binary file (an HDF5 log given by mistake, say) is one clear error, not a codec's."""
     try:
-        yield from reader(stream, name, columns, delimiter)
+        yield from reader(stream, name, columns, delimiter, classes, meta)
     except UnicodeDecodeError as e:
         raise KdError(f"{name}: not a UTF-8 text file (byte 0x{e.object[e.start]:02x} cannot be decoded); expected "
                       "CSV/TSV text with task, worker and label columns") from None
@@ -302,7 +413,11 @@ def dedupe(rows: Sequence[Row]) -> tuple[list[Row], int]:
 
 def read_gold(path: str | os.PathLike, task_col: str = "task", truth_col: str = "truth",
               delimiter: Optional[str] = None) -> dict[str, str]:
-    """Read ``task,truth`` (the second column is used when no column is named ``truth``)."""
+    """Read ``task,truth`` (the second column is used when no column is named ``truth``).
+
+    Truths are read as labels are (:func:`normalise_label`: ``3.0`` is ``3``). A task without gold is
+    left out of the file; an empty (or NaN) truth, an empty task id and a task given two different
+    truths are errors naming the line."""
     name = str(path)
     try:  # around everything: the decoder reads ahead, so a bad byte can surface at the header line
         return _read_gold(path, name, task_col, truth_col, delimiter)
@@ -318,7 +433,8 @@ def _read_gold(path, name: str, task_col: str, truth_col: str, delimiter: Option
         delim = delimiter or guess_delimiter(name, first)
         header = [h.strip().lstrip("\ufeff") for h in next(csv.reader([first], delimiter=delim))]
         if task_col not in header:
-            raise KdError(f"{name}: the gold file needs a {task_col!r} column (found {', '.join(header)})")
+            raise KdError(f"{name}: the gold file needs a {task_col!r} column (found {', '.join(header)})"
+                          f"{_delimiter_hint(first, delim)}")
         ti = header.index(task_col)
         if truth_col in header:
             gi = header.index(truth_col)
@@ -328,17 +444,47 @@ def _read_gold(path, name: str, task_col: str, truth_col: str, delimiter: Option
                 raise KdError(f"{name}: no {truth_col!r} column in the gold file")
             gi = others[0]
         gold: dict[str, str] = {}
+        where: dict[str, int] = {}
         reader = csv.reader(f, delimiter=delim, strict=True)  # broken quoting is an error, as in the labels
         for lineno, fields in _records(reader, name, first_line=2):
             if not fields or (len(fields) == 1 and not fields[0].strip()):
                 continue
             if len(fields) != len(header):
                 raise KdError(f"{name}:{lineno}: malformed line: expected {len(header)} fields, found {len(fields)}")
-            truth = fields[gi].strip()
+            task, truth = fields[ti].strip(), fields[gi].strip()
+            if not task:
+                raise KdError(f"{name}:{lineno}: empty task id")
             if _is_missing_word(truth):
-                continue  # a task without gold
-            gold[fields[ti].strip()] = truth
+                raise KdError(f"{name}:{lineno}: the truth of task {task!r} is missing ({truth or 'empty'}); "
+                              "leave a task without gold out of the gold file")
+            truth = normalise_label(truth)
+            if task in gold and gold[task] != truth:
+                raise KdError(f"{name}:{lineno}: task {task!r} has the truth {truth!r} here and {gold[task]!r} on "
+                              f"line {where[task]}; give each task one truth")
+            gold[task] = truth
+            where.setdefault(task, lineno)
     return gold
+
+
+def unknown_truths(gold: dict[str, str], tasks: Iterable[str], classes: Collection[str]) -> dict[str, int]:
+    """Truth values of the gold tasks among ``tasks`` that are none of ``classes``, with their counts (such
+    tasks can only count as errors: a truth written otherwise than the labels, say)."""
+    known = set(classes)
+    out: dict[str, int] = {}
+    for t in tasks:
+        truth = gold.get(t)
+        if truth is not None and truth not in known:
+            out[truth] = out.get(truth, 0) + 1
+    return out
+
+
+def describe_unknown_truths(gold_name: str, unknown: dict[str, int], classes: Sequence[str]) -> str:
+    """The warning line for :func:`unknown_truths`."""
+    n = sum(unknown.values())
+    vals = ", ".join(repr(v) for v in list(unknown)[:5]) + (" ..." if len(unknown) > 5 else "")
+    cls = ", ".join(list(classes)[:10]) + (" ..." if len(classes) > 10 else "")
+    return (f"{n} gold task(s) of {gold_name} have a truth that is no class of the labels ({vals}; the classes are "
+            f"{cls}): they count as errors; write the truth as the labels are written")
 
 
 def write_labels(out: IO[str], task_ids: Sequence[str], labels: Sequence[str], confidence: Sequence[float],
@@ -361,12 +507,13 @@ def write_long(out: IO[str], rows: Iterable[Row], columns: Columns = Columns()) 
         w.writerow(r)
 
 
-def read_all(paths: Sequence[str | os.PathLike], fmt: str = "long", columns: Columns = Columns()) -> list[Row]:
-    """Convenience for scripts and tests: every row of every file."""
+def read_all(paths: Sequence[str | os.PathLike], fmt: str = "long", columns: Columns = Columns(),
+             delimiter: Optional[str] = None) -> list[Row]:
+    """Every row of every file (read whole)."""
     rows: list[Row] = []
     for p in paths:
         with open_text(p) as f:
-            rows.extend(read_rows(f, str(p), fmt, columns))
+            rows.extend(read_rows(f, str(p), fmt, columns, delimiter))
     return rows
 
 

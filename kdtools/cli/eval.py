@@ -208,6 +208,10 @@ def fid(
     Console().print(table)
 
 
+from .aggregate import (DelimiterOption, FormatOption, INITIAL_HELP, LabelColOption, TaskColOption,  # noqa: E402
+                        WorkerColOption)
+
+
 @app.command()
 def aggregation(
     labels: str = typer.Argument(..., help="Crowd labels CSV (task,worker,label); '-' = stdin."),
@@ -216,43 +220,41 @@ def aggregation(
     methods: str = typer.Option("bila,ds,mv", "--method", help="Comma list of methods."),
     chunk_size: int = typer.Option(25, "--chunk-size", help="Tasks per chunk (>= 1; for one chunk holding "
                                                                "everything give at least the number of tasks)."),
-    initial_size: Optional[int] = typer.Option(None, "--initial-size", help="Tasks in the first chunk (>= 1; default: the chunk size)."),
+    initial_size: Optional[int] = typer.Option(None, "--initial-size", help=INITIAL_HELP),
+    fmt: str = FormatOption,
+    delimiter: Optional[str] = DelimiterOption,
+    task_col: str = TaskColOption,
+    worker_col: str = WorkerColOption,
+    label_col: str = LabelColOption,
     seed: int = typer.Option(0, "--seed"),
     debug: bool = DebugOption,
 ):
     """Error rate after each chunk for each crowd aggregation method (as kd-aggregate runs them): CSV
-    method,tasks,error on stdout, drawn to --plot."""
-    import io
-    from pathlib import Path
-
+    method,tasks,error on stdout, drawn to --plot. Reads labels with kd-aggregate's input options."""
     from ..aggregate import crowdio
     from ..aggregate.online import METHODS, error_curves
     from ..aggregate.plot import image_format, plot_error_curves
     from ..errors import KdError, KdUsageError
-    from ._common import info
+    from ._common import STOP_HINT, info, warn
+    from .aggregate import check_paths, check_seed, check_sizes, label_input
 
-    # every check before any work: kd-aggregate's rule, a chunk holds at least one task
+    # every check before any work: kd-aggregate's rules
+    STOP_HINT["text"] = ""
+    spec = label_input(fmt, delimiter, task_col, worker_col, label_col)
     ms = [m.strip() for m in methods.split(",") if m.strip()]
     if not ms or any(m not in METHODS for m in ms):
         raise KdUsageError(f"--method takes a comma list of {', '.join(METHODS)}")
-    for flag, value in (("--chunk-size", chunk_size), ("--initial-size", initial_size)):
-        if value is not None and value < 1:
-            raise KdUsageError(f"{flag} must be >= 1, not {value} (a chunk holds at least one task)")
-    if plot:
+    check_sizes(chunk_size=chunk_size, initial_size=initial_size)
+    check_seed(seed)
+    if gold == "-":
+        raise KdUsageError("--gold must name a file ('-' is for the labels)")
+    if plot and plot != "-":
         try:
             image_format(plot)
         except KdUsageError as e:
             raise KdUsageError(f"--plot {e}") from None
-        if Path(plot).is_dir():
-            raise KdUsageError(f"--plot {plot}: is a directory; give a file name")
-    if gold == "-":
-        raise KdUsageError("--gold must name a file ('-' is for the labels)")
-    if labels == "-":
-        if sys.stdin is None or sys.stdin.isatty():
-            raise KdUsageError("'-' reads labels from standard input, but it is a terminal; pipe a CSV in")
-        rows = list(crowdio.read_rows(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline=""), "<stdin>"))
-    else:
-        rows = crowdio.read_all([labels])
+    check_paths({"--plot": plot}, {"INPUTS": [labels], "--gold": [gold]}, stdout_flag=None)
+    rows = spec.read_whole(labels)
     name = crowdio.path_name(labels)
     if not rows:
         raise KdError(f"{name}: no labels")
@@ -263,11 +265,17 @@ def aggregation(
     if not any(g[0][0] in gold_map for g in groups):
         raise KdError(f"no task of {name} has a gold label in {gold} ({len(groups)} tasks, {len(gold_map)} gold tasks): "
                       "nothing to score")
-    chunks = crowdio.split_groups(groups, chunk_size, initial_size)
+    unknown = crowdio.unknown_truths(gold_map, (g[0][0] for g in groups), crowdio.natural_order(r[2] for r in rows))
+    if unknown:
+        warn(crowdio.describe_unknown_truths(gold, unknown, crowdio.natural_order(r[2] for r in rows)))
+    first = initial_size or crowdio.default_initial_size(chunk_size)
+    chunks = crowdio.split_groups(groups, chunk_size, first)
+    STOP_HINT["text"] = "nothing was written" + (f" ({plot} is as it was)" if plot else "") + "; run the same command again"
     curves = error_curves(chunks, gold_map, ms, seed=seed)
     if plot:
         plot_error_curves(curves, plot, options={"labels": labels, "method": ms, "chunk_size": chunk_size,
-                                                 "initial_size": initial_size, "seed": seed})
+                                                 "initial_size": first, "seed": seed})
+    STOP_HINT["text"] = ""
     # the numbers behind the plot are data: stdout, for a spreadsheet or the next command
     lines = ["method,tasks,error"] + [f"{m},{tasks},{err:.6f}" for m, pts in curves.items() for tasks, err in pts]
     sys.stdout.write("\n".join(lines) + "\n")
