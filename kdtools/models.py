@@ -16,7 +16,6 @@ Architectures (``build_network(name, ...)``):
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch

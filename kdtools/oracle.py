@@ -504,6 +504,7 @@ class HttpOracle(Oracle):
             headers["Authorization"] = f"Bearer {self.options.api_key}"
         attempts = max(0, int(self.options.retries)) + 1
         problem = ""
+        retry_after = None  # seconds a 429 answer asked us to wait
         for attempt in range(attempts):
             if attempt:
                 delay = min(self.options.backoff_max, self.options.backoff * 2 ** (attempt - 1))
@@ -511,7 +512,7 @@ class HttpOracle(Oracle):
                     delay = min(self.options.backoff_max, retry_after)
                 self.sleep(delay)
                 self.retried_rows += rows
-            retry_after = None
+                retry_after = None
             self.requests += 1
             try:
                 reused = self._conn is not None

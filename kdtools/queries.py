@@ -6,7 +6,7 @@ Each source yields batches ``{"x": tensor}``; images in [0, 1] either as uint8 (
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F

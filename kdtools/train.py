@@ -243,7 +243,6 @@ def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig,
         history = [EpochRecord(**h) for h in json.loads(resume["history"])]
         torch.set_rng_state(resume["torch_rng"])
     labels, probs, logits = targets.labels, targets.probs, targets.logits
-    n = x.shape[0]
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()

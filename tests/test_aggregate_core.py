@@ -299,7 +299,7 @@ def test_labels_across_chunks_merge_and_a_relabelled_pair_counts_once(method, tm
     agg = Aggregator(method, seed=0)
     agg.process([("a", "w1", "x"), ("a", "w2", "x"), ("a", "w3", "y"), ("b", "w1", "y"), ("b", "w2", "y")])
     counts_before = agg.class_counts.copy()
-    x, y = agg.classes.index["x"], agg.classes.index["y"]
+    x = agg.classes.index["x"]
     assert counts_before.tolist() == [2, 3]
     # chunk 2: w3 relabels task a (y -> x), w4 (new) labels a, c gets one label of a known class,
     # d brings a class never seen before

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
@@ -87,6 +87,16 @@ class BilaConfig:
     def __post_init__(self):
         if self.step_count not in STEP_COUNTS:
             raise ValueError(f"unknown step count {self.step_count!r} (expected one of {', '.join(STEP_COUNTS)})")
+        # a NaN or a zero learning rate would poison a state for good: refuse them here too (the CLI says which flag)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, not {self.lr}")
+        if not (math.isfinite(self.zeta) and self.zeta >= 0):
+            raise ValueError(f"zeta must be a finite number >= 0, not {self.zeta}")
+        if not 0 <= self.gamma < 1:
+            raise ValueError(f"gamma must be in [0, 1), not {self.gamma}")
+        for key in ("batch_size", "max_epochs"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, not {getattr(self, key)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

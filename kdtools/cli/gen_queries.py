@@ -155,8 +155,6 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
     """Attack mode: run the attack against an oracle under a hard budget, writing DIR."""
     import time
 
-    import torch
-
     from ..device import resolve_device
     from ..extract import METHODS, AttackOptions, AttackRun
     from ..oracle import open_oracle, parse_mode

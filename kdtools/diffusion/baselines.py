@@ -25,7 +25,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import KdUsageError
 from ..progress import ProgressCallback, no_progress
 from .schedules import Chain, check_student_steps, make_subsequence, q_sample
 from .sfddm import student_chain

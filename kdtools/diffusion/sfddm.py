@@ -17,7 +17,7 @@ sampling then draws random convex combinations of them (``--input-noise bank``).
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
