@@ -190,11 +190,11 @@ def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
     cases = [  # (arguments, exit code, what the line says, output that must not appear)
         (["distill", broken, "--steps", 4, "-o", tmp_path / "o1"], 1, b"no scheduler", "o1"),
         # a missing local directory written like "owner/name/": said as such, not as a failed hub download
-        (["distill", "nonexist/", "--steps", 4, "-o", tmp_path / "o1b"], 1, b"nonexist/: no such directory", "o1b"),
-        # a teacher with a different image size than asked for
-        (["distill", image_teacher, "--steps", 4, "--image-size", 32, "-o", tmp_path / "o2"], 1, b"8x8", "o2"),
+        (["distill", "nonexist/", "--steps", 4, "-o", tmp_path / "o1b"], 1, b"nonexist/: no such model directory", "o1b"),
+        # a teacher with a different image size than asked for: an option against the teacher, a usage error
+        (["distill", image_teacher, "--steps", 4, "--image-size", 32, "-o", tmp_path / "o2"], 2, b"8x8", "o2"),
         # training data that does not fit the teacher (2-D points for an image teacher)
-        (["distill", image_teacher, "--steps", 4, "--data", "swissroll", "-n", 100, "-o", tmp_path / "o6"], 1,
+        (["distill", image_teacher, "--steps", 4, "--data", "swissroll", "-n", 100, "-o", tmp_path / "o6"], 2,
          b"do not fit the teacher", "o6"),
         # --steps larger than the teacher's, or zero
         (["distill", image_teacher, "--steps", 21, "-o", tmp_path / "o3a"], 2, b"--steps", "o3a"),

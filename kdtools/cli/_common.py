@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
@@ -163,6 +164,27 @@ def progress_bars(enabled: bool = True) -> Iterator[Callable[[ProgressEvent], No
             progress.update(tasks[event.task], visible=True)
 
     with progress:
+        yield callback
+
+
+@contextmanager
+def progress_reporter(enabled: bool = True, what: str = "kdtools", every: float = 30.0):
+    """Progress bars on a terminal; without one (logs, CI, a pipe) a line at the start and then every
+    ``every`` seconds, as kd-gen-queries does, so long work does not look stuck."""
+    with progress_bars(enabled) as bars:
+        last = {"t": None}
+
+        def callback(event) -> None:
+            bars(event)
+            if not enabled or stderr.is_terminal or event.done:
+                return
+            now = time.monotonic()
+            if last["t"] is None or now - last["t"] >= every:
+                last["t"] = now
+                figures = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in event.info.items())
+                total = f"/{event.total:.0f}" if event.total else ""
+                info(f"{what}: {event.task} {event.completed:.0f}{total}" + (f"  {figures}" if figures else ""))
+
         yield callback
 
 

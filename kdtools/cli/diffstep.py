@@ -23,13 +23,15 @@ from rich.table import Table
 
 from .. import __version__
 from ..device import resolve_device
-from ..errors import KdError, KdUsageError
-from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, distributed_setup, info, make_app, open_sink, png_path, progress_bars, run_app, warn
+from ..errors import KdUsageError
+from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, distributed_setup, info, make_app, open_sink, png_path, progress_reporter, run_app, warn
 
 app = make_app("Diffusion step distillation: train a teacher, distill it to any number of steps (SFDDM) or "
                "with a baseline, sample, compare.")
 
 TABULAR = ("swissroll",)
+
+
 
 
 def _finish_distributed(world: int) -> None:
@@ -55,6 +57,8 @@ def _load_training_data(data: str, split: str, n: Optional[int], image_size: Opt
     from ..data import load_dataset
     from ..diffusion.swissroll import swiss_roll
 
+    if n is not None and n < 1:
+        raise KdUsageError(f"-n must be at least 1, not {n} (leave it out to use every point/image)")
     if data.lower() in TABULAR:
         x = swiss_roll(n or 20000, split)
         return x, {"name": "swissroll", "kind": "tabular", "dim": int(x.shape[1]), "split": split}
@@ -81,6 +85,16 @@ def _fit_config(iters, batch_size, lr, ema, seed, hidden_weight=0.1, data_weight
                     data_weight=data_weight)
     cfg.validate()
     return cfg
+
+
+def _check_unet_size(size: int, widths: tuple[int, ...]) -> None:
+    """The UNet halves the image at every level but the last: the size must divide by 2**(levels-1)."""
+    step = 2 ** (len(widths) - 1)
+    if size % step:
+        ok = ", ".join(str(v) for v in sorted({max(step, size // step * step), size // step * step + step}))
+        raise KdUsageError(f"--image-size {size}: a UNet with {len(widths)} levels (--unet-channels "
+                           f"{','.join(map(str, widths))}) needs a size divisible by 2**{len(widths) - 1} = {step} "
+                           f"(e.g. {ok}), or fewer levels")
 
 
 def _channels(text: str) -> tuple[int, ...]:
@@ -131,16 +145,32 @@ def train(
 
     if steps < 1:
         raise KdUsageError(f"--steps must be at least 1, not {steps}")
+    if n is not None and n < 1:
+        raise KdUsageError(f"-n must be at least 1, not {n} (leave it out to use every point/image)")
+    if image_size is not None and image_size < 1:
+        raise KdUsageError(f"--image-size must be at least 1, not {image_size}")
+    if channels is not None and channels not in (1, 3):
+        raise KdUsageError(f"--channels must be 1 or 3, not {channels}")
+    tabular = data.lower() in TABULAR
+    if tabular and (image_size is not None or channels is not None):
+        flag = "--image-size" if image_size is not None else "--channels"
+        raise KdUsageError(f"{flag} applies to images; --data {data} is 2-D points (drop {flag})")
+    widths = _channels(unet_channels)
+    if image_size is not None and not tabular:
+        _check_unet_size(image_size, widths)
     out = _output_dir(output, force)
     cfg = _fit_config(iters, batch_size, lr, ema, seed)
     rank, world, dev = distributed_setup(device)
     x, described = _load_training_data(data, split, n, image_size, channels, data_root_opt, download)
+    if described["kind"] == "image":
+        _check_unet_size(described["image_size"], widths)
     if beta_start is None:
         beta_start = 1e-4 * 1000 / steps
     if beta_end is None:
         beta_end = min(0.999, 0.02 * 1000 / steps)
     # the file records what made it: the defaults as the numbers they resolved to, the device actually used
-    options.update(beta_start=beta_start, beta_end=beta_end, device=str(dev))
+    options.update(beta_start=beta_start, beta_end=beta_end, device=str(dev), num=int(x.shape[0]),
+                   image_size=described.get("image_size"), channels=described.get("channels"))
     betas = make_betas(steps, beta_schedule, beta_start, beta_end)
     acp = alphas_cumprod_from_betas(betas)
     chain = Chain(list(range(steps)), acp)
@@ -148,8 +178,8 @@ def train(
     if described["kind"] == "tabular":
         net = MLPDenoiser(data_dim=described["dim"], hidden_dim=hidden_dim, num_blocks=num_blocks)
     else:
-        net = build_unet(described["image_size"], described["channels"], _channels(unet_channels), layers_per_block, attention)
-    with progress_bars(rank == 0) as progress:
+        net = build_unet(described["image_size"], described["channels"], widths, layers_per_block, attention)
+    with progress_reporter(rank == 0, "kd-diffstep train") as progress:
         net, stats = fit(net, denoising_loss(chain), x, cfg, dev, progress, f"DDPM {steps} steps", rank, world)
     if rank == 0:
         # predicted x_0 is clipped to the data range while sampling: [-1, 1] for images, the points' range
@@ -217,8 +247,15 @@ def distill(
         # halving folds fix the steps (every other one of a uniform chain); a chosen sub-sequence cannot apply
         warn(f"--subsequence {subsequence} ignored: progressive distillation halves a uniform chain fold by fold")
     d = t.data
-    if image_size is not None and d.get("kind") == "image" and int(d["image_size"]) != image_size:
-        raise KdError(f"{teacher}: the teacher makes {d['image_size']}x{d['image_size']} images, not --image-size {image_size}")
+    # an option that contradicts the teacher is a usage error (exit 2), like AEDM's prior mismatch
+    if image_size is not None and d.get("kind") != "image":
+        raise KdUsageError(f"--image-size {image_size}: the teacher {teacher} models {d.get('dim', '?')}-D points, not images "
+                           "(drop --image-size)")
+    if image_size is not None and int(d["image_size"]) != image_size:
+        raise KdUsageError(f"--image-size {image_size}: the teacher {teacher} makes {d['image_size']}x{d['image_size']} "
+                           "images (the student keeps the teacher's size; drop --image-size or give the same)")
+    if n is not None and n < 1:
+        raise KdUsageError(f"-n must be at least 1, not {n} (leave it out to use every point/image)")
     rank, world, dev = distributed_setup(device)
     options["device"] = str(dev)
     # DDIM step skipping trains nothing: the training flags neither apply nor are checked
@@ -233,8 +270,8 @@ def distill(
                                            None if tab else int(d["channels"]), data_root_opt, download)
         if described["kind"] != d.get("kind", described["kind"]) or tuple(x.shape[1:]) != tuple(t.sample_shape if tab else
                                                                                                (d["channels"], d["image_size"], d["image_size"])):
-            raise KdError(f"--data {name}: rows of shape {tuple(x.shape[1:])} do not fit the teacher's {tuple(t.sample_shape)}")
-    with progress_bars(rank == 0) as progress:
+            raise KdUsageError(f"--data {name}: rows of shape {tuple(x.shape[1:])} do not fit the teacher's {tuple(t.sample_shape)}")
+    with progress_reporter(rank == 0, "kd-diffstep distill") as progress:
         if method == "sfddm":
             student = distill_sfddm(t, x, phi, cfg, dev, init, progress, rank, world, student_timesteps)
             if noise_bank and rank == 0:
@@ -248,6 +285,13 @@ def distill(
     if rank == 0:
         student.info["options"] = options
         student.info["teacher"] = str(teacher)
+        # what the student was trained on, not the teacher's data (its sample space is the teacher's)
+        student.info["teacher_data"] = dict(d)
+        if x is not None:
+            student.info["data"] = {**d, "name": described["name"], "split": described["split"], "num": int(x.shape[0])}
+            options["data"], options["num"] = described["name"], int(x.shape[0])
+        else:  # DDIM step skipping trains on nothing
+            student.info["data"] = {**d, "name": None, "note": "no training data (ddim step skipping)"}
         save_diffusion(student, out)
         secs = student.info.get("stats", {}).get("seconds", 0.0)
         info(f"kd-diffstep distill: wrote {out}: {method}, {t.steps} -> {student.steps} steps ({secs:.0f} s of training)")
@@ -291,11 +335,16 @@ def sample(
     dev = resolve_device(device)
     if eta > 0 and (sampler or m.info.get("default_sampler", "ddpm")) == "ddpm":
         warn(f"--eta {eta} ignored: it sets DDIM's noise, and {model} samples with DDPM (give --sampler ddim to use it)")
-    with progress_bars() as progress:
+    STOP_HINT["text"] = ("nothing was written" + (f" to {output}" if output not in (None, "-") else "")
+                         + (f" nor {grid}" if grid else "") + " (samples are written once they are all drawn); run the command again")
+    with progress_reporter(True, "kd-diffstep sample") as progress:
         x = draw(m, n, seed, sampler, eta, batch_size, dev, input_noise, progress=progress)
     if grid:
         save_grid(x, grid)
+        STOP_HINT["text"] = f"the grid {grid} is written; the samples are not"
     if output is None:
+        info(f"kd-diffstep sample: wrote a {'scatter plot' if x.dim() == 2 else 'grid'} of {min(n, 64) if x.dim() > 2 else n} "
+             f"of {n} samples to {grid}")
         return
     options = {"model": model, "n": n, "sampler": sampler or m.info.get("default_sampler", "ddpm"), "eta": eta, "seed": seed,
                "input_noise": input_noise, "device": str(dev), "kdtools_version": __version__}
@@ -316,7 +365,7 @@ def sample(
         raise
     sink.close()
     if output != "-":
-        info(f"kd-diffstep sample: wrote {n} samples to {output}")
+        info(f"kd-diffstep sample: wrote {n} samples to {output}" + (f" and a grid to {grid}" if grid else ""))
 
 
 @app.command()

@@ -156,11 +156,14 @@ def curve(
 @app.command()
 def fid(
     samples: str = typer.Argument(..., help="Generated samples: a sample file (.h5) or stream file; '-' = stdin."),
-    ref: str = typer.Option(..., "--ref", help="Reference: mnist | fashion-mnist | cifar10 | digits | ... | FILE.h5"),
+    ref: str = typer.Option(..., "--ref", help="Reference: mnist | fashion-mnist | cifar10 | digits | ... | swissroll (2-D points, "
+                            "kd-diffstep's generator) | FILE.h5"),
     features: str = typer.Option(..., "--features", help="inception:PT_INCEPTION.pth | lenet:WEIGHTS.safetensors | raw"),
-    ref_split: str = typer.Option("train", "--ref-split"),
-    n: Optional[int] = typer.Option(None, "-n", "--num", help="Use at most this many samples."),
-    ref_n: Optional[int] = typer.Option(None, "--ref-num", help="Use at most this many reference images (default: as many as samples)."),
+    ref_split: Optional[str] = typer.Option(None, "--ref-split", help="Split of a reference dataset (default train; swissroll: "
+                                            "test, the held-out points)."),
+    n: Optional[int] = typer.Option(None, "-n", "--num", help="Use at most this many samples (at least 2)."),
+    ref_n: Optional[int] = typer.Option(None, "--ref-num", help="Use at most this many reference rows (at least 2; default: as "
+                                        "many as samples)."),
     batch_size: int = typer.Option(256, "--batch-size"),
     data_root_opt: Optional[str] = DataRootOption,
     download: bool = typer.Option(False, "--download"),
@@ -179,18 +182,29 @@ def fid(
 
     if batch_size < 1:
         raise KdUsageError(f"--batch-size must be at least 1, not {batch_size}")
+    for flag, value in (("-n", n), ("--ref-num", ref_n)):
+        if value is not None and value < 2:
+            raise KdUsageError(f"{flag} must be at least 2 (FID needs two rows to estimate a covariance), not {value}"
+                               + ("; leave it out for the default" if flag == "--ref-num" else ""))
     extractor = open_features(features, resolve_device(device))
     _, batch = read_all(samples, stdin_if(samples))
     x = limit_rows(batch["x"], n)
     if Path(ref).is_file():  # a sample file: used as it is (its rows must have the samples' shape)
         rx = read_all(ref)[1]["x"]
+        ref_split = None
+    elif ref.lower() == "swissroll":  # kd-diffstep's 2-D points, from the same generator and split seeds
+        from ..diffusion.swissroll import swiss_roll
+
+        ref_split = ref_split or "test"
+        rx = swiss_roll(ref_n or max(x.shape[0], 2), ref_split)
     else:  # a dataset: at the samples' resolution (diffusion teachers are trained on resized images)
+        ref_split = ref_split or "train"
         rx = load_dataset(ref, ref_split, data_root(data_root_opt), download,
-                          image_size=x.shape[-1] if x.dim() == 4 else None).x
+                          image_size=x.shape[-1] if x.dim() == 4 else None, also_accepted=("swissroll (2-D points)",)).x
     rx = limit_rows(rx, ref_n or min(rx.shape[0], max(x.shape[0], 2)))
     with progress_bars() as progress:
         report = compute_fid(x, rx, extractor, batch_size, progress)
-    report.update({"samples_file": samples, "ref": ref})
+    report.update({"samples_file": samples, "ref": ref, **({"ref_split": ref_split} if ref_split else {})})
     from ._common import warn
     if report["few_samples"]:
         warn(f"FID from {min(report['samples'], report['reference'])} rows with {report['feature_dim']} features: the "

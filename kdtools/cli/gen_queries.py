@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 
 from .. import __version__
@@ -14,7 +15,7 @@ from ..queries import dataset_batches, noise_batches
 from ..stream import StreamHeader, fields_of
 from ..weights import load_model, parse_shape
 from .query import ApiKeyEnvOption, MaxBatchOption, RateLimitOption, RetriesOption, TimeoutOption, WireOption, remote_options, warn_http_only
-from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, not_yet, open_sink, run_app, stderr
+from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, not_yet, open_sink, run_app, stderr, warn
 
 app = make_app("Synthesise queries: noise, public data, the data-free attacks TandemGAN, DFME and IDEAL, or AEDM (a steered diffusion prior).\n\n"
                "noise/dataset and generator mode (--generator G -n N) write a kdtools stream on stdout (pipe it into kd-query) "
@@ -74,7 +75,8 @@ def noise(
 @app.command()
 def dataset(
     n: int = typer.Option(..., "-n", help="Number of queries (cycles through the data when larger than it)."),
-    data: str = typer.Option(..., "--data", help="digits | mnist | fashion-mnist | cifar10 | cifar100 | svhn | folder:DIR | FILE"),
+    data: str = typer.Option(..., "--data", help="digits | mnist | fashion-mnist | cifar10 | cifar100 | svhn | folder:DIR | FILE | "
+                             "swissroll (2-D points; splits train, test)"),
     split: str = typer.Option("train", "--split"),
     data_root_opt: Optional[str] = DataRootOption,
     download: bool = typer.Option(False, "--download", help="Download the dataset if missing (needs internet)."),
@@ -89,13 +91,27 @@ def dataset(
     output: str = Output,
     debug: bool = DebugOption,
 ):
-    """Images of a public dataset as queries (their labels are never used)."""
+    """Images of a public dataset as queries (their labels are never used); swissroll: kd-diffstep's 2-D points
+    (e.g. a reference file for kd-eval fid)."""
     if n <= 0:
         raise KdUsageError("-n must be positive")
+    if data.lower() == "swissroll":
+        from ..diffusion.swissroll import swiss_roll
+
+        if like or image_size or channels or augment or hflip:
+            raise KdUsageError("--data swissroll is 2-D points: --like, --image-size, --channels, --augment and --hflip "
+                               "apply to images")
+        pts = swiss_roll(n, split)  # the generator and split seeds kd-diffstep trains and scores with
+        if not no_shuffle:
+            pts = pts[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+        options = {"method": "dataset", "data": "swissroll", "split": split, "n": n, "seed": seed, "shape": [int(pts.shape[1])]}
+        _write(({"x": pts[i:i + batch_size].contiguous()} for i in range(0, n, batch_size)), n, options, output)
+        return
     s = _like_shape(like, None)
     if s is not None:
         channels, image_size = channels or s[0], image_size or s[1]
-    ds = load_dataset(data, split, data_root(data_root_opt), download, image_size, channels)
+    ds = load_dataset(data, split, data_root(data_root_opt), download, image_size, channels,
+                      also_accepted=("swissroll (2-D points)",))
     options = {"method": "dataset", "data": data, "split": split, "n": n, "augment": augment, "hflip": hflip,
                "seed": seed, "shape": list(ds.shape)}
     _write(dataset_batches(ds, n, batch_size, not no_shuffle, augment, seed, hflip), n, options, output)
@@ -162,8 +178,11 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
 
     c = common
     if not c["oracle"] or c["budget"] is None or not c["output"]:
-        raise KdUsageError(f"kd-gen-queries {method}: attack mode needs --oracle, --budget and -o DIR "
-                           "(or --generator G -n N for generator mode)")
+        other = ("--substitute FILE -n N for stream mode" if method == "aedm" else "--generator G -n N for generator mode")
+        missing = ", ".join(f for f, v in (("--oracle", c["oracle"]), ("--budget", c["budget"]), ("-o DIR", c["output"]))
+                            if v is None or v == "")
+        raise KdUsageError(f"kd-gen-queries {method}: attack mode needs --oracle, --budget and -o DIR (missing: {missing}; "
+                           f"or {other})")
     kind, _ = parse_mode(c["mode"])
     if kind not in ("label", "probs"):
         raise KdUsageError(f"--mode {c['mode']}: the data-free attacks work with label or probs answers")
@@ -202,14 +221,17 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
     quiet = c["quiet"] or (client is not None and client["rank"] != 0)
 
     with progress_bars(not quiet) as bars:
-        last = {"t": 0.0}
+        last = {"t": 0.0, "spent": None}
 
         def progress(event):
             bars(event)
-            # without a terminal (logs, CI) a line now and then says how it goes
+            # without a terminal (logs, CI) a line now and then says how it goes (once per point: the
+            # checkpoint after an iteration repeats its figures)
             now = time.monotonic()
-            if not quiet and not stderr.is_terminal and (event.task == "checkpoint" or now - last["t"] > 30):
-                last["t"] = now
+            if (not quiet and not stderr.is_terminal and (event.task == "checkpoint" or now - last["t"] > 30)
+                    and not (event.task == "checkpoint" and event.info.get("spent") == last["spent"]
+                             and now - last["t"] < 1.0)):
+                last["t"], last["spent"] = now, event.info.get("spent")
                 info(f"{method}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in event.info.items()))
 
         if make is None:
@@ -225,16 +247,21 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
             STOP_HINT["text"] = (f"client {client['rank']}: its paid answers are in {run.log_path}; the last averaged "
                                  f"substitute is kept in {Path(c['output']) / 'substitute.safetensors'}")
         if c["resume"] and attack.reused_rows:
+            pending = attack.pending_at_resume
             info(f"kd-gen-queries {method}: resuming {run.dir} at iteration {attack.iterations}: {attack.reused_rows} answers "
-                 f"in the log reused, {attack.oracle.spent} of {c['budget']} queries spent")
+                 f"in the log reused, {attack.oracle.spent} of {c['budget']} queries spent"
+                 + (f"; the substitute first learns from the {pending} answers paid after its last saved state"
+                    if pending else ""))
         result = attack.run_attack()
     line = (f"kd-gen-queries {method}: {result.spent} oracle calls spent of {result.budget} ({result.paid_this_run} in this run, "
-            f"{result.reused_rows} reused from the log), {result.iterations} iterations in {result.seconds:.1f} s; "
-            f"wrote {run.substitute_path}")
+            f"{result.reused_rows} reused from the log), {result.iterations} iterations in {result.seconds:.1f} s")
+    if result.learned_late:
+        line += f"; {result.learned_late} answers learned after their round (interrupted, or cut short by the budget)"
+    line += f"; wrote {run.substitute_path}"
     if attack.generator() is not None:
         line += f" and {run.generator_path}"
-    if result.accuracy is not None:
-        line += f"; substitute accuracy {100 * result.accuracy:.2f} % on {c['eval_data']}"
+    if result.accuracy is not None and c["eval_data"]:  # measured in this run, never an earlier run's figure
+        line += f"; substitute accuracy {100 * result.accuracy:.2f} % on {c['eval_data']} ({c['eval_split']})"
     if client is None or client["rank"] == 0:
         info(line)
 
@@ -391,7 +418,8 @@ def aedm(
     log: Optional[str] = Log, eval_data: Optional[str] = EvalData, eval_split: str = EvalSplit,
     data_root_opt: Optional[str] = DataRootOption, resume: bool = Resume,
     n: Optional[int] = typer.Option(None, "-n", help="Stream mode: number of queries to write."),
-    seed: int = Seed, batch_size: int = typer.Option(128, "--batch-size", min=1, help="Queries per round (per client when federated)."),
+    seed: int = Seed, batch_size: int = typer.Option(128, "--batch-size", help="Queries per round (per client when federated); "
+                                                     "the last round asks what is left of the budget."),
     sampler_steps: int = typer.Option(8, "--sampler-steps", help="Deterministic DDIM steps of the prior D (paper: 8)."),
     steer_steps: int = typer.Option(5, "--steer-steps", help="n_d: Adam steps on the input noise per batch (paper: 5)."),
     lr_steer: float = typer.Option(0.01, "--lr-steer", help="mu_d (paper: 0.01)."),
@@ -418,9 +446,17 @@ def aedm(
     from ..diffusion.teachers import load_diffusion
     from ..extract.aedm import AEDMConfig, make_aedm
 
-    if sampler_steps < 1 or steer_steps < 0 or lr_steer <= 0 or lr_s <= 0 or replay_steps < 0 or clients < 1 or batch_size < 1:
-        raise KdUsageError("--sampler-steps, --clients and --batch-size must be >= 1, --steer-steps and --replay-steps >= 0, "
-                           "learning rates > 0")
+    # one message per bad option, naming it and its value
+    problems = [f"{flag} must be {rule}, not {value}" for flag, value, ok, rule in (
+        ("--sampler-steps", sampler_steps, sampler_steps >= 1, "at least 1"),
+        ("--clients", clients, clients >= 1, "at least 1"),
+        ("--batch-size", batch_size, batch_size >= 1, "at least 1"),
+        ("--steer-steps", steer_steps, steer_steps >= 0, ">= 0"),
+        ("--replay-steps", replay_steps, replay_steps >= 0, ">= 0"),
+        ("--lr-steer", lr_steer, lr_steer > 0, "> 0"),
+        ("--lr-s", lr_s, lr_s > 0, "> 0")) if not ok]
+    if problems:
+        raise KdUsageError("; ".join(problems))
     if s_optimizer not in ("rmsprop", "adam", "sgd"):
         raise KdUsageError(f"--s-optimizer {s_optimizer!r}: expected rmsprop, adam or sgd")
     if s_loss not in ("l1", "kl"):
@@ -456,7 +492,14 @@ def aedm(
 def _noted(attack, quiet: bool):
     if attack.steerer.note and not quiet:
         info(f"kd-gen-queries aedm: {attack.steerer.note}")
+    _warn_steps(attack.steerer, attack.config.sampler_steps, quiet)
     return attack
+
+
+def _warn_steps(steerer, asked: int, quiet: bool) -> None:
+    if asked > steerer.sampler_steps and not quiet:
+        warn(f"--sampler-steps {asked}: the prior has only {steerer.sampler_steps} steps; its whole chain is walked "
+             f"({steerer.sampler_steps} steps)")
 
 
 def _aedm_federated_rank(prior, common: dict, cfg, start, world: int) -> None:
@@ -518,7 +561,9 @@ def _aedm_stream(prior, prior_path: str, substitute: str, follow: bool, n: Optio
     if n is None or n <= 0:
         raise KdUsageError("stream mode needs -n N (a positive number of queries)")
     if not Path(substitute).is_file():
-        raise KdUsageError(f"stream mode steers against a substitute weights file: --substitute {substitute} is not a file")
+        raise KdUsageError(f"stream mode steers against a substitute weights file: --substitute {substitute} is not a file; "
+                           "make an initial (untrained) one first, e.g. kd-distill --data digits --arch lenet5 --epochs 0 "
+                           f"--normalize 0.5,0.5 -o {substitute}")
     device = resolve_device(device_opt)
     follower = SubstituteFollower(substitute, device)
     model = follower.model
@@ -527,6 +572,7 @@ def _aedm_stream(prior, prior_path: str, substitute: str, follow: bool, n: Optio
     steerer = QuerySteerer(prior, model.input_shape, sampler_steps, steer_steps, lr_steer, device)
     if steerer.note and not quiet:
         info(f"kd-gen-queries aedm: {steerer.note}")
+    _warn_steps(steerer, sampler_steps, quiet)
     current = follower.current if follow else (lambda: model)
     options = {"method": "aedm", "diffusion": prior_path, "substitute": substitute, "follow": follow, "n": n, "seed": seed,
                "sampler_steps": steerer.sampler_steps, "steer_steps": steer_steps, "lr_steer": lr_steer}

@@ -7,7 +7,7 @@ because all they need is the chain: the network timestep and cumulative alpha of
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -41,15 +41,17 @@ def draw_noise(model: DiffusionModel, n: int, generator: torch.Generator, input_
 
 def sample_chain(net, chain: Chain, x_T: torch.Tensor, sampler: str = "ddpm", eta: float = 0.0,
                  generator: Optional[torch.Generator] = None, clip: Optional[float] = None,
-                 device: torch.device = torch.device("cpu"), grad: bool = False) -> torch.Tensor:
-    """Run the reverse process from x_T down the chain; returns x_0 (on the CPU unless ``grad``)."""
+                 device: torch.device = torch.device("cpu"), grad: bool = False,
+                 on_step: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """Run the reverse process from x_T down the chain; returns x_0 (on the CPU unless ``grad``).
+    ``on_step(done, total)`` is called after every step of the chain."""
     if sampler not in SAMPLERS:
         raise KdUsageError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     with torch.set_grad_enabled(grad):  # gradients only for input-noise selection
-        return _walk(net, chain, x_T.to(device), sampler, eta, generator, clip, device, grad)
+        return _walk(net, chain, x_T.to(device), sampler, eta, generator, clip, device, grad, on_step)
 
 
-def _walk(net, chain, x, sampler, eta, generator, clip, device, grad):
+def _walk(net, chain, x, sampler, eta, generator, clip, device, grad, on_step=None):
     a = chain.alphas_cumprod
     post = posterior(a)
     n = len(chain)
@@ -70,6 +72,8 @@ def _walk(net, chain, x, sampler, eta, generator, clip, device, grad):
                 x = mean + math.sqrt(float(post.variance[k])) * noise
             else:
                 x = mean
+        if on_step is not None:
+            on_step(n - k, n)
     return x if grad else x.cpu()
 
 
@@ -83,9 +87,15 @@ def sample(model: DiffusionModel, n: int, seed: int = 0, sampler: Optional[str] 
         x_T = draw_noise(model, n, g, input_noise)
     model.net.to(device).eval()
     out = []
+    progress(ProgressEvent("sampling", 0, n, {"steps": len(model.chain)}))  # the bar appears at once
     for i in range(0, n, batch_size):
-        out.append(sample_chain(model.net, model.chain, x_T[i:i + batch_size], sampler, eta, g, model.clip, device))
-        progress(ProgressEvent("sampling", min(i + batch_size, n), n))
+        m = min(batch_size, n - i)
+        # progress after every step of the chain, in samples (fractions of the batch): a batch of a
+        # 1000-step teacher takes minutes on a CPU
+        step = (lambda done, total, i=i, m=m: progress(ProgressEvent("sampling", i + m * done / total, n,
+                                                                      {"steps": total})))
+        out.append(sample_chain(model.net, model.chain, x_T[i:i + batch_size], sampler, eta, g, model.clip, device,
+                                on_step=step))
     progress(ProgressEvent("sampling", n, n, done=True))
     return torch.cat(out) if out else x_T[:0]
 

@@ -213,14 +213,35 @@ def _quiet_diffusers():
         pass
 
 
+# what a model *file* is called: such a name is a mistyped local path, never a hub id
+FILE_SUFFIXES = (".safetensors", ".pt", ".pt2", ".pth", ".bin", ".ckpt", ".h5", ".hdf5", ".json", ".onnx", ".png",
+                 ".npz", ".npy", ".pkl", ".kds")
+
+
+def _local_path_reason(text: str) -> Optional[str]:
+    """Why ``text`` (which does not exist) is a local path and not a hub id owner/name; None if it may be one."""
+    if text.startswith(("./", "../", "/", "~", ".")) or text.endswith(("/", os.sep)):
+        return "written as a local path"
+    if text.lower().endswith(FILE_SUFFIXES):
+        return "a file name, not a hub id"
+    if text.count("/") != 1:
+        return "a hub id is exactly owner/name"
+    first = text.split("/", 1)[0]
+    if Path(first).is_dir():
+        return f"{first}/ is a local directory"
+    return None
+
+
 def load_diffusion(path: str | os.PathLike, allow_hub: bool = True) -> DiffusionModel:
     """Load a kdtools / diffusers directory (or, online, a hub id such as google/ddpm-cifar10-32)."""
     _quiet_diffusers()
     p = Path(path)
     if not p.exists():
-        if allow_hub and "/" in str(path) and not str(path).startswith((".", "/")) and str(path).count("/") == 1:
+        reason = _local_path_reason(str(path))
+        if allow_hub and reason is None:
             return _load_hub(str(path))
-        raise KdError(f"{p}: no such model directory")
+        raise KdError(f"{path}: no such model directory" + (f" ({reason}; a diffusers model directory is expected)"
+                                                           if reason and allow_hub and "/" in str(path) else ""))
     if not p.is_dir():
         raise KdError(f"{p}: not a directory (expected a diffusers model directory with unet/ and scheduler/)")
     if (p / "unet" / "config.json").is_file():
@@ -262,20 +283,56 @@ def load_diffusion(path: str | os.PathLike, allow_hub: bool = True) -> Diffusion
     return _assemble(net.eval(), sched_cfg, info, str(p), noise_bank)
 
 
+def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
+    """None when the hub's host answers (or the hub library is set offline and reads its cache); else why not.
+    Without this a missing network costs ~30 s of retries before the error."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return "huggingface_hub is not installed"
+    if getattr(constants, "HF_HUB_OFFLINE", False):
+        return None  # offline mode: the hub library looks in its cache only, at once
+    url = urlparse(getattr(constants, "ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        return f"cannot reach {url.hostname}: {e.strerror or e}"
+    return None
+
+
 def _load_hub(repo_id: str) -> DiffusionModel:
-    """A hub id: download through diffusers (only works online)."""
+    """A hub id: download through diffusers (only works online). The hub's own warnings and retry messages
+    are kept off stderr: a failure is one KdError."""
+    import warnings
+
     from diffusers import DDPMScheduler, UNet2DModel
 
-    if repo_id.endswith(("/", os.sep)) or repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
+    if _local_path_reason(repo_id) is not None:
         # written as a path (a hub id is exactly owner/name): the directory is missing, the hub is beside the point
         raise KdError(f"{repo_id}: no such directory (a diffusers model directory, or a hub id owner/name when online)")
+    why = _hub_unreachable()
+    if why:
+        raise KdError(f"{repo_id}: no such local directory, and the Hugging Face hub is out of reach ({why}); "
+                      "give a local diffusers model directory")
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "urllib3", "filelock")]
+    levels = [lg.level for lg in loggers]
     try:
-        net = UNet2DModel.from_pretrained(repo_id, subfolder="unet")
-        sched = DDPMScheduler.from_pretrained(repo_id, subfolder="scheduler")
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = UNet2DModel.from_pretrained(repo_id, subfolder="unet")
+            sched = DDPMScheduler.from_pretrained(repo_id, subfolder="scheduler")
     except Exception as e:  # offline, or not a diffusers repo
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KdError(f"{repo_id}: no such local directory, and the hub could not provide it (offline, or not a "
                       f"diffusers repository: {reason[:300]})") from None
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     return _assemble(net.eval(), dict(sched.config), {}, repo_id, None)
 
 

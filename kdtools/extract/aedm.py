@@ -178,17 +178,28 @@ def client_shares(budget: int, clients: int) -> list[int]:
     return [budget // clients + (1 if k < budget % clients else 0) for k in range(clients)]
 
 
-def round_sizes(share: int, rounds: int) -> list[int]:
-    """A client's share spread over the rounds, so every client runs the same number of rounds."""
-    return [share // rounds + (1 if r < share % rounds else 0) for r in range(rounds)]
+def round_sizes(share: int, rounds: int, batch_size: Optional[int] = None) -> list[int]:
+    """A client's share spread over ``rounds`` rounds, so every client runs the same number of rounds (torchrun).
+    With ``batch_size``: full batches while they leave at least one query for each later round, the rest in
+    the last rounds (round_sizes(80, 3, 32) = [32, 32, 16]); without: as even as possible."""
+    if batch_size is None:
+        return [share // rounds + (1 if r < share % rounds else 0) for r in range(rounds)]
+    sizes, done = [], 0
+    for r in range(rounds):
+        m = max(0, min(batch_size, share - done - (rounds - r - 1)))
+        sizes.append(m)
+        done += m
+    return sizes
 
 
 def plan_rounds(budget: int, clients: int, batch_size: int) -> int:
+    """Rounds of at most ``batch_size`` queries per client that spend the budget (the last round is smaller)."""
     shares = client_shares(budget, clients)
     rounds = math.ceil(max(shares) / batch_size)
     if min(shares) < rounds:
-        raise KdUsageError(f"--budget {budget} is too small for {clients} clients with batch size {batch_size}: "
-                           f"every client needs at least {rounds} queries (one per round)")
+        need = f"{rounds} {'query' if rounds == 1 else 'queries'}"
+        raise KdUsageError(f"--budget {budget} is too small for {clients} clients: every client needs at least {need}"
+                           + (f" (one per round; {rounds} rounds of at most --batch-size {batch_size})" if rounds > 1 else ""))
     return rounds
 
 
@@ -238,17 +249,22 @@ class AEDM(Attack):
         if self.prior is None:
             raise KdUsageError("AEDM needs a diffusion prior (--diffusion DIR)")
         if c.clients < 1:
-            raise KdUsageError("--clients must be >= 1")
+            raise KdUsageError(f"--clients must be at least 1, not {c.clients}")
         if c.s_optimizer not in ("rmsprop", "adam", "sgd"):
             raise KdUsageError(f"--s-optimizer {c.s_optimizer!r}: expected rmsprop, adam or sgd")
         self.steerer = QuerySteerer(self.prior, self.input_shape, c.sampler_steps, c.steer_steps, c.lr_steer, self.device)
-        self.rounds = c.rounds or plan_rounds(o.budget, c.clients, o.batch_size)
-        if min(client_shares(o.budget, c.clients)) < self.rounds:
-            raise KdUsageError(f"--budget {o.budget} is too small for {self.rounds} rounds")
         self.shares = client_shares(o.budget, c.clients)
-        self.plans = [round_sizes(s, self.rounds) for s in self.shares]
-        # which client asked each row of the log: rows are appended round by round, client by client
-        self.owner = torch.tensor([k for r in range(self.rounds) for k in range(c.clients) for _ in range(self.plans[k][r])])
+        plan_rounds(o.budget, c.clients, o.batch_size)  # refuses a budget that leaves a client without a query
+        # torchrun ranks (``sync``) must run the same number of rounds: a fixed plan, every round >= 1 query.
+        # Otherwise every round asks --batch-size queries per client, the last what is left of its share (also
+        # after a --resume with a larger budget).
+        self.rounds = c.rounds or plan_rounds(o.budget, c.clients, o.batch_size)
+        if self.sync is not None:
+            if min(self.shares) < self.rounds:
+                raise KdUsageError(f"--budget {o.budget} is too small for {self.rounds} rounds")
+            self.plans = [round_sizes(s, self.rounds, o.batch_size) for s in self.shares]
+        # which client asked each row of the log (rows are appended round by round, client by client)
+        self.owner: list[int] = []
         # client k's substitute and optimiser; with one client, client 0 *is* the substitute
         if c.clients == 1:
             self.locals = [self.substitute]
@@ -270,7 +286,7 @@ class AEDM(Attack):
     def state(self) -> dict:
         return {"round": self.round, "opts": [o.state_dict() for o in self.opts],
                 "locals": [m.state_dict() for m in self.locals] if len(self.locals) > 1 else [],
-                "noise_rng": self.noise_gen.get_state()}
+                "noise_rng": self.noise_gen.get_state(), "owner": torch.tensor(self.owner, dtype=torch.int64)}
 
     def load(self, state: dict) -> None:
         self.round = int(state["round"])
@@ -280,6 +296,30 @@ class AEDM(Attack):
             for m, s in zip(self.locals, state["locals"]):
                 m.load_state_dict(s)
         self.noise_gen.set_state(state["noise_rng"])
+        if "owner" in state:
+            self.owner = [int(v) for v in state["owner"].tolist()]
+
+    def _sync_owner(self) -> None:
+        """Owners of rows the state does not record (paid after it): as the rounds would have asked them."""
+        n = self.pool.n
+        del self.owner[n:]
+        counts = [self.owner.count(k) for k in range(len(self.locals))]
+        while len(self.owner) < n:
+            before = len(self.owner)
+            for k in range(len(self.locals)):
+                m = min(self.options.batch_size, max(0, self.shares[k] - counts[k]), n - len(self.owner))
+                self.owner += [k] * m
+                counts[k] += m
+            if len(self.owner) == before:  # more rows than the shares (a smaller --budget on resume)
+                self.owner += [0] * (n - before)
+
+    def _next_sizes(self) -> list[int]:
+        if self.sync is not None:
+            if self.round >= self.rounds:  # (a resumed run whose log holds more than its last state)
+                raise KdError("AEDM: all rounds are done but the budget is not spent; start a new run")
+            return [p[self.round] for p in self.plans]
+        counts = [self.owner.count(k) for k in range(len(self.locals))]
+        return [max(0, min(self.options.batch_size, self.shares[k] - counts[k])) for k in range(len(self.locals))]
 
     def _client_round(self, k: int, n: int) -> float:
         """One client's round: steer n queries against its substitute, ask, one step on the answers."""
@@ -287,11 +327,15 @@ class AEDM(Attack):
         x, stats = self.steerer.steer(model, n, self.noise_gen)
         self.entropy = stats["entropy_after"]
         x = quantize(x)
-        t = self.target_of(self.ask(x))
+        before = self.pool.n
+        try:
+            t = self.target_of(self.ask(x))
+        finally:  # also the rows of an answer the budget cut short
+            self.owner += [k] * (self.pool.n - before)
         loss = self._step(model, self.opts[k], x, t)
         if c.replay_steps:
             # a client replays only the answers it paid for itself: clients do not share queries
-            mine = (self.owner[:self.pool.n] == k).nonzero().squeeze(1) if len(self.locals) > 1 else None
+            mine = (torch.tensor(self.owner[:self.pool.n]) == k).nonzero().squeeze(1) if len(self.locals) > 1 else None
             for _ in range(c.replay_steps):
                 if mine is None:
                     xb, tb = self.pool.sample(self.options.batch_size, self.device)
@@ -304,25 +348,58 @@ class AEDM(Attack):
     def _step(self, model: nn.Module, opt, x: torch.Tensor, t: torch.Tensor) -> float:
         return self.train_substitute_on(x, t, opt, self.config.s_loss, model)
 
-    def iteration(self) -> None:
-        if self.round >= self.rounds:  # (a resumed run whose log holds more than its last state)
-            raise KdError("AEDM: all rounds are done but the budget is not spent; start a new run")
-        losses = []
-        for k in range(len(self.locals)):
-            n = self.plans[k][self.round]
-            if n > 0:
-                losses.append(self._client_round(k, n))
+    def _average(self) -> None:
         if len(self.locals) > 1:  # eq. 4.4, in this process
             avg = average_state([m.state_dict() for m in self.locals])
             self.substitute.load_state_dict(avg)
             for m in self.locals:
                 m.load_state_dict(avg)
+
+    def iteration(self) -> None:
+        self._sync_owner()
+        losses = []
+        sizes = self._next_sizes()
+        if not any(sizes):
+            raise KdError("AEDM: every client has spent its share but the budget is not spent; start a new run")
+        for k, n in enumerate(sizes):
+            if n > 0:
+                losses.append(self._client_round(k, n))
+        self._average()
         if self.sync is not None:  # eq. 4.4 across ranks
             self.sync(self.substitute)
         self.round += 1
         self.last_loss = sum(losses) / max(1, len(losses))
         if self.on_round is not None:
             self.on_round(self.round, self.substitute)
+
+    # answers the substitute has not learned from (a round the budget cut short; log rows after the saved
+    # state on --resume): each client steps on its own rows, then the copies are averaged, as in a round
+    def catch_up(self) -> int:
+        if self.sync is not None:
+            # torchrun ranks must stay in lockstep (same rounds, same averages); a rank's plan never
+            # overruns its share, so only a resumed rank could have such rows, and they stay in its log
+            return 0
+        self._sync_owner()
+        return super().catch_up()
+
+    def learn_rows(self, idx: torch.Tensor) -> float:
+        owner = torch.tensor(self.owner)[idx]
+        losses = []
+        for k in range(len(self.locals)):
+            mine = idx[owner == k]
+            if mine.numel():
+                x = self.pool.x[mine].float().div(255).to(self.device)
+                losses.append(self._step(self.locals[k], self.opts[k], x, self.pool.y[mine].to(self.device)))
+        self._average()
+        return sum(losses) / max(1, len(losses))
+
+    def catch_up_batch(self) -> int:
+        return self.options.batch_size * len(self.locals)  # one round: a batch from every client
+
+    def after_catch_up_batch(self, rows: int) -> None:
+        # a batch of answers learned in one step is what a round is: count it as one
+        self.round += 1
+        self.iterations += 1
 
 
 def make_aedm(prior, **kwargs) -> AEDM:

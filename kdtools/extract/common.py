@@ -80,8 +80,9 @@ class AttackResult:
     status: str  # "budget_spent" | "already_finished" (a --resume of a finished attack)
     seconds: float
     final_loss: float = float("nan")
-    accuracy: Optional[float] = None  # on --eval-data, if given
+    accuracy: Optional[float] = None  # on --eval-data, measured in this run (None without --eval-data)
     history: list = field(default_factory=list)  # [{"spent", "loss", "accuracy"?}]
+    learned_late: int = 0  # paid answers the substitute learned from only after their iteration (see Attack.catch_up)
 
 
 class AttackRun:
@@ -310,6 +311,10 @@ class Attack:
             self.last_loss = float("nan")
             self.paid_this_run = 0
             self.reused_rows = 0
+            self.learned_rows = 0  # the substitute has learned from pool rows [0, learned_rows)
+            self.learned_late = 0
+            self.measured_accuracy: Optional[float] = None  # the latest accuracy on eval_set, in this run
+            self.pending_at_resume = 0
             self.finished_before = False
             self.setup()
             self._restore()
@@ -378,6 +383,8 @@ class Attack:
         t0 = time.perf_counter()
         status = "budget_spent"
         ran = False
+        # answers of the log that the saved substitute never learned from (paid after its last state): first
+        caught_up = self.catch_up()
         while self.oracle.remaining > 0:
             ran = True
             try:
@@ -385,22 +392,62 @@ class Attack:
             except BudgetExhausted:
                 break  # the budget ran out inside the iteration; what was answered is in the pool
             self.iterations += 1
+            self.learned_rows = self.pool.n
             self._after_iteration()
-        if not ran and self.finished_before:
+        # answers paid by an iteration the budget cut short: every paid answer reaches the substitute
+        caught_up += self.catch_up()
+        if not ran and self.finished_before and not caught_up:
             status = "already_finished"  # a rerun of a finished attack changes nothing
         try:
             if status != "already_finished":
                 if self.options.final_epochs > 0 and len(self.pool):
                     self.final_training()
-                self._checkpoint(final=True)
+                self._checkpoint(final=True, changed=bool(caught_up))
                 self.save_outputs()
                 self._save_state(finished=True)
         finally:
             self.log.close()
-        acc = self.history[-1].get("accuracy") if self.history else None
+        acc = self.measured_accuracy  # never a figure from an earlier run (or on another --eval-data)
         return AttackResult(self.method, self.options.mode, self.options.budget, self.log_spent, self.pool.n,
                             self.paid_this_run, self.reused_rows, self.iterations, status, time.perf_counter() - t0,
-                            self.last_loss, acc, self.history)
+                            self.last_loss, acc, self.history, learned_late=self.learned_late)
+
+    # --- answers not yet learned from -----------------------------------------------------------------
+    def substitute_optimizer(self):
+        """The optimiser of the substitute's online steps (each method keeps it as ``opt_s``)."""
+        return getattr(self, "opt_s", None)
+
+    def learn_rows(self, idx: torch.Tensor) -> float:
+        """One substitute step on pool rows ``idx`` (answers it has not learned from yet); AEDM overrides it."""
+        opt = self.substitute_optimizer()
+        if opt is None:  # pragma: no cover - every method has one
+            opt = make_optimizer("adam", self.substitute.parameters(), 1e-3)
+            self.opt_s = opt
+        x = self.pool.x[idx].float().div(255).to(self.device)
+        return self.train_substitute_on(x, self.pool.y[idx].to(self.device), opt, getattr(self.config, "s_loss", "l1"))
+
+    def catch_up(self) -> int:
+        """Substitute steps, in batches of --batch-size, on the paid answers it has not learned from: rows paid
+        by an iteration that the budget cut short, and on --resume rows of the log paid after the saved state.
+        Returns how many rows it learned from (no query is made)."""
+        start, end = self.learned_rows, self.pool.n
+        if end <= start:
+            return 0
+        bs = self.catch_up_batch()
+        for i in range(start, end, bs):
+            self.last_loss = self.learn_rows(torch.arange(i, min(end, i + bs)))
+            self.after_catch_up_batch(min(end, i + bs) - i)
+            self.progress(ProgressEvent("learning unlearned answers", min(end, i + bs) - start, end - start,
+                                        {"loss": self.last_loss}))
+        self.learned_rows = end
+        self.learned_late += end - start
+        return end - start
+
+    def catch_up_batch(self) -> int:
+        return self.options.batch_size
+
+    def after_catch_up_batch(self, rows: int) -> None:
+        """Called after each catch-up batch (AEDM counts it as a round)."""
 
     @property
     def log_spent(self) -> int:
@@ -409,8 +456,8 @@ class Attack:
     def _after_iteration(self) -> None:
         spent = self.oracle.spent
         info = {"spent": spent, "loss": self.last_loss, **self.progress_extra()}
-        if self.history and "accuracy" in self.history[-1]:
-            info["acc"] = self.history[-1]["accuracy"]
+        if self.measured_accuracy is not None:
+            info["acc"] = self.measured_accuracy
         self.progress(ProgressEvent(self.method, spent, self.options.budget, info))
         if spent >= self.next_checkpoint:
             self._checkpoint()
@@ -451,17 +498,20 @@ class Attack:
             return None
         return accuracy(self.substitute, self.eval_set[0], self.eval_set[1], self.device)
 
-    def _checkpoint(self, final: bool = False) -> None:
+    def _checkpoint(self, final: bool = False, changed: bool = False) -> None:
         spent = self.oracle.spent
-        if (final and self.options.final_epochs == 0 and self.history and self.history[-1]["spent"] == spent
+        if (final and not changed and self.options.final_epochs == 0 and self.history and self.history[-1]["spent"] == spent
                 and self.run.checkpoint_path(spent).is_file()):
             return  # the last iteration's checkpoint is this very substitute: neither save nor report it twice
         record = {"spent": spent, "loss": self.last_loss, "iterations": self.iterations}
         acc = self.evaluate()
         if acc is not None:
             record["accuracy"] = acc
-        if not self.history or self.history[-1]["spent"] != spent or final:
+            self.measured_accuracy = acc
+        if not self.history or self.history[-1]["spent"] != spent:
             self.history.append(record)
+        elif final:
+            self.history[-1] = record
         extra = {"queries_spent": spent, "method": self.method, "mode": self.options.mode, "iterations": self.iterations}
         if acc is not None:
             extra["eval_accuracy"] = acc
@@ -473,9 +523,10 @@ class Attack:
 
     def save_outputs(self) -> None:
         spent = self.oracle.spent
-        extra = {"queries_spent": spent, "method": self.method, "mode": self.options.mode}
-        if self.history and "accuracy" in self.history[-1]:
-            extra["eval_accuracy"] = self.history[-1]["accuracy"]
+        extra = {"queries_spent": spent, "method": self.method, "mode": self.options.mode, "iterations": self.iterations,
+                 "answers_learned": self.learned_rows}
+        if self.measured_accuracy is not None:
+            extra["eval_accuracy"] = self.measured_accuracy
         save_model(self.substitute, self.run.substitute_path, self.resolved, extra)
         gen = self.generator()
         if gen is not None:
@@ -487,6 +538,7 @@ class Attack:
         state = {
             "schema": STATE_SCHEMA, "method": self.method, "kdtools": __version__, "finished": finished,
             "iterations": self.iterations, "spent": self.oracle.spent, "rows": self.pool.n,
+            "learned_rows": self.learned_rows,
             "substitute": self.substitute.state_dict(), "substitute_spec": self._substitute_spec(), "rng": torch.get_rng_state(),
             "history": self.history, "last_loss": float(self.last_loss), "method_state": self.state(),
         }
@@ -522,8 +574,11 @@ class Attack:
             self.last_loss = float(state["last_loss"])
             torch.set_rng_state(state["rng"])
             self.finished_before = bool(state.get("finished"))
-        # the log, not the state, says what was paid: rows logged after the last state are reused too
+        # the log, not the state, says what was paid: rows logged after the last state are reused too, and
+        # since the saved substitute never learned from them, run_attack trains on them first (catch_up)
         self.reused_rows = self.pool.add_from_log(self.log)
+        self.learned_rows = min(self.reused_rows, int(state.get("learned_rows", state.get("rows", 0)))) if state else 0
+        self.pending_at_resume = self.reused_rows - self.learned_rows
 
 
 @torch.no_grad()
