@@ -109,3 +109,14 @@ def write_csv(path, rows, header=("task", "worker", "label")):
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+def one_error_line(r, code, *needles):
+    """A failed command: exit ``code``, exactly one stderr line, an 'error:' line holding every needle, no traceback."""
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+    return lines[0]

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import write_csv
+from conftest import one_error_line, write_csv
 
 from kdtools.aggregate import crowdio
 from kdtools.errors import KdError
@@ -76,16 +76,6 @@ def keval(capsys, monkeypatch):
     from kdtools.cli.eval import main
 
     return lambda *args, stdin=None: run_here(main, "kd-eval", ["aggregation", *args], capsys, monkeypatch, stdin)
-
-
-def one_error_line(r, code, *needles):
-    assert r.returncode == code, (r.returncode, r.stderr)
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert "Traceback" not in r.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import sha, write_csv
+from conftest import one_error_line, sha, write_csv
 
 from kdtools.aggregate import crowdio
 from kdtools.errors import KdError
@@ -58,15 +58,6 @@ def keval(capsys, monkeypatch):
         return _run(main, capsys, monkeypatch, stdin)
 
     return call
-
-
-def one_error_line(r, code, *needles):
-    assert r.returncode == code, (r.returncode, r.stderr)
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def warnings(r):
