@@ -71,16 +71,22 @@ def test_resume_without_a_saved_state_learns_the_logged_answers_first(prior_dir,
         assert f["x"].shape[0] == 150
 
 
-def test_an_iteration_cut_short_by_the_budget_is_still_learned_from(victim_path, tmp_path):
-    # DFME (shared attack loop): iterations of 50 x 2 generator probes + 50 substitute queries = 150; a budget of
-    # 200 cuts the second iteration short after 50 answers, which used to be logged but never learned from
+@pytest.mark.parametrize("budget,batch,d_iter,late,before", [
+    # iterations of 50 x 2 generator probes + 50 substitute queries = 150; a budget of 200 cuts the second
+    # short after its 50 probe answers, which used to be logged but never learned from
+    (200, 50, 1, 50, 150),
+    # iterations of 10 x 2 probes + 3 substitute batches of 10 = 50; a budget of 95 cuts the second in its third
+    # substitute batch: only those 5 answers are unlearned (the two batches before had their step already)
+    (95, 10, 3, 5, 50),
+])
+def test_an_iteration_cut_short_by_the_budget_is_still_learned_from(victim_path, tmp_path, budget, batch, d_iter, late, before):
     out = tmp_path / "dfme"
-    p = kd("kd-gen-queries", "dfme", "--oracle", victim_path, "--budget", 200, "--batch-size", 50, "--g-iter", 1,
-           "--d-iter", 1, "--directions", 1, "--substitute", "lenet5", "--checkpoint-every", 1, "-o", out)
+    p = kd("kd-gen-queries", "dfme", "--oracle", victim_path, "--budget", budget, "--batch-size", batch, "--g-iter", 1,
+           "--d-iter", d_iter, "--directions", 1, "--substitute", "lenet5", "--checkpoint-every", 1, "-o", out)
     assert p.returncode == 0, p.stderr.decode()
-    assert "50 answers learned after their round" in p.stderr.decode()
-    assert not _same(_weights(out / "checkpoints" / "substitute-150.safetensors"),
-                     _weights(out / "checkpoints" / "substitute-200.safetensors"))
+    assert f" {late} answers learned after their round" in p.stderr.decode()
+    assert not _same(_weights(out / "checkpoints" / f"substitute-{before}.safetensors"),
+                     _weights(out / "checkpoints" / f"substitute-{budget}.safetensors"))
 
 
 # --- finding 2: no stale accuracy ------------------------------------------------------------------------

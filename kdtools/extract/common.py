@@ -469,6 +469,11 @@ class Attack:
     def train_substitute_on(self, x: torch.Tensor, target: torch.Tensor, optimizer, kind: str,
                             model: Optional[nn.Module] = None) -> float:
         """One optimiser step of the substitute (or of ``model``, e.g. a federated client's copy)."""
+        if model is None:
+            # a step of the substitute itself covers every row paid so far: the rows of its own batch, and the
+            # probes asked before it, which the method chose not to learn from. An iteration the budget cuts short
+            # then leaves only the rows paid after its last step for catch_up (none learned twice)
+            self.learned_rows = max(self.learned_rows, self.pool.n)
         model = self.substitute if model is None else model
         model.train()
         optimizer.zero_grad(set_to_none=True)
