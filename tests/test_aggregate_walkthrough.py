@@ -464,3 +464,28 @@ def test_summary_counts_task_labels_and_crowd_labels(crowd, agg):
 def test_a_bad_input_error_is_raised_as_kderror():
     with pytest.raises(KdError, match="m.csv:3"):
         list(crowdio.read_dense(io.StringIO("task,a\nx,0\ny,5\n"), "m.csv", classes=["0", "1"]))
+
+
+def test_a_state_with_classes_written_as_1_0_keeps_them_one_class(agg, tmp_path):
+    # a state written before labels were read as numbers holds classes "1.0", "2.0": a later chunk's 1.0 (read as 1)
+    # must be the same class, not a new one
+    from kdtools.aggregate import Aggregator
+    from kdtools.aggregate.state import load_state, save_state
+
+    old = Aggregator("mv", seed=0)
+    old.process([("a", "w1", "1.0"), ("a", "w2", "2.0"), ("b", "w1", "2.0")])
+    assert old.classes.items == ["1.0", "2.0"]
+    save_state(tmp_path / "old.state", old)
+    labels = write_csv(tmp_path / "c2.csv", [("c", "w1", "1.0"), ("c", "w2", "1.0"), ("d", "w1", "2.0")])
+    r = agg(labels, "--method", "mv", "--state", tmp_path / "old.state", "--proba", "-o", tmp_path / "out.csv")
+    assert r.returncode == 0, r.stderr
+    assert "new class" not in r.stderr
+    assert load_state(tmp_path / "old.state").classes.items == ["1", "2"]
+    assert (tmp_path / "out.csv").read_text().splitlines()[0] == "task,label,confidence,p_1,p_2"
+
+
+def test_classes_written_as_1_0_fix_the_classes_a_file_reads_as_1(agg, tmp_path):
+    labels = write_csv(tmp_path / "a.csv", [("a", "w1", "1.0"), ("a", "w2", "2.0"), ("b", "w1", "2.0")])
+    r = agg(labels, "--method", "mv", "--classes", "1.0,2.0", "-o", tmp_path / "out.csv")
+    assert r.returncode == 0, r.stderr
+    one_error_line(agg(labels, "--method", "mv", "--classes", "1,1.0"), 2, "distinct")

@@ -121,7 +121,15 @@ def load_state(path: str | os.PathLike) -> Aggregator:
         elif "step_count" not in config_dict:
             raise ValueError("BiLA configuration without step_count")
         config = BilaConfig.from_dict(config_dict)
-        classes = json.loads(meta["classes"])
+        # labels are read with normalise_label (``1.0`` -> ``1``); a state written before that rule may hold class
+        # names in another form, which later chunks would split off as new classes: read them the same way
+        from .crowdio import normalise_label
+
+        written = json.loads(meta["classes"])
+        classes = [normalise_label(str(c)) for c in written]
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"its classes {written} name one class twice once whole numbers are read as numbers; "
+                             "aggregate again from the labels")
         declared = meta.get("classes_declared") == "1"
         agg = Aggregator(method, classes=classes if declared else None, config=config, seed=int(meta.get("seed", 0)))
         if not declared:

@@ -41,9 +41,13 @@ sim_app = make_app(
 def _parse_classes(text: Optional[str]) -> Optional[list[str]]:
     if text is None:
         return None
-    classes = [c.strip() for c in text.split(",")]
+    from ..aggregate.crowdio import normalise_label
+
+    # read like the labels themselves, so --classes 1.0,2.0 fixes the classes a file's 1.0 and 2.0 are read as
+    classes = [normalise_label(c) for c in text.split(",")]
     if not classes or any(not c for c in classes) or len(set(classes)) != len(classes):
-        raise KdUsageError("--classes must be a comma-separated list of distinct, non-empty class names")
+        raise KdUsageError("--classes must be a comma-separated list of distinct, non-empty class names "
+                           "(whole numbers are read as numbers: 1.0 and 1 are one class)")
     return classes
 
 
