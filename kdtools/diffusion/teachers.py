@@ -283,26 +283,6 @@ def load_diffusion(path: str | os.PathLike, allow_hub: bool = True) -> Diffusion
     return _assemble(net.eval(), sched_cfg, info, str(p), noise_bank)
 
 
-def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
-    """None when the hub's host answers (or the hub library is set offline and reads its cache); else why not.
-    Without this a missing network costs ~30 s of retries before the error."""
-    import socket
-    from urllib.parse import urlparse
-
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover
-        return "huggingface_hub is not installed"
-    if getattr(constants, "HF_HUB_OFFLINE", False):
-        return None  # offline mode: the hub library looks in its cache only, at once
-    url = urlparse(getattr(constants, "ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-    except OSError as e:
-        return f"cannot reach {url.hostname}: {e.strerror or e}"
-    return None
-
-
 def _load_hub(repo_id: str) -> DiffusionModel:
     """A hub id: download through diffusers (only works online). The hub's own warnings and retry messages
     are kept off stderr: a failure is one KdError."""
@@ -313,10 +293,8 @@ def _load_hub(repo_id: str) -> DiffusionModel:
     if _local_path_reason(repo_id) is not None:
         # written as a path (a hub id is exactly owner/name): the directory is missing, the hub is beside the point
         raise KdError(f"{repo_id}: no such directory (a diffusers model directory, or a hub id owner/name when online)")
-    why = _hub_unreachable()
-    if why:
-        raise KdError(f"{repo_id}: no such local directory, and the Hugging Face hub is out of reach ({why}); "
-                      "give a local diffusers model directory")
+    # no reachability probe of our own: the hub library falls back to its cache when offline and honours the
+    # proxy settings, which a direct connection test would not
     loggers = [logging.getLogger(name) for name in ("huggingface_hub", "urllib3", "filelock")]
     levels = [lg.level for lg in loggers]
     try:
