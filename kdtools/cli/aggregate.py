@@ -453,8 +453,10 @@ def aggregate(
             if res.new_classes and main_agg.chunks > 1:
                 warn(f"{name}: new classes {', '.join(res.new_classes)}; the model grew to {len(res.classes)} classes")
             if not relabel_all:
-                if proba and output != "-":
-                    pending.append(res)  # the file gets one header with every class (see below)
+                if proba and output != "-" and not main_agg.classes_fixed:
+                    # classes may still grow: the file gets one header with every class (see below); with fixed
+                    # classes the chunks stream to the file as they come, holding nothing in memory
+                    pending.append(res)
                 else:
                     if proba and header_classes is not None and res.classes != header_classes:
                         new = [c for c in res.classes if c not in header_classes]
