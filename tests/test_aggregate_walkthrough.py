@@ -489,3 +489,26 @@ def test_classes_written_as_1_0_fix_the_classes_a_file_reads_as_1(agg, tmp_path)
     r = agg(labels, "--method", "mv", "--classes", "1.0,2.0", "-o", tmp_path / "out.csv")
     assert r.returncode == 0, r.stderr
     one_error_line(agg(labels, "--method", "mv", "--classes", "1,1.0"), 2, "distinct")
+
+
+def test_a_dense_stream_of_label_rows_is_not_held_back_by_the_header_check():
+    # a first line whose labels after the first repeat cannot be a header: the first chunk comes out while stdin is still open
+    import subprocess
+    import threading
+
+    from conftest import kd_cmd
+
+    p = subprocess.Popen([*kd_cmd("kd-aggregate"), "-", "--format", "dense", "--method", "mv", "--chunk-size", "2",
+                          "--initial-size", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    timer = threading.Timer(60, p.kill)  # a reader held back until EOF would block here: fail, not hang
+    timer.start()
+    try:
+        p.stdin.write(b"0,1,1,-1\n1,1,1,0\n0,0,0,0\n")
+        p.stdin.flush()
+        first = p.stdout.readline()
+        assert first.startswith(b"task,label"), (first, p.poll())
+        p.stdin.close()
+        p.wait()
+    finally:
+        timer.cancel()
+    assert p.returncode == 0, p.stderr.read()

@@ -211,12 +211,15 @@ def read_dense(stream: IO[str], name: str, columns: Columns = Columns(),
             raise KdError(f"{name}:1: repeated worker ids in the header")
     else:
         workers = [str(j) for j in range(len(cells))]
-        # read ahead: a header line that does not start with the task column name must not become a task
-        for line in stream:
-            pending.append(line)
-            if len(pending) >= DENSE_LOOKAHEAD:
-                break
-        _refuse_likely_header(cells, pending, split, name, columns)
+        # read ahead: a header line that does not start with the task column name must not become a task. Only a
+        # line that could be a header (its label cells all different) costs a read-ahead, so a stream of label
+        # rows is not held back
+        if _could_be_header(cells):
+            for line in stream:
+                pending.append(line)
+                if len(pending) >= DENSE_LOOKAHEAD:
+                    break
+            _refuse_likely_header(cells, pending, split, name, columns)
         pending.insert(0, first)
     if meta is not None:
         meta["row_numbers"] = not has_header
@@ -261,6 +264,12 @@ def read_dense(stream: IO[str], name: str, columns: Columns = Columns(),
         raise KdError(f"{name}: not a text file ({e.reason})") from None
 
 
+def _could_be_header(cells: list[str]) -> bool:
+    """A first line whose cells after the first (missing labels aside) are at least two and all different."""
+    values = [c for c in cells[1:] if c and c != "-1"]
+    return len(values) >= 2 and len(set(values)) == len(values)
+
+
 def _refuse_likely_header(cells: list[str], following: list[str], split, name: str, columns: Columns) -> None:
     """Refuse a first line that is a header in all but name (``item,w1,w2,...`` or the worker ids alone).
 
@@ -270,7 +279,7 @@ def _refuse_likely_header(cells: list[str], following: list[str], split, name: s
     two of them) and more than half of them never occur in those columns of the lines after it (up to
     ``DENSE_LOOKAHEAD`` of them)."""
     values = [c for c in cells[1:] if c and c != "-1"]
-    if len(values) < 2 or len(set(values)) != len(values) or not following:
+    if not _could_be_header(cells) or not following:
         return
     seen: set[str] = set()
     for line in following:
