@@ -167,6 +167,20 @@ def _file_key(path: str):
     return ("file", st.st_dev, st.st_ino)
 
 
+def check_gold_and_plot(gold: Optional[str], plot: Optional[str]) -> None:
+    """The gold file is a file (stdin carries the labels) and the plot's name gives a known image format
+    ('-' for the plot is refused by check_paths)."""
+    if gold == "-":
+        raise KdUsageError("--gold must name a file ('-' is for the labels)")
+    if plot and plot != "-":
+        from ..aggregate.plot import image_format
+
+        try:
+            image_format(plot)
+        except KdUsageError as e:
+            raise KdUsageError(f"--plot {e}") from None
+
+
 def check_paths(outputs: dict[str, Optional[str]], inputs: dict[str, list] = {}, stdout_flag: Optional[str] = "-o") -> None:
     """Output paths are checked before any work: '-' only for ``stdout_flag`` (stdout carries the labels), none
     is a directory or under a file, no two are the same file, and none is one of the inputs (a state file, read
@@ -333,15 +347,7 @@ def aggregate(
         raise KdUsageError("name label files or '-' for stdin (see --help)")
     if plot and not gold:
         raise KdUsageError("--plot needs --gold (the plot shows error rates)")
-    if gold == "-":
-        raise KdUsageError("--gold must name a file ('-' is for the labels)")
-    if plot and plot != "-":
-        from ..aggregate.plot import image_format
-
-        try:
-            image_format(plot)
-        except KdUsageError as e:
-            raise KdUsageError(f"--plot {e}") from None
+    check_gold_and_plot(gold, plot)
     check_paths({"-o": output, "--confusion": confusion, "--plot": plot, "--state": state},
                 {"INPUTS": inputs, "--gold": [gold]})
     if method is None:

@@ -247,10 +247,10 @@ def aggregation(
     method,tasks,error on stdout, drawn to --plot. Reads labels with kd-aggregate's input options."""
     from ..aggregate import crowdio
     from ..aggregate.online import METHODS, error_curves
-    from ..aggregate.plot import image_format, plot_error_curves
+    from ..aggregate.plot import plot_error_curves
     from ..errors import KdError, KdUsageError
     from ._common import STOP_HINT, info, warn
-    from .aggregate import check_paths, check_seed, check_sizes, label_input
+    from .aggregate import check_gold_and_plot, check_paths, check_seed, check_sizes, label_input
 
     # every check before any work: kd-aggregate's rules
     STOP_HINT["text"] = ""
@@ -260,13 +260,7 @@ def aggregation(
         raise KdUsageError(f"--method takes a comma list of {', '.join(METHODS)}")
     check_sizes(chunk_size=chunk_size, initial_size=initial_size)
     check_seed(seed)
-    if gold == "-":
-        raise KdUsageError("--gold must name a file ('-' is for the labels)")
-    if plot and plot != "-":
-        try:
-            image_format(plot)
-        except KdUsageError as e:
-            raise KdUsageError(f"--plot {e}") from None
+    check_gold_and_plot(gold, plot)
     check_paths({"--plot": plot}, {"INPUTS": [labels], "--gold": [gold]}, stdout_flag=None)
     rows = spec.read_whole(labels)
     name = crowdio.path_name(labels)
