@@ -156,6 +156,7 @@ class SampleWriter:
         if exists and not resume:
             raise KdError(f"{self.path}: exists; remove it or resume it")
         self.f = _open(self.path, "a" if exists else "w")
+        self.budget_before: Optional[int] = None  # the file's budget before this writer set its own
         try:
             if exists:
                 _check_ours(self.f, self.path)
@@ -177,6 +178,7 @@ class SampleWriter:
             if budget is not None:
                 if budget < self.spent:
                     raise KdError(f"--budget {budget} is smaller than the {self.spent} queries {self.path} already spent")
+                self.budget_before = int(self.f.attrs["budget"])
                 self.f.attrs["budget"] = int(budget)
             self.f.flush()
         except BaseException:
@@ -263,6 +265,13 @@ class SampleWriter:
 
     def read_rows(self, start: int, stop: int) -> dict:
         return {name: torch.from_numpy(np.ascontiguousarray(self._ds[name][start:stop])) for name in self.header.fields}
+
+    def restore_budget(self) -> None:
+        """Put back the budget the file had before this writer opened it (a run refused before it asked
+        anything must leave an existing log as it found it)."""
+        if self.budget_before is not None and self.f.id.valid:
+            self.f.attrs["budget"] = self.budget_before
+            self.f.flush()
 
     def close(self) -> None:
         if self.f.id.valid:

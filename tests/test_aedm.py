@@ -188,6 +188,13 @@ def test_bad_priors_are_clear_errors(prior_dir, victim_path, tmp_path):
     # stream mode needs a substitute file to steer against
     p = kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--substitute", "lenet5", "-n", 10)
     assert p.returncode == 2 and b"substitute" in p.stderr
+    # --substitute-args shapes a new substitute; a weights file already has its architecture
+    p = kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--oracle", victim_path, "--budget", 50, "-o", tmp_path / "c",
+           *FAST, "--substitute", victim_path, "--substitute-args", '{"width": 2}')
+    assert p.returncode == 2 and b"its own" in p.stderr and not (tmp_path / "c").exists()
+    p = kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "-n", 10, *FAST, "--substitute", victim_path,
+           "--substitute-args", '{"width": 2}')
+    assert p.returncode == 2 and b"stream mode steers against" in p.stderr and not p.stdout
 
 
 def test_the_user_is_told_when_queries_are_resized_or_converted_and_refused_otherwise(prior_dir, victim_path, tmp_path):

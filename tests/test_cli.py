@@ -146,6 +146,8 @@ def test_pickled_victim_is_refused(tmp_path, queries_path):
 def test_usage_errors_exit_2(victim_path):
     assert kd("kd-query", victim_path, "--mode", "soft").returncode == 2
     assert kd("kd-distill", "--epochs", "x", "-o", "y").returncode == 2
+    not_object = kd("kd-distill", "--data", "digits", "--arch-args", "[1]", "-o", "y")  # was a TypeError traceback
+    assert not_object.returncode == 2 and b"must be a JSON object" in not_object.stderr
     assert kd("kd-gen-queries", "noise", "-n", "5").returncode == 2  # no shape
     assert kd("kd-gen-queries", "aedm").returncode == 2  # no --diffusion
     placeholder = kd("kd-gen-queries", "cake")  # a method not built yet says so, exit 1

@@ -17,7 +17,9 @@ from kdtools.extract.common import forward_difference
 from kdtools.extract.generators import build_generator
 from kdtools.extract.genweights import load_generator, save_generator
 from kdtools.h5store import log_info
+from kdtools.models import ImageClassifier
 from kdtools.oracle import Oracle, open_oracle
+from kdtools.weights import load_model
 
 torch.set_num_threads(1)
 
@@ -278,6 +280,10 @@ def test_generator_mode_pipes_into_kd_query_and_kd_distill(victim_path, tmp_path
     (["ideal", "--generator", "VICTIM", "-n", "5"], 1, "classifier weights file"),
     (["ideal", "--oracle", "VICTIM", "--budget", "10", "-o", "X", "-n", "5"], 2, "-n belongs"),
     (["tandemgan", "--oracle", "VICTIM", "--budget", "10", "-o", "X", "--s-optimizer", "lbfgs"], 2, "--s-optimizer"),
+    (["dfme", "--oracle", "VICTIM", "--budget", "10", "-o", "X", "--substitute-args", "[2]"], 2, "JSON object"),
+    (["dfme", "--oracle", "VICTIM", "--budget", "10", "-o", "X", "--substitute-args", "{width: 2}"], 2, "not JSON"),
+    (["ideal", "--oracle", "VICTIM", "--budget", "10", "-o", "X", "--substitute", "lenet5", "--substitute-args", '{"wdth": 2}'],
+     2, "no argument 'wdth'"),
 ])
 def test_bad_command_lines_give_one_line_and_the_right_exit_code(victim_path, tmp_path, args, code, message):
     args = [str(victim_path) if a == "VICTIM" else str(tmp_path / "x") if a == "X" else a for a in args]
@@ -373,3 +379,30 @@ def test_pool_reloaded_from_the_log_on_resume_holds_the_same_images():
     assert resumed.add_from_log(Log()) == 6
     assert torch.equal(resumed.x[:6], live.x[:6]) and torch.equal(resumed.y[:6], live.y[:6])
     assert 2 < len(torch.unique(resumed.x[:6])) and abs(resumed._images(torch.arange(6)) - x).max() <= 0.5 / 255 + 1e-6
+
+
+def test_substitute_args_shape_the_substitute_and_a_resume_must_keep_them(victim_path, tmp_path):
+    out = tmp_path / "w2"
+    base = ["ideal", "--oracle", victim_path, "--mode", "label", "--substitute", "lenet5", "--batch-size", 20, "-q", "-o", out]
+    p = kd("kd-gen-queries", *base, "--budget", 40, "--substitute-args", '{"width": 2}')
+    assert p.returncode == 0, p.stderr.decode()
+    wide = load_model(out / "substitute.safetensors").module
+    plain = ImageClassifier("lenet5", wide.input_shape, wide.num_classes)
+    assert wide.arch_args == {"width": 2}
+    # twice the channels: a conv layer's weights grow about fourfold (the first layer's twofold)
+    assert sum(t.numel() for t in wide.parameters()) > 2 * sum(t.numel() for t in plain.parameters())
+
+    def log_content():  # (the bytes change when HDF5 reopens a file for appending; what it holds must not)
+        with h5py.File(out / "queries.h5") as f:
+            return dict(f.attrs), {k: f[k][()].tobytes() for k in f}
+
+    before = log_content()
+    # resuming without the same arguments would load width-2 weights into another network: refused, nothing asked
+    p = kd("kd-gen-queries", *base, "--budget", 80, "--resume")
+    err = p.stderr.decode().strip()
+    assert p.returncode == 1 and '{"width": 2}' in err and len(err.splitlines()) == 1, err
+    after = log_content()  # nothing asked, and the log's budget not raised to the refused command's
+    assert after[1] == before[1] and after[0]["budget"] == before[0]["budget"] == 40 and after[0]["spent"] == 40
+    p = kd("kd-gen-queries", *base, "--budget", 80, "--resume", "--substitute-args", '{"width": 2}')
+    assert p.returncode == 0, p.stderr.decode()
+    assert log_info(out / "queries.h5")["spent"] == 80

@@ -243,6 +243,20 @@ def distributed_setup(device_opt: str):
     return dist.get_rank(), world, device
 
 
+def parse_arch_args(text: str, flag: str) -> dict:
+    """An architecture's arguments given as a JSON object on the command line (kd-distill --arch-args,
+    kd-gen-queries --substitute-args)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise KdUsageError(f"{flag} is not JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise KdUsageError(f"{flag} must be a JSON object such as '{{\"width\": 2}}', not {text!r}")
+    return value
+
+
 def png_path(path: Optional[str], flag: str) -> Optional[str]:
     """``path`` if it names a PNG; a usage error before any work otherwise (the figure is written as PNG,
     and PNG bytes under another name only mislead the next program that opens it)."""

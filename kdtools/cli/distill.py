@@ -18,7 +18,7 @@ from ..sources import collect, open_samples
 from ..oracle import without_rejected
 from ..train import TrainConfig, data_normalization, load_checkpoint, targets_from, train
 from ..weights import load_model, save_model
-from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, distributed_setup, info, make_app, warn, progress_bars, run_app, stdin_if
+from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, distributed_setup, info, make_app, parse_arch_args, warn, progress_bars, run_app, stdin_if
 
 app = make_app("Train a student from a query log / stream (default: stdin) or a classifier from --data.")
 
@@ -79,10 +79,7 @@ def distill(
                       weight_decay=weight_decay, schedule=schedule, loss=loss, temperature=temperature,
                       augment=augment, hflip=hflip, seed=seed, class_balance=class_balance)
     cfg.validate()
-    try:
-        args = json.loads(arch_args)
-    except ValueError:
-        raise KdUsageError(f"--arch-args is not JSON: {arch_args!r}") from None
+    args = parse_arch_args(arch_args, "--arch-args")
     root = data_root(data_root_opt)
     if save_every is not None:
         if data is not None or world > 1 or resume:

@@ -15,7 +15,7 @@ from ..queries import dataset_batches, noise_batches
 from ..stream import StreamHeader, fields_of
 from ..weights import load_model, parse_shape
 from .query import ApiKeyEnvOption, MaxBatchOption, RateLimitOption, RetriesOption, TimeoutOption, WireOption, remote_options, warn_http_only
-from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, not_yet, open_sink, run_app, stderr, warn
+from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, not_yet, open_sink, parse_arch_args, run_app, stderr, warn
 
 app = make_app("Synthesise queries: noise, public data, the data-free attacks TandemGAN, DFME and IDEAL, or AEDM (a steered diffusion prior).\n\n"
                "noise/dataset and generator mode (--generator G -n N) write a kdtools stream on stdout (pipe it into kd-query) "
@@ -122,6 +122,8 @@ def dataset(
 Oracle = typer.Option(None, "--oracle", help="Attack mode: the victim: a model file, http(s)://URL, exec:CMD or replay:LOG.h5.")
 Budget = typer.Option(None, "--budget", help="Attack mode: hard cap on oracle calls, gradient probes included.")
 Substitute = typer.Option(None, "--substitute", help="Substitute architecture (any kd-distill --arch); default: the paper's.")
+SubstituteArgs = typer.Option("{}", "--substitute-args", help="JSON arguments of the substitute's architecture (as kd-distill "
+                              "--arch-args), e.g. '{\"width\": 2}' for a LeNet-5 twice as wide.")
 OutDir = typer.Option(None, "-o", "--output", help="Attack mode: output DIR. Generator mode: stream file ('-' = stdout, the default).")
 Log = typer.Option(None, "--log", help="Query log (HDF5); default DIR/queries.h5.")
 EvalData = typer.Option(None, "--eval-data", help="Labelled test set to report substitute accuracy on (never shown to the attack).")
@@ -184,6 +186,8 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
         raise KdUsageError(f"kd-gen-queries {method}: attack mode needs --oracle, --budget and -o DIR (missing: {missing}; "
                            f"or {other})")
     kind, _ = parse_mode(c["mode"])
+    if isinstance(c["substitute_args"], str):
+        c["substitute_args"] = parse_arch_args(c["substitute_args"], "--substitute-args")
     if kind not in ("label", "probs"):
         raise KdUsageError(f"--mode {c['mode']}: the data-free attacks work with label or probs answers")
     if c["budget"] <= 0:
@@ -213,7 +217,7 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
         eval_set = (ds.x, ds.y)
     options = AttackOptions(method, kind, c["budget"], c["substitute"], c["batch_size"], c["seed"], c["checkpoint_every"],
                             c["state_every"], c["final_epochs"], c["final_lr"], c["final_optimizer"], c["augment"],
-                            c["pixel_mean"], c["pixel_std"])
+                            c["pixel_mean"], c["pixel_std"], c["substitute_args"])
     run = AttackRun(c["output"], c["log"])
     if client is not None:  # one torchrun rank of a federated attack: its own share, log and state
         options.budget = client["budget"]
@@ -278,7 +282,7 @@ def _dispatch(method: str, common: dict, config, generator: Optional[str], n: Op
 
 
 # the options every attack command shares, by parameter name (data_root_opt is renamed data_root)
-COMMON_OPTIONS = ("oracle", "mode", "budget", "substitute", "output", "log", "eval_data", "eval_split", "resume", "seed",
+COMMON_OPTIONS = ("oracle", "mode", "budget", "substitute", "substitute_args", "output", "log", "eval_data", "eval_split", "resume", "seed",
                   "batch_size", "checkpoint_every", "state_every", "final_epochs", "final_lr", "final_optimizer",
                   "input_shape", "trust_pickle", "device", "quiet", "pixel_mean", "pixel_std", "augment",
                   "api_key_env", "timeout", "retries", "rate_limit", "wire", "max_batch")
@@ -293,6 +297,7 @@ def _common(options: dict) -> dict:
 def tandemgan(
     oracle: Optional[str] = Oracle, mode: str = typer.Option("probs", "--mode", help="label | probs"),
     budget: Optional[int] = Budget, substitute: str = typer.Option("vgg11", "--substitute", help="Substitute architecture (paper: vgg11)."),
+    substitute_args: str = SubstituteArgs,
     output: Optional[str] = OutDir, log: Optional[str] = Log, eval_data: Optional[str] = EvalData, eval_split: str = EvalSplit,
     data_root_opt: Optional[str] = DataRootOption, resume: bool = Resume, generator: Optional[str] = GeneratorOpt,
     n: Optional[int] = N, seed: int = Seed, batch_size: int = typer.Option(256, "--batch-size", min=1),
@@ -325,7 +330,7 @@ def tandemgan(
 @app.command()
 def dfme(
     oracle: Optional[str] = Oracle, mode: str = typer.Option("probs", "--mode", help="probs (label: as IDEAL's paper ran it)"),
-    budget: Optional[int] = Budget, substitute: str = typer.Option("vgg11", "--substitute"),
+    budget: Optional[int] = Budget, substitute: str = typer.Option("vgg11", "--substitute"), substitute_args: str = SubstituteArgs,
     output: Optional[str] = OutDir, log: Optional[str] = Log, eval_data: Optional[str] = EvalData, eval_split: str = EvalSplit,
     data_root_opt: Optional[str] = DataRootOption, resume: bool = Resume, generator: Optional[str] = GeneratorOpt,
     n: Optional[int] = N, seed: int = Seed, batch_size: int = typer.Option(256, "--batch-size", min=1),
@@ -355,7 +360,7 @@ def dfme(
 @app.command()
 def ideal(
     oracle: Optional[str] = Oracle, mode: str = typer.Option("label", "--mode", help="label (the paper) | probs"),
-    budget: Optional[int] = Budget, substitute: str = typer.Option("lenet5", "--substitute"),
+    budget: Optional[int] = Budget, substitute: str = typer.Option("lenet5", "--substitute"), substitute_args: str = SubstituteArgs,
     output: Optional[str] = OutDir, log: Optional[str] = Log, eval_data: Optional[str] = EvalData, eval_split: str = EvalSplit,
     data_root_opt: Optional[str] = DataRootOption, resume: bool = Resume, generator: Optional[str] = GeneratorOpt,
     n: Optional[int] = N, seed: int = Seed, batch_size: int = typer.Option(250, "--batch-size", min=1, help="Samples (= queries) per epoch."),
@@ -410,6 +415,7 @@ def aedm(
                                   "output, or a hub id when online), trained on public data."),
     substitute: str = typer.Option("vgg16", "--substitute", help="Attack mode: an architecture (paper: vgg16) or a weights file to start "
                                    "from. Stream mode: the weights file to steer against (required)."),
+    substitute_args: str = SubstituteArgs,
     follow: bool = typer.Option(False, "--follow", help="Stream mode: reload the substitute whenever its file changes (closed loop with "
                                 "kd-query | kd-distill --save-every)."),
     oracle: Optional[str] = Oracle, mode: str = typer.Option("probs", "--mode", help="label | probs (the paper)"),
@@ -461,6 +467,13 @@ def aedm(
         raise KdUsageError(f"--s-optimizer {s_optimizer!r}: expected rmsprop, adam or sgd")
     if s_loss not in ("l1", "kl"):
         raise KdUsageError(f"--s-loss {s_loss!r}: expected l1 or kl")
+    arch_args = parse_arch_args(substitute_args, "--substitute-args")
+    if arch_args and oracle is None:
+        raise KdUsageError("--substitute-args shapes a new substitute in attack mode; stream mode steers against "
+                           "the --substitute file as it is")
+    if arch_args and Path(substitute).is_file():
+        raise KdUsageError(f"--substitute-args shapes a new substitute; {substitute} is a weights file, whose "
+                           "architecture is its own")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if oracle is None:
         if budget is not None or resume or clients != 1 or world > 1:
@@ -481,7 +494,8 @@ def aedm(
     elif substitute.endswith((".safetensors", ".pt")):
         raise KdUsageError(f"--substitute {substitute}: no such weights file")
     common = {**_common({**locals(), "pixel_mean": None, "pixel_std": None}),
-              "substitute": start.arch if start is not None else substitute}
+              "substitute": start.arch if start is not None else substitute,
+              "substitute_args": start.arch_args if start is not None else arch_args}
     cfg = AEDMConfig(str(diffusion), sampler_steps, steer_steps, lr_steer, lr_s, s_optimizer, s_loss, replay_steps, clients)
     if world <= 1:
         _attack("aedm", common, cfg, lambda **kw: _noted(make_aedm(prior, **kw), quiet), start)

@@ -65,6 +65,7 @@ class AttackOptions:
     augment: bool = False  # kdtools: random shift/rotation/scale of replayed pool images (not of queries)
     pixel_mean: Optional[float] = None  # generator output mapping (see generators.PixelOutput)
     pixel_std: Optional[float] = None
+    substitute_args: dict = field(default_factory=dict)  # the substitute architecture's arguments, e.g. {"width": 2}
 
 
 @dataclass
@@ -299,11 +300,12 @@ class Attack:
         run.prepare(resume)
         torch.manual_seed(options.seed)
         self.log = open_attack_log(run.log_path, oracle, options.mode, options.budget, self.log_dtype, self.resolved)
+        spent_before = self.log.spent
         try:
             if self.log.header.extra.get("method") not in (None, self.method):
                 raise KdError(f"{run.log_path}: the log was written by {self.log.header.extra.get('method')}, not {self.method}; use a new log")
             self.oracle = BudgetedOracle(oracle, options.mode, options.budget, self.log, store_uint8=self.log_dtype == "uint8")
-            self.substitute = (substitute or ImageClassifier(options.substitute, self.input_shape, self.num_classes)).to(device)
+            self.substitute = (substitute or ImageClassifier(options.substitute, self.input_shape, self.num_classes, options.substitute_args)).to(device)
             self.pool = AnswerPool(options.mode, self.input_shape, self.num_classes)
             self.pool.augment = options.augment
             self.iterations = 0
@@ -319,6 +321,8 @@ class Attack:
             self.setup()
             self._restore()
         except BaseException:
+            if self.log.spent == spent_before:  # refused before asking anything: the log keeps its budget too
+                self.log.restore_budget()
             self.log.close()
             if not log_existed and self.log.spent == 0:
                 # refused before a query was paid (e.g. a prior that does not fit the victim): leave no empty
