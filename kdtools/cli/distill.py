@@ -61,7 +61,8 @@ def distill(
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled dataset to test on after every epoch."),
     eval_split: str = typer.Option("test", "--eval-split"),
     init: Optional[str] = typer.Option(None, "--init", help="Start from these weights (architecture taken from the file)."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue from a checkpoint (FILE.ckpt, or the weights file beside one)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue from a checkpoint (FILE.ckpt, or the weights file beside one); a weights file without one "
+                                          "(e.g. an attack's substitute) continues from its weights with a fresh optimiser."),
     data_root_opt: Optional[str] = DataRootOption,
     download: bool = typer.Option(False, "--download"),
     image_size: Optional[int] = typer.Option(None, "--image-size"),

@@ -230,7 +230,7 @@ from .aggregate import (DelimiterOption, FormatOption, INITIAL_HELP, LabelColOpt
 def aggregation(
     labels: str = typer.Argument(..., help="Crowd labels CSV (task,worker,label); '-' = stdin."),
     gold: str = typer.Option(..., "--gold", help="task,truth CSV (used for scoring only)."),
-    plot: Optional[str] = typer.Option(None, "--plot", help="Also draw the curves to this image (PNG)."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Also draw the curves to this image (format from the suffix, PNG when none)."),
     methods: str = typer.Option("bila,ds,mv", "--method", help="Comma list of methods."),
     chunk_size: int = typer.Option(25, "--chunk-size", help="Tasks per chunk (>= 1; for one chunk holding "
                                                                "everything give at least the number of tasks)."),
