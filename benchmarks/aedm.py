@@ -309,7 +309,8 @@ def main() -> None:
     settings = (f"substitute lenet5, batch {args.batch_size}, AEDM sampler {args.sampler_steps} DDIM steps, steering "
                 f"{args.steer_steps} Adam steps (lr 0.01), online Adam 1e-3 + {args.replay_steps} replay steps; post-training "
                 f"{args.post_epochs} epochs (kd-distill --augment) on each run's own log, and plain post-training "
-                f"(kd-distill {' '.join(POST_TRAIN_ARGS)}, no augmentation), and the same with --class-balance 1")
+                f"(kd-distill {' '.join(POST_TRAIN_ARGS)}, no augmentation), and the same with --class-balance 1; "
+                f"baselines {args.baselines} at {args.baseline_budgets} queries")
     print(f"# AEDM benchmark ({settings})\n")
     if results:
         print("| target | method | budget | real oracle calls | substitute acc. (online) | after post-training (paper: "
@@ -330,8 +331,10 @@ def main() -> None:
             print(f"| {name} | {r['n']} | {r['passed']:.3f} | {low[name]['passed']:.3f} |")
     # a partial run (--only) keeps its own file, so it never overwrites the full run's results
     out = "results.json" if only == set(ap.get_default("only").split(",")) else f"results-{'-'.join(sorted(only))}.json"
-    if args.baselines != ap.get_default("baselines"):  # one process per baseline must not overwrite the other's file
-        out = out.replace(".json", f"-{args.baselines.replace(',', '-')}.json")
+    # one process per baseline (or per budget) must not overwrite the other's file
+    for opt in ("baselines", "baseline_budgets"):
+        if getattr(args, opt) != ap.get_default(opt):
+            out = out.replace(".json", f"-{getattr(args, opt).replace(',', '-')}.json")
     (work / out).write_text(json.dumps({"results": results, "dpr": dpr, "settings": settings}, indent=1))
 
 

@@ -157,6 +157,16 @@ def build_network(arch: str, in_channels: int, num_classes: int, input_size: Seq
            **{name: (VGGCifar, ("depth",)) for name in VGG_CONFIGS}}
     if arch in zoo:
         _check_arch_args(arch, *zoo[arch], kwargs)
+    try:
+        return _build_network(arch, in_channels, num_classes, input_size, **kwargs)
+    except (TypeError, ValueError) as e:
+        if not kwargs:  # not the user's arguments: a real bug, keep its traceback
+            raise
+        # e.g. {"width": "2"}: the argument's name is right, its value is not
+        raise KdUsageError(f"architecture {arch} cannot be built with arguments {kwargs}: {e}") from None
+
+
+def _build_network(arch: str, in_channels: int, num_classes: int, input_size: tuple, **kwargs) -> nn.Module:
     if arch == "mlp":
         return MLP(in_channels, num_classes, input_size, **kwargs)
     if arch == "lenet5":

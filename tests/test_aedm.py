@@ -1,6 +1,7 @@
 """AEDM (issue #6): query steering through a diffusion prior, the closed loop through the file system,
 federated extraction (simulated and over torchrun), and the bad inputs the issue lists."""
 
+import json
 import math
 import os
 import subprocess
@@ -287,7 +288,11 @@ def test_torchrun_federation_averages_every_round(prior_dir, victim_path, tmp_pa
     b = load_model(out / "client-1" / "substitute.safetensors").module.state_dict()
     g = load_model(out / "substitute.safetensors").module.state_dict()
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], g[k]) for k in a)
-    assert read_metadata(out / "substitute.safetensors")["federated_round"] == "2"
+    meta = read_metadata(out / "substitute.safetensors")
+    assert meta["federated_round"] == "2"
+    # the averaged substitute records the command's options, not only AEDM's own (budget, oracle, substitute)
+    options = json.loads(meta["options"])
+    assert options["budget"] == 200 and options["oracle"] == str(victim_path) and options["substitute"] == "lenet5"
 
 
 def test_torchrun_client_that_dies_leaves_the_last_average(prior_dir, victim_path, tmp_path):

@@ -284,6 +284,9 @@ def test_generator_mode_pipes_into_kd_query_and_kd_distill(victim_path, tmp_path
     (["dfme", "--oracle", "VICTIM", "--budget", "10", "-o", "X", "--substitute-args", "{width: 2}"], 2, "not JSON"),
     (["ideal", "--oracle", "VICTIM", "--budget", "10", "-o", "X", "--substitute", "lenet5", "--substitute-args", '{"wdth": 2}'],
      2, "no argument 'wdth'"),
+    (["ideal", "--oracle", "VICTIM", "--budget", "10", "-o", "X", "--substitute", "lenet5", "--substitute-args", '{"width": "2"}'],
+     2, "cannot be built with arguments"),
+    (["ideal", "--generator", "G", "-n", "5", "--substitute-args", '{"width": 2}'], 2, "--substitute-args"),
 ])
 def test_bad_command_lines_give_one_line_and_the_right_exit_code(victim_path, tmp_path, args, code, message):
     args = [str(victim_path) if a == "VICTIM" else str(tmp_path / "x") if a == "X" else a for a in args]
@@ -400,7 +403,8 @@ def test_substitute_args_shape_the_substitute_and_a_resume_must_keep_them(victim
     # resuming without the same arguments would load width-2 weights into another network: refused, nothing asked
     p = kd("kd-gen-queries", *base, "--budget", 80, "--resume")
     err = p.stderr.decode().strip()
-    assert p.returncode == 1 and '{"width": 2}' in err and len(err.splitlines()) == 1, err
+    assert p.returncode == 1 and len(err.splitlines()) == 1, err
+    assert "started with --substitute lenet5 --substitute-args '{\"width\": 2}', not --substitute lenet5;" in err, err
     after = log_content()  # nothing asked, and the log's budget not raised to the refused command's
     assert after[1] == before[1] and after[0]["budget"] == before[0]["budget"] == 40 and after[0]["spent"] == 40
     p = kd("kd-gen-queries", *base, "--budget", 80, "--resume", "--substitute-args", '{"width": 2}')

@@ -272,8 +272,8 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
 
 def _dispatch(method: str, common: dict, config, generator: Optional[str], n: Optional[int]) -> None:
     if generator:
-        if common["oracle"] or common["budget"] is not None or common["resume"]:
-            raise KdUsageError("--generator (generator mode) does not take --oracle, --budget or --resume")
+        if common["oracle"] or common["budget"] is not None or common["resume"] or common["substitute_args"] != "{}":
+            raise KdUsageError("--generator (generator mode) does not take --oracle, --budget, --resume or --substitute-args")
         _generate(method, generator, n, common["output"], common["seed"], common["batch_size"])
     else:
         if n is not None:
@@ -555,7 +555,9 @@ def _aedm_federated_rank(prior, common: dict, cfg, start, world: int) -> None:
 
         def on_round(r: int, model) -> None:
             if rank == 0:
-                save_model(model, out / "substitute.safetensors", {**cfg.__dict__, "method": "aedm", "clients": world},
+                save_model(model, out / "substitute.safetensors",
+                           {**{k: v for k, v in common.items() if k != "api_key_env"}, **cfg.__dict__, "method": "aedm",
+                            "clients": world},
                            {"federated_round": r, "rounds": cfg.rounds, "clients": world})
 
         torch.manual_seed(common["seed"])  # every client starts from the same substitute

@@ -144,6 +144,14 @@ class AttackRun:
         return state
 
 
+def _substitute_flags(spec: dict) -> str:
+    """The command-line flags that make a substitute, for messages: --substitute lenet5 --substitute-args '{...}'."""
+    flags = f"--substitute {spec['arch']}"
+    if spec.get("arch_args"):
+        flags += f" --substitute-args '{json.dumps(spec['arch_args'])}'"
+    return flags
+
+
 def _nothing_paid(log_path: Path) -> bool:
     """True for a kdtools log that spent no query (a damaged or foreign file is not touched: False)."""
     from ..h5store import log_info
@@ -300,7 +308,6 @@ class Attack:
         run.prepare(resume)
         torch.manual_seed(options.seed)
         self.log = open_attack_log(run.log_path, oracle, options.mode, options.budget, self.log_dtype, self.resolved)
-        spent_before = self.log.spent
         try:
             if self.log.header.extra.get("method") not in (None, self.method):
                 raise KdError(f"{run.log_path}: the log was written by {self.log.header.extra.get('method')}, not {self.method}; use a new log")
@@ -321,8 +328,8 @@ class Attack:
             self.setup()
             self._restore()
         except BaseException:
-            if self.log.spent == spent_before:  # refused before asking anything: the log keeps its budget too
-                self.log.restore_budget()
+            # refused while being set up (nothing is asked before __init__ returns): the log keeps its budget too
+            self.log.restore_budget()
             self.log.close()
             if not log_existed and self.log.spent == 0:
                 # refused before a query was paid (e.g. a prior that does not fit the victim): leave no empty
@@ -568,9 +575,8 @@ class Attack:
                 raise KdError(f"{self.run.state_path}: state of a {state.get('method')} attack, not {self.method}")
             saved, now = state.get("substitute_spec"), self._substitute_spec()
             if saved is not None and saved != now:
-                raise KdError(f"{self.run.state_path}: this attack was started with --substitute {saved['arch']} "
-                              f"{json.dumps(saved['arch_args'])}, not {now['arch']} {json.dumps(now['arch_args'])}; "
-                              "resume it with the substitute it was started with")
+                raise KdError(f"{self.run.state_path}: this attack was started with {_substitute_flags(saved)}, not "
+                              f"{_substitute_flags(now)}; resume it with the substitute it was started with")
             try:
                 self.substitute.load_state_dict(state["substitute"])
                 self.load(state["method_state"])
