@@ -165,6 +165,12 @@ def test_attack_mode_spends_the_budget_exactly_and_resume_pays_nothing(prior_dir
     assert p.returncode == 0, p.stderr.decode()
     with h5py.File(out / "queries.h5") as f:
         assert f["x"].shape[0] == 120
+    # an attack started from a weights file says which one (its architecture alone would not)
+    start = out / "substitute.safetensors"
+    kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--oracle", victim_path, "--budget", 50, "-o", tmp_path / "from",
+       *FAST, "--substitute", start, check=True)
+    options = json.loads(read_metadata(tmp_path / "from" / "substitute.safetensors")["options"])
+    assert options["substitute_init"] == str(start) and options["substitute"] == "lenet5"
 
 
 def test_simulated_federation_splits_the_budget(prior_dir, victim_path, tmp_path):

@@ -496,7 +496,8 @@ def aedm(
     common = {**_common({**locals(), "pixel_mean": None, "pixel_std": None}),
               "substitute": start.arch if start is not None else substitute,
               "substitute_args": start.arch_args if start is not None else arch_args}
-    cfg = AEDMConfig(str(diffusion), sampler_steps, steer_steps, lr_steer, lr_s, s_optimizer, s_loss, replay_steps, clients)
+    cfg = AEDMConfig(str(diffusion), sampler_steps, steer_steps, lr_steer, lr_s, s_optimizer, s_loss, replay_steps, clients,
+                     substitute_init=substitute if start is not None else "")
     if world <= 1:
         _attack("aedm", common, cfg, lambda **kw: _noted(make_aedm(prior, **kw), quiet), start)
         return

@@ -49,6 +49,7 @@ class AEDMConfig:
     replay_steps: int = 0  # kdtools: extra substitute steps on random paid answers per round (no queries)
     clients: int = 1  # Algorithm 4.2: K clients simulated in this process
     rounds: int = 0  # 0: as many as the budget needs; torchrun ranks are all given the same count
+    substitute_init: str = ""  # the weights file the substitute started from (recorded), "" for a fresh one
 
 
 # ----------------------------------------------------------------------------------------------------
