@@ -263,13 +263,15 @@ def test_generator_mode_pipes_into_kd_query_and_kd_distill(victim_path, tmp_path
     q = subprocess.Popen([*kd_cmd("kd-query"), str(victim_path), "--mode", "probs", "--log", str(tmp_path / "more.h5")],
                          stdin=gen.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
     gen.stdout.close()
-    d = subprocess.run([*kd_cmd("kd-distill"), "--resume", str(out / "substitute.safetensors"), "--epochs", "1", "-q",
+    d = subprocess.run([*kd_cmd("kd-distill"), "--resume", str(out / "substitute.safetensors"), "--epochs", "1",
                         "-o", str(tmp_path / "s2.safetensors")], stdin=q.stdout, capture_output=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     q.stdout.close()
     assert gen.wait() == 0 and q.wait() == 0 and d.returncode == 0, d.stderr.decode()
     assert log_info(tmp_path / "more.h5")["rows"] == 70
     assert (tmp_path / "s2.safetensors").is_file()
+    # an attack leaves state.pt, not a kd-distill checkpoint: the user is told what --resume does with its substitute
+    assert b"fresh optimiser" in d.stderr, d.stderr.decode()
 
 
 @pytest.mark.parametrize("args, code, message", [

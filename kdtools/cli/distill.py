@@ -139,6 +139,9 @@ def distill(
             init = str(weights_src)
         elif rp.is_file():
             init = resume  # weights without training state: continue from them with a fresh optimiser
+            if rank == 0 and not quiet:
+                info(f"kd-distill: {resume} has no training checkpoint ({cp.name}) beside it: training continues from "
+                     "its weights with a fresh optimiser and schedule (as --init)")
         else:
             raise KdError(f"{resume}: no such checkpoint or weights file")
     if init:
