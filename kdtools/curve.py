@@ -42,6 +42,13 @@ class CurvePoint:
     path: str
 
 
+def title_lines(title: str, width: int = 60) -> str:
+    """A plot title broken into lines that fit the figure (a long --title was cut at both edges)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
+
+
 def queries_of(path: Path) -> int:
     """The queries a checkpoint was saved at: metadata ``queries_spent``, else ``-<n>.safetensors``."""
     meta = read_metadata(path)
@@ -176,7 +183,7 @@ def plot_curves(series: Sequence[tuple[str, list[CurvePoint]]], path, title: str
         ax.set_xscale("log")  # budgets span orders of magnitude
     ax.set_xlabel("queries spent")
     ax.set_ylabel("%")
-    ax.set_title(title or "accuracy vs queries")
+    ax.set_title(title_lines(title or "accuracy vs queries"), fontsize="medium")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import kd
-from kdtools.curve import evaluate_curve, find_checkpoints, plot_curve, queries_of
+from kdtools.curve import evaluate_curve, find_checkpoints, plot_curve, queries_of, title_lines
 from kdtools.data import load_dataset
 from kdtools.errors import KdError
 from kdtools.evaluate import evaluate_accuracy
@@ -104,3 +104,10 @@ def test_curve_json_always_has_series_and_counts_a_file_once(run_dir, tmp_path):
 def test_a_plot_name_that_is_not_png_is_refused_before_any_work(run_dir, tmp_path):
     p = kd("kd-eval", "curve", run_dir, "--data", "digits", "--plot", tmp_path / "c.txt")
     assert p.returncode == 2 and b"give a file name ending in .png" in p.stderr and not (tmp_path / "c.txt").exists()
+
+
+def test_a_long_plot_title_is_broken_into_lines_that_fit():
+    long = "MNIST victim: AEDM (20 000) vs TandemGAN and DFME (200 000), online substitutes"
+    lines = title_lines(long).split("\n")
+    assert len(lines) == 2 and all(len(line) <= 60 for line in lines) and " ".join(lines) == long
+    assert title_lines("accuracy vs queries") == "accuracy vs queries"
