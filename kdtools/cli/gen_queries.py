@@ -186,8 +186,6 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
         raise KdUsageError(f"kd-gen-queries {method}: attack mode needs --oracle, --budget and -o DIR (missing: {missing}; "
                            f"or {other})")
     kind, _ = parse_mode(c["mode"])
-    if isinstance(c["substitute_args"], str):
-        c["substitute_args"] = parse_arch_args(c["substitute_args"], "--substitute-args")
     if kind not in ("label", "probs"):
         raise KdUsageError(f"--mode {c['mode']}: the data-free attacks work with label or probs answers")
     if c["budget"] <= 0:
@@ -271,8 +269,9 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
 
 
 def _dispatch(method: str, common: dict, config, generator: Optional[str], n: Optional[int]) -> None:
+    common = {**common, "substitute_args": parse_arch_args(common["substitute_args"], "--substitute-args")}
     if generator:
-        if common["oracle"] or common["budget"] is not None or common["resume"] or common["substitute_args"] != "{}":
+        if common["oracle"] or common["budget"] is not None or common["resume"] or common["substitute_args"]:
             raise KdUsageError("--generator (generator mode) does not take --oracle, --budget, --resume or --substitute-args")
         _generate(method, generator, n, common["output"], common["seed"], common["batch_size"])
     else:
