@@ -49,6 +49,15 @@ def title_lines(title: str, width: int = 60) -> str:
     return "\n".join(textwrap.wrap(title, width)) or title
 
 
+def query_tick(value: float) -> str:
+    """An axis label for a query count: 500, 20k, 1.5M (matplotlib's default wrote 0.2 ... 1.0 with "1e6" in a corner)."""
+    value = float(value)
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
 def queries_of(path: Path) -> int:
     """The queries a checkpoint was saved at: metadata ``queries_spent``, else ``-<n>.safetensors``."""
     meta = read_metadata(path)
@@ -181,6 +190,9 @@ def plot_curves(series: Sequence[tuple[str, list[CurvePoint]]], path, title: str
         ax.axhline(100 * reference_accuracy, color="grey", linestyle=":", label="victim accuracy")
     if all_q and min(all_q) > 0 and max(all_q) / min(all_q) >= 100:
         ax.set_xscale("log")  # budgets span orders of magnitude
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: query_tick(value)))
     ax.set_xlabel("queries spent")
     ax.set_ylabel("%")
     ax.set_title(title_lines(title or "accuracy vs queries"), fontsize="medium")

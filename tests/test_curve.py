@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import kd
-from kdtools.curve import evaluate_curve, find_checkpoints, plot_curve, queries_of, title_lines
+from kdtools.curve import evaluate_curve, find_checkpoints, plot_curve, queries_of, query_tick, title_lines
 from kdtools.data import load_dataset
 from kdtools.errors import KdError
 from kdtools.evaluate import evaluate_accuracy
@@ -111,3 +111,9 @@ def test_a_long_plot_title_is_broken_into_lines_that_fit():
     lines = title_lines(long).split("\n")
     assert len(lines) == 2 and all(len(line) <= 60 for line in lines) and " ".join(lines) == long
     assert title_lines("accuracy vs queries") == "accuracy vs queries"
+
+
+def test_query_ticks_read_as_counts():
+    # golden values: the labels of the queries axis
+    assert [query_tick(v) for v in (0, 500, 1000, 20_000, 200_000, 250_000, 1_000_000, 1_500_000, 12_345_678)] == [
+        "0", "500", "1k", "20k", "200k", "250k", "1M", "1.5M", "12.3M"]
