@@ -52,10 +52,14 @@ def title_lines(title: str, width: int = 60) -> str:
 def query_tick(value: float) -> str:
     """An axis label for a query count: 500, 20k, 1.5M (matplotlib's default wrote 0.2 ... 1.0 with "1e6" in a corner)."""
     value = float(value)
+    if value == 0:
+        return "0"  # not "-0"
+    # six significant digits: ticks 0.5k apart near 200k (one checkpoint) must not round to the same label,
+    # and 999 500 must not read "1e+03k"
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}"
-    return f"{value:.3g}"
+            return f"{value / scale:.6g}{suffix}"
+    return f"{value:.6g}"
 
 
 def queries_of(path: Path) -> int:
@@ -190,8 +194,10 @@ def plot_curves(series: Sequence[tuple[str, list[CurvePoint]]], path, title: str
         ax.axhline(100 * reference_accuracy, color="grey", linestyle=":", label="victim accuracy")
     if all_q and min(all_q) > 0 and max(all_q) / min(all_q) >= 100:
         ax.set_xscale("log")  # budgets span orders of magnitude
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+    if ax.get_xscale() == "linear":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no tick at half a query
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: query_tick(value)))
     ax.set_xlabel("queries spent")
     ax.set_ylabel("%")

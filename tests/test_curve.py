@@ -115,5 +115,9 @@ def test_a_long_plot_title_is_broken_into_lines_that_fit():
 
 def test_query_ticks_read_as_counts():
     # golden values: the labels of the queries axis
-    assert [query_tick(v) for v in (0, 500, 1000, 20_000, 200_000, 250_000, 1_000_000, 1_500_000, 12_345_678)] == [
-        "0", "500", "1k", "20k", "200k", "250k", "1M", "1.5M", "12.3M"]
+    assert [query_tick(v) for v in (0, -0.0, 500, 999.5, 1000, 20_000, 19_250, 197_500, 200_000, 999_500, 1_000_000,
+                                    1_002_500, 1_500_000)] == [
+        "0", "0", "500", "999.5", "1k", "20k", "19.25k", "197.5k", "200k", "999.5k", "1M", "1.0025M", "1.5M"]
+    # the ticks matplotlib puts around a single checkpoint at 200 000 stay distinct
+    ticks = [192_500, 197_500, 202_500, 207_500]
+    assert len({query_tick(t) for t in ticks}) == len(ticks)
