@@ -178,6 +178,7 @@ def plot_curves(series: Sequence[tuple[str, list[CurvePoint]]], path, title: str
 
     matplotlib.use("Agg")  # no display; works on servers
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     all_q = []
@@ -194,8 +195,6 @@ def plot_curves(series: Sequence[tuple[str, list[CurvePoint]]], path, title: str
         ax.axhline(100 * reference_accuracy, color="grey", linestyle=":", label="victim accuracy")
     if all_q and min(all_q) > 0 and max(all_q) / min(all_q) >= 100:
         ax.set_xscale("log")  # budgets span orders of magnitude
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
-
     if ax.get_xscale() == "linear":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no tick at half a query
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: query_tick(value)))
