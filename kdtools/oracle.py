@@ -12,6 +12,8 @@ An oracle takes a float batch of images in [0, 1] (N, C, H, W) and returns its a
 Oracle specs (``open_oracle``):
 
   FILE                 a local model file (kdtools weights, TorchScript, torch.export)     ModelOracle
+  ensemble:F1,F2,...   local model files answering together: the mean of their softmax     ModelOracle
+                       probabilities (``kdtools.weights.load_classifier``)
   http://HOST:PORT     an HTTP API speaking the kdtools protocol (below), e.g. kd-serve    HttpOracle
   https://...          the same over TLS
   exec:CMD             a long-lived subprocess: we write a kdtools *queries* stream on its  ExecOracle
@@ -76,7 +78,7 @@ import torch
 
 from . import __version__
 from .errors import KdError, KdUsageError
-from .weights import LoadedModel, load_model
+from .weights import LoadedModel, load_classifier
 
 STREAM_CONTENT_TYPE = "application/x-kdtools-stream"
 PROTOCOL_VERSION = 1
@@ -901,7 +903,8 @@ def safe_spec(spec: str) -> str:
 
 def open_oracle(spec: str, device: torch.device, trust_pickle: bool = False, input_shape=None, num_classes=None,
                 remote: Optional[RemoteOptions] = None) -> Oracle:
-    """Open an oracle from its spec: a model file, http(s)://, exec:CMD or replay:LOG.h5 (module docstring)."""
+    """Open an oracle from its spec: a model file, ensemble:F1,F2,..., http(s)://, exec:CMD or replay:LOG.h5
+    (module docstring)."""
     if spec.startswith(("http://", "https://")):
         orc = HttpOracle(spec, remote)
         if input_shape is not None and tuple(input_shape) != orc.input_shape:
@@ -911,7 +914,7 @@ def open_oracle(spec: str, device: torch.device, trust_pickle: bool = False, inp
         return ExecOracle(spec[len("exec:"):], input_shape, remote)
     if spec.startswith("replay:"):
         return ReplayOracle(spec[len("replay:"):])
-    loaded = load_model(spec, trust_pickle=trust_pickle, input_shape=input_shape, num_classes=num_classes)
+    loaded = load_classifier(spec, trust_pickle=trust_pickle, input_shape=input_shape, num_classes=num_classes)
     if loaded.input_shape is None:
         raise KdUsageError(f"{spec}: a {loaded.source} model does not record its input shape; pass --input-shape CxHxW")
     return ModelOracle(loaded, device)

@@ -15,6 +15,10 @@ so ``load_model(path)`` needs nothing else. Foreign victims are imported too: To
 of a module) can run arbitrary code when loaded, so they are refused unless the caller passes
 ``trust_pickle=True``; a pickled *state dict* is loaded with ``weights_only=True`` (safe) when an
 architecture is given.
+
+Where a model *answers* (kd-query and kd-serve oracles, kd-eval accuracy) an ensemble of files is accepted
+too: ``ensemble:A.safetensors,B.safetensors,...`` (``load_classifier``) answers with the mean of its members'
+softmax probabilities. It is a spec, not a file format: nothing new is written, the members stay the files.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ class LoadedModel:
     module: nn.Module
     input_shape: Optional[tuple]  # (C, H, W) or None when the file does not say
     num_classes: Optional[int]
-    source: str  # "kdtools", "torchscript", "export", "state_dict", "pickle"
+    source: str  # "kdtools", "torchscript", "export", "state_dict", "pickle", "ensemble"
     identity: str  # "sha256:<hex>" of the file
     metadata: dict = field(default_factory=dict)
 
@@ -115,6 +119,10 @@ def load_model(path: str | Path, trust_pickle: bool = False, arch: Optional[str]
                input_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
                map_location: str | torch.device = "cpu") -> LoadedModel:
     """Load any supported model file; see the module docstring for the formats."""
+    if str(path).startswith(ENSEMBLE_PREFIX):
+        # Training, --init and feature extraction need one network; only answering averages several.
+        raise KdUsageError(f"{path}: an ensemble answers queries (kd-query, kd-serve, kd-eval accuracy) but is not "
+                           "one model file; give a single weights file here")
     path = Path(path)
     if not path.is_file():
         raise KdError(f"{path}: no such model file")
@@ -150,6 +158,72 @@ def load_model(path: str | Path, trust_pickle: bool = False, arch: Optional[str]
     if kind == "pickle":
         return _load_torch_save(path, kind, trust_pickle, arch, input_shape, num_classes, identity, map_location)
     raise KdError(f"{path}: not a model file kdtools can read (safetensors, TorchScript .pt, torch.export .pt2)")
+
+
+ENSEMBLE_PREFIX = "ensemble:"
+
+
+class Ensemble(nn.Module):
+    """Several classifiers answering as one: the mean of their softmax probabilities.
+
+    ``forward`` returns the *log* of that mean, so everything that reads logits (argmax, softmax, the
+    probs / logits / topk answer modes, KL losses) sees the averaged distribution itself:
+    softmax(log p) = p because p sums to 1. Averaging probabilities rather than logits is the usual
+    ensemble of classifiers; a member that is sure of a class cannot outvote the others by its scale.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
+        # clamp: a class every member rules out would otherwise be log 0 = -inf, and -inf - -inf is NaN
+        # in a later log_softmax; the smallest normal float32 keeps it finite (about -87).
+        return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def load_classifier(spec: str | Path, trust_pickle: bool = False, input_shape: Optional[Sequence[int]] = None,
+                    num_classes: Optional[int] = None, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """A model file (``load_model``) or ``ensemble:A,B,...``: files whose softmax outputs are averaged.
+
+    Members must take the same input shape and answer the same number of classes. The identity lists the
+    members' identities in order, so a query log records exactly which files answered.
+    """
+    text = str(spec)
+    if not text.startswith(ENSEMBLE_PREFIX):
+        return load_model(spec, trust_pickle=trust_pickle, input_shape=input_shape, num_classes=num_classes,
+                          map_location=map_location)
+    paths = [p.strip() for p in text[len(ENSEMBLE_PREFIX):].split(",")]
+    if not paths or any(not p for p in paths):
+        raise KdUsageError(f"{text}: expected ensemble:FILE,FILE,... (comma-separated model files, none empty)")
+    members = []
+    for p in paths:
+        if p.startswith(ENSEMBLE_PREFIX):
+            raise KdUsageError(f"{text}: an ensemble member cannot itself be an ensemble ({p})")
+        m = load_model(p, trust_pickle=trust_pickle, input_shape=input_shape, num_classes=num_classes,
+                       map_location=map_location)
+        shape = m.input_shape if m.input_shape is not None else _shape(input_shape)
+        if shape is None:
+            raise KdUsageError(f"{p}: a {m.source} model does not record its input shape; pass --input-shape CxHxW")
+        classes = m.num_classes
+        if classes is None:  # a foreign model does not say its class count; one forward pass does
+            with torch.no_grad():
+                classes = int(m.module(torch.zeros(1, *shape, device=map_location)).shape[1])
+        if members:
+            first_path, first, first_shape, first_classes = members[0]
+            if tuple(shape) != tuple(first_shape):
+                raise KdError(f"{text}: members take different inputs ({first_path}: {'x'.join(map(str, first_shape))}, "
+                              f"{p}: {'x'.join(map(str, shape))})")
+            if classes != first_classes:
+                raise KdError(f"{text}: members answer different numbers of classes ({first_path}: {first_classes}, "
+                              f"{p}: {classes})")
+        members.append((p, m, tuple(shape), classes))
+    _, _, shape, classes = members[0]
+    module = Ensemble([m.module for _, m, _, _ in members]).to(map_location).eval()
+    identity = ENSEMBLE_PREFIX + ",".join(m.identity for _, m, _, _ in members)
+    meta = {"ensemble": json.dumps([{"path": p, "identity": m.identity} for p, m, _, _ in members])}
+    return LoadedModel(module, shape, classes, "ensemble", identity, meta)
 
 
 def _load_torch_save(path, kind, trust_pickle, arch, input_shape, num_classes, identity, map_location) -> LoadedModel:

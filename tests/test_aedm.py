@@ -278,11 +278,17 @@ def _torchrun():
     return str(t)
 
 
+def _torchrun_env(tmp_path):
+    # torchrun's elastic agent makes a torchelastic_* directory under TMPDIR and never removes it; under the
+    # test's own directory it goes when pytest clears old test directories, not into the user's /tmp.
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
+
+
 def test_torchrun_federation_averages_every_round(prior_dir, victim_path, tmp_path):
     out = tmp_path / "dist"
     p = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "kdtools.cli.gen_queries", "aedm",
                         "--diffusion", str(prior_dir), "--oracle", str(victim_path), "--budget", "200", "-o", str(out),
-                        *map(str, FAST)], capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                        *map(str, FAST)], capture_output=True, env=_torchrun_env(tmp_path))
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     xs = []
     for k in (0, 1):
@@ -311,7 +317,7 @@ def test_torchrun_client_that_dies_leaves_the_last_average(prior_dir, victim_pat
     p = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "kdtools.cli.gen_queries", "aedm",
                         "--diffusion", str(prior_dir), "--oracle", f"exec:{script}", "--input-shape", "1x28x28",
                         "--budget", "300", "-o", str(out), *map(str, FAST)],
-                       capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       capture_output=True, env=_torchrun_env(tmp_path))
     err = p.stderr.decode()
     assert p.returncode != 0
     assert "ended its answers early" in err
@@ -334,7 +340,7 @@ def test_torchrun_rank_killed_mid_round_leaves_the_last_average(prior_dir, victi
     p = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "kdtools.cli.gen_queries", "aedm",
                         "--diffusion", str(prior_dir), "--oracle", f"exec:{script}", "--input-shape", "1x28x28",
                         "--budget", "300", "-o", str(out), *map(str, FAST)],
-                       capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+                       capture_output=True, env=_torchrun_env(tmp_path), timeout=600)
     err = p.stderr.decode()
     assert p.returncode != 0
     assert time.monotonic() - t0 < 300

@@ -14,7 +14,7 @@ from rich.table import Table
 from ..data import load_dataset
 from ..device import resolve_device
 from ..evaluate import evaluate_accuracy
-from ..weights import load_model, parse_shape
+from ..weights import load_classifier, load_model, parse_shape
 from ._common import DataRootOption, DebugOption, DeviceOption, data_root, make_app, png_path, run_app
 
 app = make_app("Evaluate models: accuracy on a labelled split and fidelity to a reference (the victim).")
@@ -22,7 +22,8 @@ app = make_app("Evaluate models: accuracy on a labelled split and fidelity to a 
 
 @app.command()
 def accuracy(
-    model: str = typer.Argument(..., help="Model file (kdtools weights, TorchScript, torch.export)."),
+    model: str = typer.Argument(..., help="Model file (kdtools weights, TorchScript, torch.export), or ensemble:F1,F2,... "
+                                         "(the mean of the files' softmax outputs)."),
     data: str = typer.Option(..., "--data", help="digits | mnist | fashion-mnist | cifar10 | ... | FILE.h5"),
     split: str = typer.Option("test", "--split"),
     reference: Optional[str] = typer.Option(None, "--reference", help="Also measure agreement with this model (e.g. the victim)."),
@@ -37,11 +38,11 @@ def accuracy(
     """Accuracy of MODEL on a split, and with --reference its fidelity (agreement) with that model."""
     dev = resolve_device(device)
     shape = parse_shape(input_shape) if input_shape else None
-    m = load_model(model, input_shape=shape)
+    m = load_classifier(model, input_shape=shape)
     mshape = m.input_shape or shape
     ds = load_dataset(data, split, data_root(data_root_opt), download,
                       image_size=mshape[1] if mshape else None, channels=mshape[0] if mshape else None)
-    ref = load_model(reference, input_shape=shape) if reference else None
+    ref = load_classifier(reference, input_shape=shape) if reference else None
     report = evaluate_accuracy(m.module.to(dev), model, mshape or ds.shape, ds, dev,
                                ref.module.to(dev) if ref else None, reference, ref.input_shape if ref else None)
     if as_json:
@@ -122,7 +123,7 @@ def curve(
     first = load_model(groups[0][1][0][1])
     shape = first.input_shape
     ds = load_dataset(data, split, data_root(data_root_opt), download, image_size=shape[1], channels=shape[0])
-    ref = load_model(reference) if reference else None
+    ref = load_classifier(reference) if reference else None
     series = []
     for name, checkpoints in groups:
         points, ref_acc = evaluate_curve(checkpoints, ds, dev, ref.module if ref else None, ref.input_shape if ref else None)

@@ -41,7 +41,7 @@ OnRejectedOption = typer.Option("error", "--on-rejected", help="Queries a server
 
 @app.command(help=app.info.help)  # one-command app: show the app's help
 def query(
-    oracle: str = typer.Argument(..., help="The victim: a model file (.safetensors, TorchScript .pt, torch.export .pt2), http(s)://HOST:PORT, exec:CMD or replay:LOG.h5."),
+    oracle: str = typer.Argument(..., help="The victim: a model file (.safetensors, TorchScript .pt, torch.export .pt2), ensemble:F1,F2,... (mean of the files' softmax outputs), http(s)://HOST:PORT, exec:CMD or replay:LOG.h5."),
     input: Optional[str] = typer.Argument(None, help="Queries: stream file or HDF5; default '-' (stdin)."),
     mode: str = typer.Option("label", "--mode", help="label | probs | logits | topk:K"),
     budget: Optional[int] = typer.Option(None, "--budget", help="Hard cap on oracle calls, counting those the log already spent "

@@ -1,0 +1,104 @@
+"""ensemble:F1,F2,...: several model files answering as one (mean of their softmax probabilities)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import kd, one_error_line
+from kdtools.errors import KdError, KdUsageError
+from kdtools.models import ImageClassifier
+from kdtools.sources import read_all
+from kdtools.weights import Ensemble, load_classifier, load_model, save_model
+
+
+class Fixed(torch.nn.Module):
+    """A member that answers the same logits whatever it is shown."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, x):
+        return self.logits
+
+
+def small(tmp_path, name, seed, shape=(1, 8, 8), classes=3):
+    torch.manual_seed(seed)
+    m = ImageClassifier("mlp", shape, classes, {"hidden": [16]}).eval()
+    p = tmp_path / f"{name}.safetensors"
+    save_model(m, p, {"made_by": "tests"})
+    return m, p
+
+
+def test_an_ensemble_answers_the_mean_of_its_members_probabilities(tmp_path):
+    a, pa = small(tmp_path, "a", 0)
+    b, pb = small(tmp_path, "b", 1)
+    ens = load_classifier(f"ensemble:{pa},{pb}")
+    assert ens.source == "ensemble" and ens.input_shape == (1, 8, 8) and ens.num_classes == 3
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        pa_, pb_ = a(x).softmax(1), b(x).softmax(1)
+        out = ens.module(x)
+    # by hand: the average of the two distributions, row by row, and what it returns is its log
+    assert torch.allclose(out.softmax(1), (pa_ + pb_) / 2, atol=1e-6)
+    assert torch.allclose(out.exp(), (pa_ + pb_) / 2, atol=1e-6)
+    # a hand-made row: members sure of different classes split the vote evenly
+    e = Ensemble([Fixed([[9.0, -9.0, -9.0]]), Fixed([[-9.0, 9.0, -9.0]])])
+    p = e(torch.zeros(1)).exp()[0]
+    assert abs(p[0].item() - p[1].item()) < 1e-6 and p[2].item() < 1e-6 and abs(p.sum().item() - 1) < 1e-6
+    # the identity names every member in order; the metadata keeps the paths
+    assert ens.identity == "ensemble:" + load_model(pa).identity + "," + load_model(pb).identity
+    assert [m["path"] for m in json.loads(ens.metadata["ensemble"])] == [str(pa), str(pb)]
+    # a plain file is still a plain model
+    assert load_classifier(pa).source == "kdtools"
+
+
+def test_an_ensemble_never_gives_minus_infinity(tmp_path):
+    e = Ensemble([Fixed([[200.0, -200.0]])])  # softmax underflows to exactly 0 for class 1
+    out = e(torch.zeros(1))
+    assert torch.isfinite(out).all() and torch.isfinite(torch.log_softmax(out, 1)).all()
+
+
+def test_ensemble_specs_that_cannot_work_are_refused(tmp_path):
+    _, pa = small(tmp_path, "a", 0)
+    _, pc = small(tmp_path, "c", 2, classes=4)
+    _, pd = small(tmp_path, "d", 3, shape=(1, 6, 6))
+    with pytest.raises(KdError, match="different numbers of classes"):
+        load_classifier(f"ensemble:{pa},{pc}")
+    with pytest.raises(KdError, match="different inputs"):
+        load_classifier(f"ensemble:{pa},{pd}")
+    with pytest.raises(KdError, match="no such model file"):
+        load_classifier(f"ensemble:{pa},{tmp_path / 'missing.safetensors'}")
+    for spec in ("ensemble:", f"ensemble:{pa},", f"ensemble:{pa},,{pa}"):
+        with pytest.raises(KdUsageError, match="comma-separated"):
+            load_classifier(spec)
+    # one network is needed where weights are trained or read for features
+    with pytest.raises(KdUsageError, match="not one model file"):
+        load_model(f"ensemble:{pa},{pa}")
+
+
+def test_kd_query_and_kd_eval_take_an_ensemble(victim_path, queries_path, tmp_path):
+    # a second digits classifier: the victim's weights, perturbed (any second member will do)
+    loaded = load_model(victim_path)
+    other = loaded.module
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    second = tmp_path / "second.safetensors"
+    save_model(other, second, {"made_by": "tests"})
+    spec = f"ensemble:{victim_path},{second}"
+    out = tmp_path / "answers.kds"
+    kd("kd-query", spec, queries_path, "--mode", "probs", "--log", tmp_path / "q.h5", "-o", out, check=True)
+    _, batch = read_all(out)
+    x = batch["x"].float() / 255 if batch["x"].dtype == torch.uint8 else batch["x"]
+    with torch.no_grad():
+        want = (load_model(victim_path).module(x).softmax(1) + load_model(second).module(x).softmax(1)) / 2
+    assert torch.allclose(batch["probs"], want, atol=1e-5)
+    r = kd("kd-eval", "accuracy", spec, "--data", "digits", "--reference", victim_path, "--json", check=True)
+    report = json.loads(r.stdout)
+    assert report["model"] == spec and 0.5 < report["accuracy"] <= 1 and report["fidelity"] > 0.5
+    # kd-distill trains one network: an ensemble as --init is a usage error, one line, exit 2
+    r = kd("kd-distill", "--data", "digits", "--init", spec, "--epochs", 1, "-o", tmp_path / "s.safetensors", text=True)
+    one_error_line(r, 2, "not one model file")
+    assert not (tmp_path / "s.safetensors").exists()
