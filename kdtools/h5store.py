@@ -13,7 +13,7 @@ written by ``kd-query`` (or any attack) with the oracle's identity and budget ac
   /batch_time     (M,)          float64       unix time it was written
   attributes: kdtools.format ("samples"), kdtools.schema, kdtools.version, kind ("queries"|"samples"),
   fields (JSON, per-row dtype/shape), num_classes, value_range, mode, extra (JSON: resolved options),
-  oracle (identity: "sha256:..." of a model file or a URL), budget (-1 when unlimited;
+  oracle (identity: "sha256:..." of a model file, "ensemble:sha256:...,sha256:..." of an ensemble, or a URL), budget (-1 when unlimited;
   the cap a resumed run keeps to unless it is given a new one: ``SampleWriter(budget=None)`` leaves it as
   recorded) and spent (oracle calls paid for, probes included; always >= rows).
 

@@ -78,7 +78,7 @@ import torch
 
 from . import __version__
 from .errors import KdError, KdUsageError
-from .weights import LoadedModel, load_classifier
+from .weights import LoadedModel, load_classifier, short_error
 
 STREAM_CONTENT_TYPE = "application/x-kdtools-stream"
 PROTOCOL_VERSION = 1
@@ -157,8 +157,13 @@ class ModelOracle(Oracle):
         self.input_shape = loaded.input_shape
         self.num_classes = loaded.num_classes
         if self.num_classes is None and self.input_shape is not None:
-            with torch.no_grad():  # a foreign model does not say its class count; one forward pass does
-                self.num_classes = int(self.model(torch.zeros(1, *self.input_shape, device=device)).shape[1])
+            try:
+                with torch.no_grad():  # a foreign model does not say its class count; one forward pass does
+                    self.num_classes = int(self.model(torch.zeros(1, *self.input_shape, device=device)).shape[1])
+            except Exception as e:  # TorchScript and torch.export raise many types, with long traces
+                shape = "x".join(map(str, self.input_shape))
+                raise KdError(f"the model does not run on one {shape} image ({short_error(e)}); a torch.export program "
+                              "must be exported with a dynamic batch dimension") from None
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -917,7 +922,10 @@ def open_oracle(spec: str, device: torch.device, trust_pickle: bool = False, inp
     loaded = load_classifier(spec, trust_pickle=trust_pickle, input_shape=input_shape, num_classes=num_classes)
     if loaded.input_shape is None:
         raise KdUsageError(f"{spec}: a {loaded.source} model does not record its input shape; pass --input-shape CxHxW")
-    return ModelOracle(loaded, device)
+    try:
+        return ModelOracle(loaded, device)
+    except KdError as e:
+        raise KdError(f"{spec}: {e}") from None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,8 +103,25 @@ class LoadedModel:
     input_shape: Optional[tuple]  # (C, H, W) or None when the file does not say
     num_classes: Optional[int]
     source: str  # "kdtools", "torchscript", "export", "state_dict", "pickle", "ensemble"
-    identity: str  # "sha256:<hex>" of the file
+    identity: str  # "sha256:<hex>" of the file; for an ensemble, "ensemble:" and its members' identities
     metadata: dict = field(default_factory=dict)
+
+
+class ExportedModule(nn.Module):
+    """A torch.export program's module. torch refuses train() and eval() on it (the mode was fixed when the
+    program was traced), while every kdtools caller sets a model's mode before running it; this wrapper
+    keeps the flag and leaves the program alone. Moving it to a device still reaches the program's tensors."""
+
+    def __init__(self, program_module: nn.Module):
+        super().__init__()
+        self.program = program_module
+
+    def train(self, mode: bool = True) -> "ExportedModule":
+        self.training = mode
+        return self
+
+    def forward(self, *args):
+        return self.program(*args)
 
 
 def model_from_metadata(meta: dict) -> ImageClassifier:
@@ -121,8 +139,8 @@ def load_model(path: str | Path, trust_pickle: bool = False, arch: Optional[str]
     """Load any supported model file; see the module docstring for the formats."""
     if str(path).startswith(ENSEMBLE_PREFIX):
         # Training, --init and feature extraction need one network; only answering averages several.
-        raise KdUsageError(f"{path}: an ensemble answers queries (kd-query, kd-serve, kd-eval accuracy) but is not "
-                           "one model file; give a single weights file here")
+        raise KdUsageError(f"{path}: an ensemble answers queries (an oracle, kd-eval accuracy, --reference) but is "
+                           "not one model file; give a single weights file here")
     path = Path(path)
     if not path.is_file():
         raise KdError(f"{path}: no such model file")
@@ -137,23 +155,27 @@ def load_model(path: str | Path, trust_pickle: bool = False, arch: Optional[str]
             state = load_file(str(path))
             model.net.load_state_dict(state)
         except (SafetensorError, RuntimeError, OSError) as e:
-            raise KdError(f"{path}: weights do not match architecture {meta.get('arch')!r} ({_short(e)})") from None
+            raise KdError(f"{path}: weights do not match architecture {meta.get('arch')!r} ({short_error(e)})") from None
         model.to(map_location).eval()
         return LoadedModel(model, model.input_shape, model.num_classes, "kdtools", identity, meta)
     if kind == "zip":
         names = _zip_names(path)
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             try:
-                module = torch.jit.load(str(path), map_location=map_location)
+                with warnings.catch_warnings():
+                    # torch deprecates TorchScript, but victims still come as TorchScript files: no need to
+                    # tell the user about torch's plans on every load
+                    warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.load.*")
+                    module = torch.jit.load(str(path), map_location=map_location)
             except RuntimeError as e:
-                raise KdError(f"{path}: unreadable TorchScript archive ({_short(e)})") from None
+                raise KdError(f"{path}: unreadable TorchScript archive ({short_error(e)})") from None
             return LoadedModel(module.eval(), _shape(input_shape), num_classes, "torchscript", identity)
         if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names) or path.suffix == ".pt2":
             try:
                 program = torch.export.load(str(path))
             except Exception as e:  # torch.export raises many types
-                raise KdError(f"{path}: unreadable torch.export program ({_short(e)})") from None
-            return LoadedModel(program.module(), _shape(input_shape), num_classes, "export", identity)
+                raise KdError(f"{path}: unreadable torch.export program ({short_error(e)})") from None
+            return LoadedModel(ExportedModule(program.module()), _shape(input_shape), num_classes, "export", identity)
         return _load_torch_save(path, kind, trust_pickle, arch, input_shape, num_classes, identity, map_location)
     if kind == "pickle":
         return _load_torch_save(path, kind, trust_pickle, arch, input_shape, num_classes, identity, map_location)
@@ -195,35 +217,41 @@ def load_classifier(spec: str | Path, trust_pickle: bool = False, input_shape: O
         return load_model(spec, trust_pickle=trust_pickle, input_shape=input_shape, num_classes=num_classes,
                           map_location=map_location)
     paths = [p.strip() for p in text[len(ENSEMBLE_PREFIX):].split(",")]
-    if not paths or any(not p for p in paths):
+    if any(not p for p in paths):
         raise KdUsageError(f"{text}: expected ensemble:FILE,FILE,... (comma-separated model files, none empty)")
-    members = []
-    for p in paths:
-        if p.startswith(ENSEMBLE_PREFIX):
-            raise KdUsageError(f"{text}: an ensemble member cannot itself be an ensemble ({p})")
-        m = load_model(p, trust_pickle=trust_pickle, input_shape=input_shape, num_classes=num_classes,
-                       map_location=map_location)
-        shape = m.input_shape if m.input_shape is not None else _shape(input_shape)
-        if shape is None:
-            raise KdUsageError(f"{p}: a {m.source} model does not record its input shape; pass --input-shape CxHxW")
+    if any(p.startswith(ENSEMBLE_PREFIX) for p in paths):
+        raise KdUsageError(f"{text}: an ensemble member cannot itself be an ensemble")
+    loaded = [(p, load_model(p, trust_pickle=trust_pickle, input_shape=input_shape, num_classes=num_classes,
+                             map_location=map_location)) for p in paths]
+    # the input shape: the first member whose file records one, else --input-shape
+    # (a TorchScript or torch.export member's shape is --input-shape itself: say so when it disagrees)
+    foreign = ("torchscript", "export")
+    recorded = [(p + (" (--input-shape)" if m.source in foreign else ""), tuple(m.input_shape))
+                for p, m in sorted(loaded, key=lambda pm: pm[1].source in foreign) if m.input_shape is not None]
+    shape_from, shape = recorded[0] if recorded else ("--input-shape", _shape(input_shape))
+    if shape is None:
+        raise KdUsageError(f"{text}: no member records its input shape; pass --input-shape CxHxW")
+    fmt = lambda sh: "x".join(map(str, sh))  # noqa: E731
+    for p, sh in recorded:  # before any forward pass, so a wrong shape is named rather than traced
+        if sh != shape:
+            raise KdError(f"{text}: members take different inputs ({shape_from}: {fmt(shape)}, {p}: {fmt(sh)})")
+    classes_of = []
+    for p, m in loaded:
         classes = m.num_classes
         if classes is None:  # a foreign model does not say its class count; one forward pass does
-            with torch.no_grad():
-                classes = int(m.module(torch.zeros(1, *shape, device=map_location)).shape[1])
-        if members:
-            first_path, first, first_shape, first_classes = members[0]
-            if tuple(shape) != tuple(first_shape):
-                raise KdError(f"{text}: members take different inputs ({first_path}: {'x'.join(map(str, first_shape))}, "
-                              f"{p}: {'x'.join(map(str, shape))})")
-            if classes != first_classes:
-                raise KdError(f"{text}: members answer different numbers of classes ({first_path}: {first_classes}, "
-                              f"{p}: {classes})")
-        members.append((p, m, tuple(shape), classes))
-    _, _, shape, classes = members[0]
-    module = Ensemble([m.module for _, m, _, _ in members]).to(map_location).eval()
-    identity = ENSEMBLE_PREFIX + ",".join(m.identity for _, m, _, _ in members)
-    meta = {"ensemble": json.dumps([{"path": p, "identity": m.identity} for p, m, _, _ in members])}
-    return LoadedModel(module, shape, classes, "ensemble", identity, meta)
+            try:
+                with torch.no_grad():
+                    classes = int(m.module(torch.zeros(1, *shape, device=map_location)).shape[1])
+            except Exception as e:  # TorchScript and torch.export raise many types, with long traces
+                raise KdError(f"{p}: does not run on {fmt(shape)} inputs ({short_error(e)})") from None
+        if classes_of and classes != classes_of[0][1]:
+            raise KdError(f"{text}: members answer different numbers of classes ({classes_of[0][0]}: {classes_of[0][1]}, "
+                          f"{p}: {classes})")
+        classes_of.append((p, classes))
+    module = Ensemble([m.module for _, m in loaded]).to(map_location).eval()
+    identity = ENSEMBLE_PREFIX + ",".join(m.identity for _, m in loaded)
+    meta = {"ensemble": json.dumps([{"path": p, "identity": m.identity} for p, m in loaded])}
+    return LoadedModel(module, shape, classes_of[0][1], "ensemble", identity, meta)
 
 
 def _load_torch_save(path, kind, trust_pickle, arch, input_shape, num_classes, identity, map_location) -> LoadedModel:
@@ -239,7 +267,7 @@ def _load_torch_save(path, kind, trust_pickle, arch, input_shape, num_classes, i
         try:
             model.net.load_state_dict(obj)
         except RuntimeError as e:
-            raise KdError(f"{path}: state dict does not match {arch} ({_short(e)})") from None
+            raise KdError(f"{path}: state dict does not match {arch} ({short_error(e)})") from None
         return LoadedModel(model.eval(), model.input_shape, model.num_classes, "state_dict", identity)
     if isinstance(obj, dict) and {"model", "optimizer", "epoch"} <= set(obj):
         beside = str(path)[:-5] if str(path).endswith(".ckpt") else "the weights file it was saved with"
@@ -267,7 +295,8 @@ def _shape(s):
     return tuple(int(v) for v in s) if s else None
 
 
-def _short(e: Exception) -> str:
+def short_error(e: Exception) -> str:
+    """The first line of an exception's message, at most 200 characters (TorchScript puts whole traces there)."""
     return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 

@@ -280,9 +280,10 @@ def test_torchrun_trains_with_two_gloo_processes(victim_path, queries_path, tmp_
     if not torchrun.exists():
         pytest.skip("torchrun not installed next to this Python")
     out = tmp_path / "ddp.safetensors"
+    # TMPDIR: torchrun's torchelastic_* directory goes under the test's own directory, not the user's /tmp
     p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kdtools.cli.distill", str(log),
                         "--arch", "lenet5-half", "--epochs", "2", "--device", "cpu", "-q", "-o", str(out)],
-                       capture_output=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=300)
+                       capture_output=True, env={**ENV, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}, timeout=300)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     from kdtools.weights import load_model, read_metadata
     assert json.loads(read_metadata(out)["options"])["world_size"] == 2

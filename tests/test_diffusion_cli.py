@@ -235,7 +235,8 @@ def test_train_under_torchrun_two_processes(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun not installed")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # TMPDIR: torchrun's torchelastic_* directory goes under the test's own directory, not the user's /tmp
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     out = tmp_path / "ddp"
     p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kdtools.cli.diffstep", "train",
                         "--data", "swissroll", "-n", "500", "--steps", "10", "--hidden-dim", "16", "--num-blocks", "1",

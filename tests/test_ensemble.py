@@ -78,26 +78,63 @@ def test_ensemble_specs_that_cannot_work_are_refused(tmp_path):
         load_model(f"ensemble:{pa},{pa}")
 
 
-def test_kd_query_and_kd_eval_take_an_ensemble(victim_path, queries_path, tmp_path):
-    # a second digits classifier: the victim's weights, perturbed (any second member will do)
-    loaded = load_model(victim_path)
-    other = loaded.module
+def test_foreign_members_take_their_shape_from_the_others(tmp_path):
+    a, pa = small(tmp_path, "a", 0)
+    ts = tmp_path / "b.pt"  # TorchScript records neither its input shape nor its class count
+    b = ImageClassifier("mlp", (1, 8, 8), 3, {"hidden": [16]}).eval()
+    torch.jit.save(torch.jit.trace(b, torch.rand(2, 1, 8, 8)), str(ts))
+    ens = load_classifier(f"ensemble:{ts},{pa}")  # the shape comes from a.safetensors, the classes from a forward pass
+    assert ens.input_shape == (1, 8, 8) and ens.num_classes == 3
+    x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
-        for p in other.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+        assert torch.allclose(ens.module(x).exp(), (a(x).softmax(1) + b(x).softmax(1)) / 2, atol=1e-6)
+    # a TorchScript member's shape is --input-shape: when it disagrees, the message says where it came from
+    with pytest.raises(KdError, match=r"a.safetensors: 1x8x8, .*b.pt \(--input-shape\): 1x9x9"):
+        load_classifier(f"ensemble:{ts},{pa}", input_shape=(1, 9, 9))
+    with pytest.raises(KdUsageError, match="no member records its input shape"):
+        load_classifier(f"ensemble:{ts},{ts}")
+    with pytest.raises(KdUsageError, match="cannot itself be an ensemble"):
+        load_classifier(f"ensemble:{pa},ensemble:{pa}")
+
+
+def test_kd_query_and_kd_eval_take_an_ensemble(victim_path, queries_path, tmp_path):
+    from kdtools.data import load_dataset
+    from kdtools.h5store import log_info
+    from kdtools.train import TrainConfig, data_normalization, targets_from, train
+
+    # a second digits classifier unlike the victim: an MLP, two epochs
+    ds = load_dataset("digits", "train")
+    mean, std = data_normalization(ds.x)
+    torch.manual_seed(0)
+    other = ImageClassifier("mlp", ds.shape, 10, {"hidden": [32]}, mean, std)
+    train(other, ds.x, targets_from({"label": ds.y}, 10), TrainConfig(epochs=2, optimizer="adam", lr=0.003), torch.device("cpu"))
     second = tmp_path / "second.safetensors"
     save_model(other, second, {"made_by": "tests"})
+    victim, other = load_model(victim_path).module, load_model(second).module
     spec = f"ensemble:{victim_path},{second}"
+
     out = tmp_path / "answers.kds"
     kd("kd-query", spec, queries_path, "--mode", "probs", "--log", tmp_path / "q.h5", "-o", out, check=True)
     _, batch = read_all(out)
     x = batch["x"].float() / 255 if batch["x"].dtype == torch.uint8 else batch["x"]
     with torch.no_grad():
-        want = (load_model(victim_path).module(x).softmax(1) + load_model(second).module(x).softmax(1)) / 2
+        want = (victim(x).softmax(1) + other(x).softmax(1)) / 2
     assert torch.allclose(batch["probs"], want, atol=1e-5)
+    assert log_info(tmp_path / "q.h5")["oracle"] == load_classifier(spec).identity  # the log names both files
+
+    # kd-eval accuracy: the ensemble's accuracy and its agreement with the victim, counted by hand
+    test = load_dataset("digits", "test")
+    with torch.no_grad():
+        xt = test.x.float() / 255
+        pv, po = victim(xt).softmax(1), other(xt).softmax(1)
+    pred, ref = ((pv + po) / 2).argmax(1), pv.argmax(1)
+    assert (pred != ref).any() and (pred != po.argmax(1)).any()  # the ensemble is neither member
     r = kd("kd-eval", "accuracy", spec, "--data", "digits", "--reference", victim_path, "--json", check=True)
     report = json.loads(r.stdout)
-    assert report["model"] == spec and 0.5 < report["accuracy"] <= 1 and report["fidelity"] > 0.5
+    assert report["model"] == spec and report["samples"] == len(test)
+    assert report["accuracy"] == pytest.approx((pred == test.y).float().mean().item(), abs=1e-6)
+    assert report["fidelity"] == pytest.approx((pred == ref).float().mean().item(), abs=1e-6)
+
     # kd-distill trains one network: an ensemble as --init is a usage error, one line, exit 2
     r = kd("kd-distill", "--data", "digits", "--init", spec, "--epochs", 1, "-o", tmp_path / "s.safetensors", text=True)
     one_error_line(r, 2, "not one model file")

@@ -54,12 +54,24 @@ def test_torchscript_and_export_victims_are_imported(tmp_path):
     torch.jit.save(torch.jit.trace(m, x), str(ts))
     loaded = load_model(ts, input_shape=(1, 28, 28))
     assert loaded.source == "torchscript"
-    ep = tmp_path / "victim.pt2"
-    torch.export.save(torch.export.export(m, (x,)), str(ep))
+    ep = tmp_path / "victim.pt2"  # exported with a dynamic batch, as an oracle needs
+    torch.export.save(torch.export.export(m, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}}), str(ep))
     loaded2 = load_model(ep, input_shape=(1, 28, 28))
     assert loaded2.source == "export"
     with torch.no_grad():
         assert torch.allclose(loaded.module(x), m(x), atol=1e-5) and torch.allclose(loaded2.module(x), m(x), atol=1e-5)
+    # kdtools sets a model's mode before running it, which torch refuses on an exported program's module
+    # ("Calling eval() is not supported yet"); an oracle over the .pt2 file must answer all the same
+    from kdtools.oracle import open_oracle
+
+    assert loaded2.module.eval() is loaded2.module and not loaded2.module.training
+    orc = open_oracle(str(ep), torch.device("cpu"), input_shape=(1, 28, 28))
+    assert orc.num_classes == 10
+    assert torch.equal(orc.answer(x, "label")["label"], m(x).argmax(1))
+    fixed = tmp_path / "fixed.pt2"  # a program traced for batches of exactly 2 cannot answer: one clear line
+    torch.export.save(torch.export.export(m, (x,)), str(fixed))
+    with pytest.raises(KdError, match="does not run on one 1x28x28 image .*dynamic batch dimension"):
+        open_oracle(str(fixed), torch.device("cpu"), input_shape=(1, 28, 28))
 
 
 class Evil:

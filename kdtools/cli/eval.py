@@ -123,7 +123,7 @@ def curve(
     first = load_model(groups[0][1][0][1])
     shape = first.input_shape
     ds = load_dataset(data, split, data_root(data_root_opt), download, image_size=shape[1], channels=shape[0])
-    ref = load_classifier(reference) if reference else None
+    ref = load_classifier(reference, input_shape=shape) if reference else None
     series = []
     for name, checkpoints in groups:
         points, ref_acc = evaluate_curve(checkpoints, ds, dev, ref.module if ref else None, ref.input_shape if ref else None)

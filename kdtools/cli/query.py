@@ -20,7 +20,8 @@ from ..sources import open_samples
 from ..weights import parse_shape
 from ._common import STOP_HINT, DebugOption, DeviceOption, info, make_app, open_sink, progress_bars, run_app, stdin_if, warn
 
-app = make_app("Answer queries with an oracle under a hard budget: a model file, http(s)://HOST:PORT (e.g. kd-serve), "
+app = make_app("Answer queries with an oracle under a hard budget: a model file, ensemble:F1,F2,... (their mean softmax), "
+               "http(s)://HOST:PORT (e.g. kd-serve), "
                "exec:CMD (a subprocess speaking kdtools streams) or replay:LOG.h5 (answers from a recorded log).\n\n"
                "Reads a query stream on stdin (or INPUT: stream file or HDF5), writes queries + answers as a stream "
                "on stdout (or -o FILE), and appends everything to --log. Rerunning with the same --log resumes: "
