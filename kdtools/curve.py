@@ -26,7 +26,8 @@ from . import __version__
 from .data import ImageSet
 from .errors import KdError
 from .evaluate import check_input
-from .fileio import atomic_path, sniff
+from .figures import save_figure
+from .fileio import sniff
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .train import predict
 from .weights import load_model, read_metadata
@@ -173,7 +174,8 @@ def plot_curve(points: list[CurvePoint], path, title: str = "", reference_accura
 
 def plot_curves(series: Sequence[tuple[str, list[CurvePoint]]], path, title: str = "",
                 reference_accuracy: Optional[float] = None, options: Optional[dict] = None) -> None:
-    """One line per run (accuracy; fidelity dashed when measured) against queries, as a PNG written atomically."""
+    """One line per run (accuracy; fidelity dashed when measured) against queries, written atomically as an image
+    in the format of ``path``'s suffix (PNG, SVG, PDF, ...; kdtools.figures)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; works on servers
@@ -204,7 +206,7 @@ def plot_curves(series: Sequence[tuple[str, list[CurvePoint]]], path, title: str
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    meta = {"Software": f"kdtools {__version__}", "Description": json.dumps(options or {}, default=str)}
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", metadata=meta)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, options)
+    finally:
+        plt.close(fig)

@@ -101,9 +101,19 @@ def test_curve_json_always_has_series_and_counts_a_file_once(run_dir, tmp_path):
     assert [pt["queries"] for pt in json.loads(p.stdout)["points"]] == [100, 2000, 5000]
 
 
-def test_a_plot_name_that_is_not_png_is_refused_before_any_work(run_dir, tmp_path):
+def test_a_plot_name_matplotlib_cannot_write_is_refused_before_any_work(run_dir, tmp_path):
     p = kd("kd-eval", "curve", run_dir, "--data", "digits", "--plot", tmp_path / "c.txt")
-    assert p.returncode == 2 and b"give a file name ending in .png" in p.stderr and not (tmp_path / "c.txt").exists()
+    assert p.returncode == 2 and b"cannot draw a plot as 'txt'" in p.stderr and not (tmp_path / "c.txt").exists()
+
+
+def test_svg_and_pdf_plots_record_who_made_them(run_dir, tmp_path):
+    # the format follows the suffix, as in kd-aggregate --plot; the options are in the file's own metadata
+    for name, magic in (("c.svg", b"<?xml"), ("c.pdf", b"%PDF")):
+        kd("kd-eval", "curve", run_dir, "--data", "digits", "--plot", tmp_path / name, check=True)
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(magic)
+        assert b"kdtools " in data and str(run_dir).encode() in data
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # written atomically, nothing left beside
 
 
 def test_a_long_plot_title_is_broken_into_lines_that_fit():

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping, Sequence
 
-from .. import __version__
-from ..errors import KdError, KdUsageError
-from ..fileio import atomic_path
-
-
-def image_format(path: str | os.PathLike) -> str:
-    """The image format matplotlib writes ``path`` in: its suffix (lower case), ``png`` when it has none.
-
-    Raises KdUsageError for a suffix matplotlib cannot write (``errors.txt``), so a command can check
-    its plot path before any work rather than fail after it."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    suffix = os.path.splitext(str(path))[1].lower().lstrip(".") or "png"
-    supported = FigureCanvasBase.get_supported_filetypes()
-    if suffix not in supported:
-        raise KdUsageError(f"{path}: cannot draw a plot as {suffix!r} (use one of "
-                           f"{', '.join('.' + f for f in sorted(supported))}; no suffix means PNG)")
-    return suffix
+from ..errors import KdError
+from ..figures import image_format, save_figure
 
 
 def has_points(curves: Mapping[str, Sequence[tuple[int, float]]]) -> bool:
@@ -36,11 +19,11 @@ def plot_error_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: s
     """``curves``: method name -> [(tasks aggregated so far, error rate in [0, 1]), ...].
 
     Writes a PNG (or any format matplotlib infers from the suffix) atomically; the kdtools version
-    and ``options`` are recorded in the image metadata where the format supports it (PNG does).
+    and ``options`` are recorded in the file's metadata (PNG, SVG, PDF; kdtools.figures).
     Raises KdUsageError for an unsupported suffix (see :func:`image_format`) and KdError when no
     curve has a point (an empty plot is never written; check :func:`has_points` first).
     """
-    fmt = image_format(path)
+    image_format(path)  # an unusable name is a usage error before anything is drawn
     if not has_points(curves):
         raise KdError(f"{path}: no error-rate point to draw (no task with gold was aggregated)")
     import matplotlib
@@ -60,11 +43,7 @@ def plot_error_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: s
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    meta = None
-    if fmt == "png":
-        meta = {"Software": f"kdtools {__version__}", "Description": json.dumps(options or {}, default=str)}
     try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, metadata=meta)
+        save_figure(fig, path, options)
     finally:
         plt.close(fig)

@@ -173,7 +173,7 @@ def check_gold_and_plot(gold: Optional[str], plot: Optional[str]) -> None:
     if gold == "-":
         raise KdUsageError("--gold must name a file ('-' is for the labels)")
     if plot and plot != "-":
-        from ..aggregate.plot import image_format
+        from ..figures import image_format
 
         try:
             image_format(plot)

@@ -15,7 +15,8 @@ from ..data import load_dataset
 from ..device import resolve_device
 from ..evaluate import evaluate_accuracy
 from ..weights import load_classifier, load_model, parse_shape
-from ._common import DataRootOption, DebugOption, DeviceOption, data_root, make_app, png_path, run_app
+from ..figures import image_format
+from ._common import DataRootOption, DebugOption, DeviceOption, data_root, make_app, run_app
 
 app = make_app("Evaluate models: accuracy on a labelled split and fidelity to a reference (the victim).")
 
@@ -98,7 +99,7 @@ def curve(
     data: str = typer.Option(..., "--data", help="digits | mnist | fashion-mnist | cifar10 | ... | FILE.h5"),
     split: str = typer.Option("test", "--split"),
     reference: Optional[str] = typer.Option(None, "--reference", help="Also measure fidelity (agreement) with this model (the victim)."),
-    plot: Optional[str] = typer.Option(None, "--plot", help="Write the curve as a PNG."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write the curve as an image, in the format of the suffix: .png, .svg, .pdf, ..."),
     title: str = typer.Option("", "--title", help="Title of the plot."),
     data_root_opt: Optional[str] = DataRootOption,
     download: bool = typer.Option(False, "--download"),
@@ -113,7 +114,8 @@ def curve(
 
     from ..curve import curve_json, evaluate_curve, find_checkpoints, is_run, plot_curves, run_label
 
-    png_path(plot, "--plot")
+    if plot:
+        image_format(plot)  # a name matplotlib cannot write is a usage error before any work
     # several runs (directories or logs) are compared, one series each; weights files make one series
     if len(inputs) > 1 and all(is_run(i) for i in inputs):
         groups = [(run_label(i), find_checkpoints([i])) for i in inputs]
