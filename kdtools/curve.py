@@ -168,7 +168,7 @@ def is_run(item: str) -> bool:
 
 def plot_curve(points: list[CurvePoint], path, title: str = "", reference_accuracy: Optional[float] = None,
                options: Optional[dict] = None) -> None:
-    """Accuracy (and fidelity) against queries as a PNG, written atomically."""
+    """Accuracy (and fidelity) against queries as an image (format from the suffix), written atomically."""
     plot_curves([("", points)], path, title, reference_accuracy, options)
 
 

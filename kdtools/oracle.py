@@ -162,8 +162,7 @@ class ModelOracle(Oracle):
                     self.num_classes = int(self.model(torch.zeros(1, *self.input_shape, device=device)).shape[1])
             except Exception as e:  # TorchScript and torch.export raise many types, with long traces
                 shape = "x".join(map(str, self.input_shape))
-                raise KdError(f"the model does not run on one {shape} image ({short_error(e)}); a torch.export program "
-                              "must be exported with a dynamic batch dimension") from None
+                raise KdError(f"the model does not run on one {shape} image ({short_error(e)}); check --input-shape") from None
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:

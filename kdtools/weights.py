@@ -108,20 +108,64 @@ class LoadedModel:
 
 
 class ExportedModule(nn.Module):
-    """A torch.export program's module. torch refuses train() and eval() on it (the mode was fixed when the
-    program was traced), while every kdtools caller sets a model's mode before running it; this wrapper
-    keeps the flag and leaves the program alone. Moving it to a device still reaches the program's tensors."""
+    """A torch.export program answering as a module.
 
-    def __init__(self, program_module: nn.Module):
+    * torch refuses train() and eval() on a program's module (its mode was fixed when it was traced), while
+      every kdtools caller sets a model's mode before running it: train() keeps the flag and leaves the
+      program alone (``check_exported`` refuses programs traced in training mode);
+    * to(device) moves the program with torch.export's own pass, which also reaches tensors the program
+      holds as constants (nn.Module.to would leave those behind). Other conversions (dtype) are ignored.
+    """
+
+    def __init__(self, program: "torch.export.ExportedProgram"):
         super().__init__()
-        self.program = program_module
+        self.exported = program  # not a module: kept to move it to another device
+        self.program = program.module()
 
     def train(self, mode: bool = True) -> "ExportedModule":
         self.training = mode
         return self
 
+    def to(self, *args, **kwargs) -> "ExportedModule":
+        device = kwargs.get("device", args[0] if args and isinstance(args[0], (str, torch.device)) else None)
+        if device is not None:
+            device = torch.device(device)
+            here = next(iter(self.exported.state_dict.values()), torch.empty(0)).device
+            if device != here:
+                from torch.export.passes import move_to_device_pass
+
+                self.exported = move_to_device_pass(self.exported, device)
+                self.program = self.exported.module()
+        return self
+
     def forward(self, *args):
         return self.program(*args)
+
+
+# ops whose "training" argument (at this position) makes every answer depend on chance or on the batch
+_TRAINING_ARGUMENT = {"aten.dropout.default": 2, "aten.native_dropout.default": 2, "aten.batch_norm.default": 5,
+                      "aten._native_batch_norm_legit.default": 5, "aten._native_batch_norm_legit_functional.default": 5}
+
+
+def check_exported(program: "torch.export.ExportedProgram", path) -> None:
+    """Refuse what a torch.export victim cannot do as an oracle: answer batches of any size (kdtools sends
+    whatever a round holds), and answer the same way twice (dropout off, batch norm on its running statistics)."""
+    from torch.export.graph_signature import InputKind
+
+    placeholders = {n.name: n for n in program.graph_module.graph.nodes if n.op == "placeholder"}
+    for spec in program.graph_signature.input_specs:
+        if spec.kind != InputKind.USER_INPUT or spec.arg.name not in placeholders:
+            continue
+        val = placeholders[spec.arg.name].meta.get("val")
+        shape = getattr(val, "shape", None)
+        if shape is not None and len(shape) > 0 and not isinstance(shape[0], torch.SymInt):
+            raise KdError(f"{path}: exported for batches of exactly {int(shape[0])} images; export it with a dynamic batch "
+                          "dimension: torch.export.export(model, (x,), dynamic_shapes={'x': {0: torch.export.Dim('batch')}})")
+    for node in program.graph_module.graph.nodes:
+        at = _TRAINING_ARGUMENT.get(str(node.target)) if node.op == "call_function" else None
+        if at is not None and len(node.args) > at and node.args[at] is True:
+            raise KdError(f"{path}: exported in training mode ({node.target} with training on: its answers would change "
+                          "from call to call); call model.eval() before torch.export.export")
 
 
 def model_from_metadata(meta: dict) -> ImageClassifier:
@@ -175,7 +219,8 @@ def load_model(path: str | Path, trust_pickle: bool = False, arch: Optional[str]
                 program = torch.export.load(str(path))
             except Exception as e:  # torch.export raises many types
                 raise KdError(f"{path}: unreadable torch.export program ({short_error(e)})") from None
-            return LoadedModel(ExportedModule(program.module()), _shape(input_shape), num_classes, "export", identity)
+            check_exported(program, path)
+            return LoadedModel(ExportedModule(program), _shape(input_shape), num_classes, "export", identity)
         return _load_torch_save(path, kind, trust_pickle, arch, input_shape, num_classes, identity, map_location)
     if kind == "pickle":
         return _load_torch_save(path, kind, trust_pickle, arch, input_shape, num_classes, identity, map_location)
@@ -225,7 +270,7 @@ def load_classifier(spec: str | Path, trust_pickle: bool = False, input_shape: O
                              map_location=map_location)) for p in paths]
     # the input shape: the first member whose file records one, else --input-shape
     # (a TorchScript or torch.export member's shape is --input-shape itself: say so when it disagrees)
-    foreign = ("torchscript", "export")
+    foreign = ("torchscript", "export", "pickle")
     recorded = [(p + (" (--input-shape)" if m.source in foreign else ""), tuple(m.input_shape))
                 for p, m in sorted(loaded, key=lambda pm: pm[1].source in foreign) if m.input_shape is not None]
     shape_from, shape = recorded[0] if recorded else ("--input-shape", _shape(input_shape))
@@ -296,8 +341,12 @@ def _shape(s):
 
 
 def short_error(e: Exception) -> str:
-    """The first line of an exception's message, at most 200 characters (TorchScript puts whole traces there)."""
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    """One line of an exception's message, at most 200 characters: the first, or for TorchScript, which puts
+    a whole trace in the message under a fixed heading, the last (the actual error)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return (lines[-1] if lines[0].startswith("The following operation failed in the TorchScript interpreter") else lines[0])[:200]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -202,6 +202,13 @@ def test_bad_priors_are_clear_errors(prior_dir, victim_path, tmp_path):
     p = kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "-n", 10, *FAST, "--substitute", victim_path,
            "--substitute-args", '{"width": 2}')
     assert p.returncode == 2 and b"stream mode steers against" in p.stderr and not p.stdout
+    # a foreign model (TorchScript) cannot be trained and saved as the substitute: refused before any query
+    ts = tmp_path / "foreign.pt"
+    net = load_model(victim_path).module.eval()
+    torch.jit.save(torch.jit.trace(net, torch.rand(2, *load_model(victim_path).input_shape)), str(ts))
+    p = kd("kd-gen-queries", "aedm", "--diffusion", prior_dir, "--oracle", victim_path, "--budget", 50, "-o", tmp_path / "d",
+           *FAST, "--substitute", ts)
+    assert p.returncode == 2 and b"not a kdtools weights file" in p.stderr and not (tmp_path / "d").exists()
 
 
 def test_the_user_is_told_when_queries_are_resized_or_converted_and_refused_otherwise(prior_dir, victim_path, tmp_path):

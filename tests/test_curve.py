@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import kd
+from conftest import kd, one_error_line
 from kdtools.curve import evaluate_curve, find_checkpoints, plot_curve, queries_of, query_tick, title_lines
 from kdtools.data import load_dataset
 from kdtools.errors import KdError
@@ -101,9 +101,16 @@ def test_curve_json_always_has_series_and_counts_a_file_once(run_dir, tmp_path):
     assert [pt["queries"] for pt in json.loads(p.stdout)["points"]] == [100, 2000, 5000]
 
 
-def test_a_plot_name_matplotlib_cannot_write_is_refused_before_any_work(run_dir, tmp_path):
+def test_a_plot_name_that_cannot_be_written_is_refused_before_any_work(run_dir, tmp_path):
     p = kd("kd-eval", "curve", run_dir, "--data", "digits", "--plot", tmp_path / "c.txt")
     assert p.returncode == 2 and b"cannot draw a plot as 'txt'" in p.stderr and not (tmp_path / "c.txt").exists()
+    # '-' is not stdout here (stdout carries the table), a directory is no file, and a checkpoint is an input
+    ckpt = run_dir / "checkpoints" / "substitute-100.safetensors"
+    before = ckpt.read_bytes()
+    for plot, needle in (("-", "--plot -"), (tmp_path, "is a directory"), (ckpt, "overwrite the input")):
+        p = kd("kd-eval", "curve", run_dir, ckpt, "--data", "digits", "--plot", plot, text=True, cwd=tmp_path)
+        one_error_line(p, 2, needle)
+    assert ckpt.read_bytes() == before and not (tmp_path / "-").exists()
 
 
 def test_svg_and_pdf_plots_record_who_made_them(run_dir, tmp_path):

@@ -68,10 +68,50 @@ def test_torchscript_and_export_victims_are_imported(tmp_path):
     orc = open_oracle(str(ep), torch.device("cpu"), input_shape=(1, 28, 28))
     assert orc.num_classes == 10
     assert torch.equal(orc.answer(x, "label")["label"], m(x).argmax(1))
-    fixed = tmp_path / "fixed.pt2"  # a program traced for batches of exactly 2 cannot answer: one clear line
-    torch.export.save(torch.export.export(m, (x,)), str(fixed))
-    with pytest.raises(KdError, match="does not run on one 1x28x28 image .*dynamic batch dimension"):
+    # a program traced for batches of exactly one (the usual export) cannot answer a round: refused at load
+    fixed = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(m, (x[:1],)), str(fixed))
+    with pytest.raises(KdError, match="exported for batches of exactly 1 images; export it with a dynamic batch"):
         open_oracle(str(fixed), torch.device("cpu"), input_shape=(1, 28, 28))
+
+
+class WithDropoutAndConstant(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.drop = torch.nn.Dropout(0.5)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 3)
+        self.scale = torch.tensor(2.0)  # a plain tensor attribute: a constant of the exported program
+
+    def forward(self, x):
+        return self.fc(self.drop(self.bn(self.conv(x))).flatten(1)) * self.scale
+
+
+def test_export_victims_traced_in_training_mode_are_refused_and_move_whole(tmp_path):
+    m = WithDropoutAndConstant()
+    x = torch.rand(3, 1, 8, 8)
+    batch = {"x": {0: torch.export.Dim("batch")}}
+    trained = tmp_path / "train.pt2"  # dropout on, batch norm on batch statistics: answers change call to call
+    torch.export.save(torch.export.export(m.train(), (x,), dynamic_shapes=batch), str(trained))
+    with pytest.raises(KdError, match="exported in training mode .*call model.eval\\(\\) before torch.export.export"):
+        load_model(trained, input_shape=(1, 8, 8))
+    good = tmp_path / "eval.pt2"
+    torch.export.save(torch.export.export(m.eval(), (x,), dynamic_shapes=batch), str(good))
+    loaded = load_model(good, input_shape=(1, 8, 8))
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x), m(x), atol=1e-5)
+        # moved with torch.export's pass: the constant goes along (nn.Module.to alone would leave it on the CPU)
+        out = loaded.module.to("meta")(x.to("meta"))
+    assert out.device.type == "meta" and out.shape == (3, 3)
+
+
+def test_short_error_takes_torchscripts_last_line():
+    from kdtools.weights import short_error
+
+    trace = "The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript:\n  a\n\nRuntimeError: bad shape\n"
+    assert short_error(RuntimeError(trace)) == "RuntimeError: bad shape"
+    assert short_error(ValueError("first\nsecond")) == "first" and short_error(KeyError()) == "KeyError"
 
 
 class Evil:

@@ -308,7 +308,7 @@ def aggregate(
                                                       "first seen after the header is an error: declare them with --classes."),
     confusion: Optional[str] = typer.Option(None, "--confusion", help="Write per-worker confusion matrices to this HDF5 file."),
     gold: Optional[str] = typer.Option(None, "--gold", help="task,truth CSV: report the error rate of what was aggregated so far."),
-    plot: Optional[str] = typer.Option(None, "--plot", help="Image of the error rate after each chunk per method (needs --gold); format from the suffix, PNG when none."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Image of the error rate after each chunk per method (needs --gold); format from the suffix (.png, .svg(z), .pdf, .jpg, .tif), PNG when none."),
     relabel_all: bool = typer.Option(False, "--relabel-all", help="After the inputs, write labels for every task seen so far (BiLA)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for initialisation, batches and random tie-breaks (default 0)."),
     zeta: Optional[float] = typer.Option(None, "--zeta", help="BiLA: weight of the KL term (eq. 2.11; >= 0, default 1.0)."),

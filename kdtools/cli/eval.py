@@ -13,9 +13,10 @@ from rich.table import Table
 
 from ..data import load_dataset
 from ..device import resolve_device
+from ..errors import KdUsageError
 from ..evaluate import evaluate_accuracy
-from ..weights import load_classifier, load_model, parse_shape
 from ..figures import image_format
+from ..weights import load_classifier, load_model, parse_shape
 from ._common import DataRootOption, DebugOption, DeviceOption, data_root, make_app, run_app
 
 app = make_app("Evaluate models: accuracy on a labelled split and fidelity to a reference (the victim).")
@@ -99,7 +100,7 @@ def curve(
     data: str = typer.Option(..., "--data", help="digits | mnist | fashion-mnist | cifar10 | ... | FILE.h5"),
     split: str = typer.Option("test", "--split"),
     reference: Optional[str] = typer.Option(None, "--reference", help="Also measure fidelity (agreement) with this model (the victim)."),
-    plot: Optional[str] = typer.Option(None, "--plot", help="Write the curve as an image, in the format of the suffix: .png, .svg, .pdf, ..."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Write the curve as an image, in the format of the suffix: .png, .svg(z), .pdf, .jpg, .tif."),
     title: str = typer.Option("", "--title", help="Title of the plot."),
     data_root_opt: Optional[str] = DataRootOption,
     download: bool = typer.Option(False, "--download"),
@@ -114,8 +115,14 @@ def curve(
 
     from ..curve import curve_json, evaluate_curve, find_checkpoints, is_run, plot_curves, run_label
 
-    if plot:
-        image_format(plot)  # a name matplotlib cannot write is a usage error before any work
+    if plot:  # every check on the plot's name before any work
+        if plot == "-":
+            raise KdUsageError("--plot -: the plot is written to a file (stdout carries the table or JSON); give a file name")
+        check_paths({"--plot": plot}, {"checkpoint": inputs, "--reference": [reference]}, stdout_flag=None)
+        try:
+            image_format(plot)
+        except KdUsageError as e:
+            raise KdUsageError(f"--plot {e}") from None
     # several runs (directories or logs) are compared, one series each; weights files make one series
     if len(inputs) > 1 and all(is_run(i) for i in inputs):
         groups = [(run_label(i), find_checkpoints([i])) for i in inputs]
@@ -226,7 +233,7 @@ def fid(
 
 
 from .aggregate import (DelimiterOption, FormatOption, INITIAL_HELP, LabelColOption, TaskColOption,  # noqa: E402
-                        WorkerColOption)
+                        WorkerColOption, check_paths)
 
 
 @app.command()
@@ -251,9 +258,9 @@ def aggregation(
     from ..aggregate import crowdio
     from ..aggregate.online import METHODS, error_curves
     from ..aggregate.plot import plot_error_curves
-    from ..errors import KdError, KdUsageError
+    from ..errors import KdError
     from ._common import STOP_HINT, info, warn
-    from .aggregate import check_gold_and_plot, check_paths, check_seed, check_sizes, label_input
+    from .aggregate import check_gold_and_plot, check_seed, check_sizes, label_input
 
     # every check before any work: kd-aggregate's rules
     STOP_HINT["text"] = ""

@@ -489,7 +489,12 @@ def aedm(
     if Path(substitute).is_file():
         from ..weights import load_model
 
+        from ..models import ImageClassifier
+
         start = load_model(substitute).module
+        if not isinstance(start, ImageClassifier):  # the attack trains it and saves it with its architecture
+            raise KdUsageError(f"--substitute {substitute}: not a kdtools weights file (a foreign model cannot be trained "
+                               "and saved as a substitute); give an architecture or a kdtools .safetensors file")
     elif substitute.endswith((".safetensors", ".pt")):
         raise KdUsageError(f"--substitute {substitute}: no such weights file")
     common = {**_common({**locals(), "pixel_mean": None, "pixel_std": None}),

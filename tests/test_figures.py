@@ -1,0 +1,49 @@
+"""kdtools.figures: every plot format offered records the kdtools version and the options in the file itself."""
+
+import gzip
+
+import pytest
+from PIL import Image
+
+from kdtools import __version__
+from kdtools.errors import KdUsageError
+from kdtools.figures import PLOT_FORMATS, image_format, save_figure
+
+
+def figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    return fig
+
+
+@pytest.mark.parametrize("fmt", PLOT_FORMATS)
+def test_every_offered_format_records_who_made_it(fmt, tmp_path):
+    path = tmp_path / f"plot.{fmt}"
+    save_figure(figure(), path, {"data": "digits", "seed": 3})
+    data = path.read_bytes()
+    if fmt == "png":
+        info = Image.open(path).info
+        recorded = info["Software"] + " " + info["Description"]
+    elif fmt in ("jpg", "jpeg"):
+        recorded = Image.open(path).info["comment"].decode()
+    elif fmt in ("tif", "tiff"):
+        tags = Image.open(path).tag_v2
+        recorded = tags[305] + " " + tags[270]  # Software, ImageDescription
+    elif fmt == "svgz":
+        recorded = gzip.decompress(data).decode()
+    else:  # svg, pdf: plain text in the file
+        recorded = data.decode("latin-1")
+    assert f"kdtools {__version__}" in recorded and '"data": "digits"' in recorded and '"seed": 3' in recorded
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # atomic: no temporary file left
+
+
+def test_other_names_are_usage_errors_and_no_suffix_means_png():
+    assert image_format("curve") == "png" and image_format("Curve.PDF") == "pdf"
+    for name in ("errors.txt", "plot.eps", "plot.raw", "plot.pgf"):
+        with pytest.raises(KdUsageError, match="cannot draw a plot as"):
+            image_format(name)
