@@ -1,5 +1,6 @@
 """Writing plots: the format from the file name, written atomically, with the kdtools version and the options
-that made it in the file's own metadata (PNG text chunks, SVG and PDF document information).
+that made it in the file's own metadata (PNG text chunks, SVG and PDF document information, a JPEG comment,
+TIFF description and software tags).
 
 One module so that every command that draws a plot accepts the same names: ``curve.png``, ``curve.svg``,
 ``curve.pdf``, ``curve.jpg``, ``curve.tif`` (no suffix means PNG). Only formats whose files can carry that

@@ -113,38 +113,49 @@ class ExportedModule(nn.Module):
     * torch refuses train() and eval() on a program's module (its mode was fixed when it was traced), while
       every kdtools caller sets a model's mode before running it: train() keeps the flag and leaves the
       program alone (``check_exported`` refuses programs traced in training mode);
-    * to(device) moves the program with torch.export's own pass, which also reaches tensors the program
-      holds as constants (nn.Module.to would leave those behind). Other conversions (dtype) are ignored.
+    * moving it to a device (.to, .cuda, .cpu, also as a member of an Ensemble) moves the program with
+      torch.export's own pass, which also reaches tensors the program holds as constants (nn.Module's
+      move would leave those behind). Other conversions (dtype) are ignored.
     """
 
     def __init__(self, program: "torch.export.ExportedProgram"):
         super().__init__()
         self.exported = program  # not a module: kept to move it to another device
         self.program = program.module()
+        tensors = [*program.state_dict.values(), *program.constants.values()]
+        self.device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
     def train(self, mode: bool = True) -> "ExportedModule":
         self.training = mode
         return self
 
-    def to(self, *args, **kwargs) -> "ExportedModule":
-        device = kwargs.get("device", args[0] if args and isinstance(args[0], (str, torch.device)) else None)
-        if device is not None:
-            device = torch.device(device)
-            here = next(iter(self.exported.state_dict.values()), torch.empty(0)).device
-            if device != here:
-                from torch.export.passes import move_to_device_pass
-
-                self.exported = move_to_device_pass(self.exported, device)
-                self.program = self.exported.module()
+    def _apply(self, fn, recurse: bool = True) -> "ExportedModule":
+        # nn.Module.to / cuda / cpu all come here with a per-tensor function: where it sends an empty tensor
+        # is where the program must go
+        target = fn(torch.empty(0, device=self.device)).device
+        if target == self.device:
+            return self
+        try:
+            from torch.export.passes import move_to_device_pass
+        except ImportError:  # torch < 2.5: parameters and buffers move, constants stay where they are
+            return super()._apply(fn, recurse)
+        self.exported = move_to_device_pass(self.exported, target)
+        self.program = self.exported.module()
+        self.device = target
         return self
 
     def forward(self, *args):
         return self.program(*args)
 
 
-# ops whose "training" argument (at this position) makes every answer depend on chance or on the batch
-_TRAINING_ARGUMENT = {"aten.dropout.default": 2, "aten.native_dropout.default": 2, "aten.batch_norm.default": 5,
+# ops whose "training" argument (at this position) makes every answer depend on chance or on the batch. Not
+# every op with such an argument: instance norm decomposes into batch norm with training on, and is fine.
+_TRAINING_ARGUMENT = {"aten.dropout.default": 2, "aten.native_dropout.default": 2, "aten.feature_dropout.default": 2,
+                      "aten.alpha_dropout.default": 2, "aten.feature_alpha_dropout.default": 2,
+                      "aten.batch_norm.default": 5, "aten.native_batch_norm.default": 5,
                       "aten._native_batch_norm_legit.default": 5, "aten._native_batch_norm_legit_functional.default": 5}
+# kdtools sends between 1 and this many images at a time (ModelOracle's and predict's batch)
+LARGEST_MODEL_BATCH = 1024
 
 
 def check_exported(program: "torch.export.ExportedProgram", path) -> None:
@@ -158,14 +169,23 @@ def check_exported(program: "torch.export.ExportedProgram", path) -> None:
             continue
         val = placeholders[spec.arg.name].meta.get("val")
         shape = getattr(val, "shape", None)
-        if shape is not None and len(shape) > 0 and not isinstance(shape[0], torch.SymInt):
-            raise KdError(f"{path}: exported for batches of exactly {int(shape[0])} images; export it with a dynamic batch "
-                          "dimension: torch.export.export(model, (x,), dynamic_shapes={'x': {0: torch.export.Dim('batch')}})")
-    for node in program.graph_module.graph.nodes:
+        if shape is None or len(shape) < 4:  # not the image batch (a scalar or a side input)
+            continue
+        how = ("export it with a dynamic batch dimension: torch.export.export(model, (x,), "
+               "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})")
+        if not isinstance(shape[0], torch.SymInt):
+            raise KdError(f"{path}: exported for a batch size of exactly {int(shape[0])}; {how}")
+        bounds = program.range_constraints.get(shape[0].node.expr)
+        if bounds is not None and (bounds.lower > 1 or bounds.upper < LARGEST_MODEL_BATCH):
+            raise KdError(f"{path}: exported for batch sizes {bounds.lower} to {bounds.upper}, and kdtools sends 1 to "
+                          f"{LARGEST_MODEL_BATCH} images at a time; {how}")
+    graphs = [m for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]  # with submodules
+    for node in (n for g in graphs for n in g.graph.nodes):
         at = _TRAINING_ARGUMENT.get(str(node.target)) if node.op == "call_function" else None
         if at is not None and len(node.args) > at and node.args[at] is True:
-            raise KdError(f"{path}: exported in training mode ({node.target} with training on: its answers would change "
-                          "from call to call); call model.eval() before torch.export.export")
+            raise KdError(f"{path}: exported in training mode or with batch statistics ({node.target} with training on: "
+                          "its answers would change from call to call); call model.eval() before torch.export.export and "
+                          "keep batch norm's running statistics")
 
 
 def model_from_metadata(meta: dict) -> ImageClassifier:

@@ -5,7 +5,7 @@ import torch
 
 from kdtools.errors import KdError, KdUsageError
 from kdtools.models import ARCHITECTURES, ImageClassifier, count_parameters
-from kdtools.weights import load_model, read_metadata, save_model
+from kdtools.weights import Ensemble, load_model, read_metadata, save_model
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -71,7 +71,7 @@ def test_torchscript_and_export_victims_are_imported(tmp_path):
     # a program traced for batches of exactly one (the usual export) cannot answer a round: refused at load
     fixed = tmp_path / "fixed.pt2"
     torch.export.save(torch.export.export(m, (x[:1],)), str(fixed))
-    with pytest.raises(KdError, match="exported for batches of exactly 1 images; export it with a dynamic batch"):
+    with pytest.raises(KdError, match="exported for a batch size of exactly 1; export it with a dynamic batch"):
         open_oracle(str(fixed), torch.device("cpu"), input_shape=(1, 28, 28))
 
 
@@ -82,7 +82,9 @@ class WithDropoutAndConstant(torch.nn.Module):
         self.bn = torch.nn.BatchNorm2d(4)
         self.drop = torch.nn.Dropout(0.5)
         self.fc = torch.nn.Linear(4 * 6 * 6, 3)
-        self.scale = torch.tensor(2.0)  # a plain tensor attribute: a constant of the exported program
+        # a plain tensor attribute, not a buffer: a constant of the exported program. Not 0-dim: a 0-dim CPU
+        # tensor mixes with tensors on any device and would hide a constant left behind
+        self.scale = torch.tensor([2.0, 1.0, 0.5])
 
     def forward(self, x):
         return self.fc(self.drop(self.bn(self.conv(x))).flatten(1)) * self.scale
@@ -96,14 +98,26 @@ def test_export_victims_traced_in_training_mode_are_refused_and_move_whole(tmp_p
     torch.export.save(torch.export.export(m.train(), (x,), dynamic_shapes=batch), str(trained))
     with pytest.raises(KdError, match="exported in training mode .*call model.eval\\(\\) before torch.export.export"):
         load_model(trained, input_shape=(1, 8, 8))
+    spatial = torch.nn.Sequential(torch.nn.Dropout2d(0.5), torch.nn.Flatten(), torch.nn.Linear(64, 3)).train()
+    torch.export.save(torch.export.export(spatial, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(trained))
+    with pytest.raises(KdError, match="exported in training mode"):
+        load_model(trained, input_shape=(1, 8, 8))
+    bounded = tmp_path / "bounded.pt2"  # a batch dimension capped below what kdtools sends at a time
+    torch.export.save(torch.export.export(m.eval(), (x,), dynamic_shapes={"x": {0: torch.export.Dim("b", max=4)}}), str(bounded))
+    with pytest.raises(KdError, match="exported for batch sizes 0 to 4, and kdtools sends 1 to 1024"):
+        load_model(bounded, input_shape=(1, 8, 8))
     good = tmp_path / "eval.pt2"
     torch.export.save(torch.export.export(m.eval(), (x,), dynamic_shapes=batch), str(good))
     loaded = load_model(good, input_shape=(1, 8, 8))
     with torch.no_grad():
         assert torch.allclose(loaded.module(x), m(x), atol=1e-5)
-        # moved with torch.export's pass: the constant goes along (nn.Module.to alone would leave it on the CPU)
+        # moved with torch.export's pass: the constant goes along (nn.Module.to alone would leave it on the CPU),
+        # also inside an ensemble; moving to where it is changes nothing
+        assert loaded.module.to("cpu").exported is loaded.module.exported
         out = loaded.module.to("meta")(x.to("meta"))
-    assert out.device.type == "meta" and out.shape == (3, 3)
+        assert out.device.type == "meta" and out.shape == (3, 3)
+        ens = Ensemble([load_model(good, input_shape=(1, 8, 8)).module]).to("meta")
+        assert ens(x.to("meta")).device.type == "meta"
 
 
 def test_short_error_takes_torchscripts_last_line():
