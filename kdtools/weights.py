@@ -122,7 +122,7 @@ class ExportedModule(nn.Module):
         super().__init__()
         self.exported = program  # not a module: kept to move it to another device
         self.program = program.module()
-        tensors = [*program.state_dict.values(), *program.constants.values()]
+        tensors = [*program.state_dict.values(), *getattr(program, "constants", {}).values()]  # constants: torch >= 2.3
         self.device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
     def train(self, mode: bool = True) -> "ExportedModule":
