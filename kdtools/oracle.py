@@ -78,7 +78,7 @@ import torch
 
 from . import __version__
 from .errors import KdError, KdUsageError
-from .weights import LoadedModel, load_classifier, short_error
+from .weights import LoadedModel, load_classifier, probe_num_classes
 
 STREAM_CONTENT_TYPE = "application/x-kdtools-stream"
 PROTOCOL_VERSION = 1
@@ -157,12 +157,7 @@ class ModelOracle(Oracle):
         self.input_shape = loaded.input_shape
         self.num_classes = loaded.num_classes
         if self.num_classes is None and self.input_shape is not None:
-            try:
-                with torch.no_grad():  # a foreign model does not say its class count; one forward pass does
-                    self.num_classes = int(self.model(torch.zeros(1, *self.input_shape, device=device)).shape[1])
-            except Exception as e:  # TorchScript and torch.export raise many types, with long traces
-                shape = "x".join(map(str, self.input_shape))
-                raise KdError(f"the model does not run on one {shape} image ({short_error(e)}); check --input-shape") from None
+            self.num_classes = probe_num_classes(self.model, self.input_shape, device, "the model")
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:

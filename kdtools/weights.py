@@ -247,6 +247,17 @@ def load_model(path: str | Path, trust_pickle: bool = False, arch: Optional[str]
     raise KdError(f"{path}: not a model file kdtools can read (safetensors, TorchScript .pt, torch.export .pt2)")
 
 
+def probe_num_classes(module: nn.Module, shape: Sequence[int], device, name: str) -> int:
+    """The class count of a model that does not record it (TorchScript, torch.export, pickle): one forward pass
+    on one blank image. A model that cannot take that image is a KdError naming it, not a long trace."""
+    try:
+        with torch.no_grad():
+            return int(module(torch.zeros(1, *shape, device=device)).shape[1])
+    except Exception as e:  # TorchScript and torch.export raise many types, with long traces
+        raise KdError(f"{name}: does not run on one {'x'.join(map(str, shape))} image ({short_error(e)}); "
+                      "check --input-shape") from None
+
+
 ENSEMBLE_PREFIX = "ensemble:"
 
 
@@ -302,13 +313,7 @@ def load_classifier(spec: str | Path, trust_pickle: bool = False, input_shape: O
             raise KdError(f"{text}: members take different inputs ({shape_from}: {fmt(shape)}, {p}: {fmt(sh)})")
     classes_of = []
     for p, m in loaded:
-        classes = m.num_classes
-        if classes is None:  # a foreign model does not say its class count; one forward pass does
-            try:
-                with torch.no_grad():
-                    classes = int(m.module(torch.zeros(1, *shape, device=map_location)).shape[1])
-            except Exception as e:  # TorchScript and torch.export raise many types, with long traces
-                raise KdError(f"{p}: does not run on {fmt(shape)} inputs ({short_error(e)})") from None
+        classes = m.num_classes if m.num_classes is not None else probe_num_classes(m.module, shape, map_location, p)
         if classes_of and classes != classes_of[0][1]:
             raise KdError(f"{text}: members answer different numbers of classes ({classes_of[0][0]}: {classes_of[0][1]}, "
                           f"{p}: {classes})")

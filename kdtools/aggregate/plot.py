@@ -19,7 +19,7 @@ def plot_error_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: s
     """``curves``: method name -> [(tasks aggregated so far, error rate in [0, 1]), ...].
 
     Writes a PNG (or any format matplotlib infers from the suffix) atomically; the kdtools version
-    and ``options`` are recorded in the file's metadata (PNG, SVG, PDF; kdtools.figures).
+    and ``options`` are recorded in the file's own metadata (every format kdtools.figures offers).
     Raises KdUsageError for an unsupported suffix (see :func:`image_format`) and KdError when no
     curve has a point (an empty plot is never written; check :func:`has_points` first).
     """

@@ -34,6 +34,7 @@ import torch
 from .. import __version__
 from ..errors import KdError
 from ..fileio import atomic_path
+from ..weights import short_error
 from .bila import BilaConfig, BilaModel
 from .online import METHODS, Aggregator, Vocab
 
@@ -86,7 +87,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
         with safe_open(name, framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise KdError(f"{name}: not a readable kd-aggregate state file (truncated or corrupt: {_short(e)})") from None
+        raise KdError(f"{name}: not a readable kd-aggregate state file (truncated or corrupt: {short_error(e)})") from None
     if meta.get("schema") != SCHEMA:
         raise KdError(f"{name}: not a kd-aggregate state file (schema {meta.get('schema')!r})")
     try:
@@ -109,7 +110,7 @@ def load_state(path: str | os.PathLike) -> Aggregator:
     try:
         tensors = load_file(name)
     except Exception as e:
-        raise KdError(f"{name}: state file is truncated or corrupt ({_short(e)})") from None
+        raise KdError(f"{name}: state file is truncated or corrupt ({short_error(e)})") from None
     try:
         method = meta["method"]
         if method not in METHODS:
@@ -169,10 +170,7 @@ def load_state(path: str | os.PathLike) -> Aggregator:
     except KdError:
         raise
     except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
-        raise KdError(f"{name}: inconsistent state file ({_short(e)})") from None
+        raise KdError(f"{name}: inconsistent state file ({short_error(e)})") from None
     return agg
 
 
-def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
