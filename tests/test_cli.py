@@ -150,8 +150,7 @@ def test_usage_errors_exit_2(victim_path):
     assert not_object.returncode == 2 and b"must be a JSON object" in not_object.stderr
     assert kd("kd-gen-queries", "noise", "-n", "5").returncode == 2  # no shape
     assert kd("kd-gen-queries", "aedm").returncode == 2  # no --diffusion
-    placeholder = kd("kd-gen-queries", "cake")  # a method not built yet says so, exit 1
-    assert placeholder.returncode == 1 and b"not implemented yet" in placeholder.stderr
+    assert kd("kd-gen-queries", "cake", "-n", "5").returncode == 2  # no --teacher
     zero = kd("kd-query", victim_path, "--budget", "0", input=b"")  # pays for nothing and has no log to replay
     assert zero.returncode == 2 and b"--budget 0 pays for no query" in zero.stderr
     assert kd("kd-query", victim_path, "--max-batch", "0", input=b"").returncode == 2

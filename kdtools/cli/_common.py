@@ -216,12 +216,6 @@ def stdin_if(path: str | None):
     return binary_stdin() if path is None or path == "-" else None
 
 
-def not_yet(command: str, issue: Optional[int], what: str) -> None:
-    """For commands not built yet: say so and fail, never pretend to work."""
-    where = f"issue #{issue} adds it" if issue else "no open issue asks for it yet"
-    raise KdError(f"{command}: {what} is not implemented yet ({where})")
-
-
 def distributed_setup(device_opt: str):
     """(rank, world_size, device): under torchrun (WORLD_SIZE > 1) joins the process group, each rank on its
     own GPU (LOCAL_RANK) with nccl, or on the CPU with gloo; otherwise (0, 1, the resolved device)."""

@@ -15,11 +15,12 @@ from ..queries import dataset_batches, noise_batches
 from ..stream import StreamHeader, fields_of
 from ..weights import load_model, parse_shape
 from .query import ApiKeyEnvOption, MaxBatchOption, RateLimitOption, RetriesOption, TimeoutOption, WireOption, remote_options, warn_http_only
-from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, not_yet, open_sink, parse_arch_args, run_app, stderr, warn
+from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, open_sink, parse_arch_args, run_app, stderr, warn
 
-app = make_app("Synthesise queries: noise, public data, the data-free attacks TandemGAN, DFME and IDEAL, or AEDM (a steered diffusion prior).\n\n"
+app = make_app("Synthesise queries: noise, public data, the data-free attacks TandemGAN, DFME and IDEAL, AEDM (a steered diffusion "
+               "prior), or CAKE (white-box: samples diffused towards a teacher's decision boundaries).\n\n"
                "noise/dataset and generator mode (--generator G -n N) write a kdtools stream on stdout (pipe it into kd-query) "
-               "or a file with -o (.h5 for HDF5). Attack mode (--oracle SPEC --budget N -o DIR) steals the oracle within the "
+               "or a file with -o (.h5 for HDF5), as cake does. Attack mode (--oracle SPEC --budget N -o DIR) steals the oracle within the "
                "budget and writes DIR/substitute.safetensors, DIR/generator.safetensors, checkpoints and the query log.")
 
 Output = typer.Option("-", "-o", "--output", help="Output file (.h5 -> HDF5, else stream file); '-' = stdout.")
@@ -394,18 +395,65 @@ def ideal(
               cfg, generator, n)
 
 
-def _later(name: str, issue: Optional[int]):
-    @app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
-    def _cmd(ctx: typer.Context):
-        not_yet(f"kd-gen-queries {name}", issue, f"the {name} query generator")
-
-    _cmd.__doc__ = f"(not yet: issue #{issue})" if issue else "(not yet built)"
+REMOTE_PREFIXES = ("http://", "https://", "exec:", "replay:")
 
 
-# CAKE (Braun et al., "Deep Classifier Mimicry without Data Access") is in the design but no open
-# issue asks for it; the command exists so that `kd-gen-queries cake` fails clearly instead of "no such command".
-for _name, _issue in (("cake", None),):
-    _later(_name, _issue)
+@app.command()
+def cake(
+    teacher: str = typer.Option(..., "--teacher", help="The model to mimic: a model file or ensemble:A,B,... (CAKE needs "
+                                "its gradients, so not an HTTP, exec: or replay: oracle)."),
+    n: int = typer.Option(..., "-n", help="Number of queries (the paper: 256 sets of 100 = 25 600)."),
+    batch_size: int = typer.Option(100, "--batch-size", help="Samples per set, optimised together (a multiple of --groups)."),
+    groups: int = typer.Option(10, "--groups", help="Samples per row of a set, each given a different target class "
+                               "(at most the number of classes)."),
+    steps: int = typer.Option(500, "--steps", help="Gradient steps per set."),
+    lr: float = typer.Option(0.1, "--lr", help="Step size eta of the first set (the Langevin noise scale too)."),
+    decay_decades: float = typer.Option(4.0, "--decay-decades", help="eta falls by this many orders of magnitude over the "
+                                        "sets (0: constant)."),
+    schedule: str = typer.Option("linear", "--schedule", help="linear | cosine: how log10(eta) falls over the sets."),
+    w_cls: float = typer.Option(1e3, "--w-cls", help="Weight of the classification term."),
+    w_contr: float = typer.Option(1e1, "--w-contr", help="Weight of the contrastive term (pulls a row's samples together)."),
+    w_tv: float = typer.Option(1e5, "--w-tv", help="Weight of the total-variation term (smooth images)."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd | adam, on the samples."),
+    langevin: bool = typer.Option(False, "--langevin", help="Add noise sqrt(2 eta) N(0, I) after every step (LAKE)."),
+    pixel_mean: float = typer.Option(0.5, "--pixel-mean", help="Samples are clamp(MEAN + STD x z): the teacher's input "
+                                     "normalisation, e.g. 0.1307 / 0.3081 for MNIST."),
+    pixel_std: float = typer.Option(0.5, "--pixel-std", help="See --pixel-mean."),
+    seed: int = Seed,
+    input_shape: Optional[str] = InputShape,
+    trust_pickle: bool = TrustPickle,
+    output: str = Output,
+    device: str = DeviceOption,
+    quiet: bool = Quiet,
+    debug: bool = DebugOption,
+):
+    """CAKE (Braun et al., AISTATS 2024): white-box, data-free queries diffused contrastively towards the
+    teacher's decision boundaries, written as a stream. Pipe it into kd-query (answers and a log) and
+    kd-distill, e.g. `kd-gen-queries cake --teacher t.safetensors -n 25600 | kd-query t.safetensors --mode probs
+    --log q.h5 | kd-distill --arch lenet5-half -o student.safetensors`."""
+    from ..device import resolve_device
+    from ..extract.cake import CakeConfig, options_record, synthesise
+    from ..weights import load_classifier, probe_num_classes
+    from ._common import progress_reporter
+
+    if teacher.startswith(REMOTE_PREFIXES):
+        raise KdUsageError(f"--teacher {teacher}: CAKE needs the teacher's gradients, so a model file (or ensemble:); "
+                           "a black-box oracle cannot give them (use ideal, dfme or tandemgan against it)")
+    if n <= 0:
+        raise KdUsageError("-n must be positive")
+    cfg = CakeConfig(batch_size, groups, steps, lr, decay_decades, schedule, w_cls, w_contr, w_tv, optimizer, langevin,
+                     pixel_mean, pixel_std, seed)
+    dev = resolve_device(device)
+    loaded = load_classifier(teacher, trust_pickle=trust_pickle,
+                             input_shape=parse_shape(input_shape) if input_shape else None)
+    if loaded.input_shape is None:
+        raise KdUsageError(f"--teacher {teacher}: the file does not record its input shape; pass --input-shape CxHxW")
+    shape = tuple(loaded.input_shape)
+    classes = loaded.num_classes or probe_num_classes(loaded.module.to(dev), shape, dev, teacher)
+    cfg.check(classes)
+    source = {**options_record(cfg), "teacher": teacher, "n": n, "shape": list(shape)}
+    with progress_reporter(not quiet, "kd-gen-queries cake") as progress:
+        _write(synthesise(loaded.module, shape, classes, n, cfg, dev, progress), n, source, output)
 
 
 @app.command()

@@ -1,0 +1,139 @@
+"""CAKE (kd-gen-queries cake): the loss terms and step-size schedule against hand-computed values, the
+synthesis loop on a small teacher, and the command through a real pipe into kd-query and kd-distill."""
+
+import math
+import subprocess
+
+import pytest
+import torch
+import torch.nn as nn
+
+from kdtools.errors import KdUsageError
+from kdtools.extract.cake import CakeConfig, cake_losses, row_targets, step_size, synthesise, total_variation
+from kdtools.stream import StreamReader
+
+from conftest import kd, kd_cmd
+
+
+def test_step_size_falls_by_the_decades_in_log10():
+    # linear in log10(eta): 0.1, 0.01, 0.001, 0.0001 over 4 sets with 4 decades (the end value 1e-5 is one past the last)
+    assert [step_size(m, 4, 0.1, 4.0) for m in range(4)] == pytest.approx([0.1, 1e-2, 1e-3, 1e-4])
+    # cosine: log10 eta = -1 - 4 + 2 (1 + cos(pi m / 4)) -> -1, -1.5858, -3, -4.4142
+    assert [math.log10(step_size(m, 4, 0.1, 4.0, "cosine")) for m in range(4)] == pytest.approx(
+        [-1.0, -5 + 2 * (1 + math.cos(math.pi / 4)), -3.0, -5 + 2 * (1 + math.cos(3 * math.pi / 4))])
+    assert step_size(7, 10, 0.3, 0.0) == pytest.approx(0.3)  # no decay
+    with pytest.raises(KdUsageError):
+        step_size(0, 4, 0.1, 4.0, "exponential")
+
+
+def test_total_variation_by_hand():
+    z = torch.tensor([[[[0.0, 1.0], [3.0, 3.0]]]])  # one sample, one channel, 2 x 2
+    # vertical |3-0|, |3-1| -> mean 2.5; horizontal |1-0|, |3-3| -> mean 0.5
+    assert total_variation(z).item() == pytest.approx(3.0)
+    two = torch.stack([z[0], torch.zeros(1, 2, 2)])  # a flat second sample halves the mean
+    assert total_variation(two).item() == pytest.approx(1.5)
+
+
+def test_cake_losses_by_hand():
+    logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0]]])  # one row of two groups, two classes
+    targets = torch.tensor([[0, 1]])
+    terms = cake_losses(logits, targets, torch.zeros(1, 2, 1, 3, 3))
+    # CE: -log(1/2) and -log(1 / (e^2 + 1)); their mean, times 2 groups
+    assert terms["cls"].item() == pytest.approx(math.log(2) + math.log(math.e ** 2 + 1))
+    # ordered pairs of the row: (1,2) and (2,1) each |(-2, 0)|^2 = 4, (1,1) and (2,2) 0: mean over 2x2x2 = 1,
+    # times 0.5 x groups^2 = 2
+    assert terms["contr"].item() == pytest.approx(2.0)
+    assert terms["tv"].item() == 0.0
+    # rows are independent: a second row identical to the first changes no mean
+    both = cake_losses(logits.repeat(2, 1, 1), targets.repeat(2, 1), torch.zeros(2, 2, 1, 3, 3))
+    assert both["cls"].item() == pytest.approx(terms["cls"].item()) and both["contr"].item() == pytest.approx(2.0)
+
+
+def test_row_targets_are_different_classes_along_each_row():
+    y = row_targets(50, 4, 6, torch.Generator().manual_seed(0))
+    assert y.shape == (50, 4) and int(y.min()) >= 0 and int(y.max()) <= 5
+    assert all(len(set(row.tolist())) == 4 for row in y)
+    assert len(set(y[:, 0].tolist())) == 6  # every class is drawn somewhere
+
+
+class Linear(nn.Module):
+    def __init__(self, classes=3):
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_synthesise_reaches_the_targets_keeps_pixels_in_range_and_is_reproducible():
+    teacher = Linear()
+    before = [p.detach().clone() for p in teacher.parameters()]
+    cfg = CakeConfig(batch_size=12, groups=3, steps=60, lr=0.1, decay_decades=1.0, w_tv=10.0, pixel_mean=0.5, pixel_std=0.5)
+    seen = []
+    out = list(synthesise(teacher, (1, 4, 4), 3, 30, cfg, progress=seen.append))
+    x = torch.cat([b["x"] for b in out])
+    assert x.shape == (30, 1, 4, 4) and [b["x"].shape[0] for b in out] == [12, 12, 6]  # the last set trimmed
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    assert [e.completed for e in seen] == [1, 2, 3] and seen[-1].done and seen[-1].total == 3
+    assert all(e.info["on target"] > 0.9 for e in seen)  # a linear teacher: every sample lands on its class's side
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))  # the teacher is never trained
+    again = torch.cat([b["x"] for b in synthesise(teacher, (1, 4, 4), 3, 30, cfg)])
+    assert torch.equal(x, again)
+    other = torch.cat([b["x"] for b in synthesise(teacher, (1, 4, 4), 3, 30, CakeConfig(**{**cfg.__dict__, "seed": 1}))])
+    assert not torch.equal(x, other)
+
+
+def test_the_contrastive_term_pulls_a_rows_logits_together():
+    teacher = Linear()
+    spread = []
+    for w_contr in (0.0, 10.0):
+        cfg = CakeConfig(batch_size=30, groups=3, steps=80, lr=0.05, decay_decades=0.0, w_cls=1.0, w_contr=w_contr, w_tv=0.0)
+        x = torch.cat([b["x"] for b in synthesise(teacher, (1, 4, 4), 3, 30, cfg)])
+        with torch.no_grad():
+            logits = teacher(x).reshape(10, 3, 3)
+        spread.append(float((logits.unsqueeze(1) - logits.unsqueeze(2)).pow(2).mean()))
+    assert spread[1] < 0.5 * spread[0]
+
+
+@pytest.mark.parametrize("bad", [dict(groups=4), dict(batch_size=10, groups=3), dict(schedule="step"),
+                                 dict(optimizer="rmsprop"), dict(lr=0.0), dict(w_tv=-1.0)])
+def test_bad_configurations_are_usage_errors(bad):
+    with pytest.raises(KdUsageError):
+        next(synthesise(Linear(), (1, 4, 4), 3, 10, CakeConfig(**{"batch_size": 9, "groups": 3, **bad})))
+
+
+def test_cake_through_a_pipe_into_kd_query_and_kd_distill(victim_path, tmp_path):
+    gen = subprocess.Popen(kd_cmd("kd-gen-queries") + ["cake", "--teacher", str(victim_path), "-n", "60", "--batch-size", "20",
+                                                        "--steps", "20", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    query = subprocess.Popen(kd_cmd("kd-query") + [str(victim_path), "--mode", "probs", "--log", str(tmp_path / "q.h5")],
+                             stdin=gen.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    gen.stdout.close()
+    student = tmp_path / "s.safetensors"
+    distill = subprocess.run(kd_cmd("kd-distill") + ["--arch", "lenet5-half", "--epochs", "2", "-q", "-o", str(student)],
+                             stdin=query.stdout, capture_output=True, timeout=300)
+    query.stdout.close()
+    assert gen.wait(timeout=300) == 0, gen.stderr.read().decode()
+    assert query.wait(timeout=300) == 0, query.stderr.read().decode()
+    assert distill.returncode == 0, distill.stderr.decode()
+    assert student.exists()
+    # the stream records how it was made
+    out = kd("kd-gen-queries", "cake", "--teacher", victim_path, "-n", "10", "--batch-size", "10", "--steps", "2",
+             "-o", tmp_path / "c.kds", check=True)
+    with open(tmp_path / "c.kds", "rb") as f:
+        reader = StreamReader(f)
+        source = reader.header.extra["generator"]
+        rows = sum(b["x"].shape[0] for b in reader)
+    assert source["method"] == "cake" and source["steps"] == 2 and source["w_tv"] == 1e5 and rows == 10
+    assert b"wrote 10 queries" in out.stderr
+
+
+def test_cake_refuses_black_box_teachers_and_impossible_groups(victim_path, tmp_path):
+    for spec in ("http://127.0.0.1:9/", "exec:cat", "replay:log.h5"):
+        p = kd("kd-gen-queries", "cake", "--teacher", spec, "-n", "5", "-o", tmp_path / "x.kds")
+        assert p.returncode == 2 and b"gradients" in p.stderr, p.stderr
+    p = kd("kd-gen-queries", "cake", "--teacher", victim_path, "-n", "5", "--groups", "11", "--batch-size", "11",
+           "-o", tmp_path / "x.kds")
+    assert p.returncode == 2 and b"--groups 11" in p.stderr and not (tmp_path / "x.kds").exists()
+    p = kd("kd-gen-queries", "cake", "--teacher", tmp_path / "missing.safetensors", "-n", "5", "-o", tmp_path / "x.kds")
+    assert p.returncode in (1, 2) and b"Traceback" not in p.stderr
