@@ -2,14 +2,20 @@
 synthesis loop on a small teacher, and the command through a real pipe into kd-query and kd-distill."""
 
 import math
+import os
+import pty
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 from kdtools.errors import KdUsageError
-from kdtools.extract.cake import CakeConfig, cake_losses, row_targets, step_size, synthesise, total_variation
+from kdtools.extract.cake import (CakeConfig, cake_losses, recorded_normalization, row_targets, step_size, synthesise,
+                                  total_variation)
+from kdtools.models import ImageClassifier
+from kdtools.weights import Ensemble, load_model
 from kdtools.stream import StreamReader
 
 from conftest import kd, kd_cmd
@@ -32,6 +38,8 @@ def test_total_variation_by_hand():
     assert total_variation(z).item() == pytest.approx(3.0)
     two = torch.stack([z[0], torch.zeros(1, 2, 2)])  # a flat second sample halves the mean
     assert total_variation(two).item() == pytest.approx(1.5)
+    # one row of pixels: only the horizontal direction exists (mean |1-0|, |5-1| = 2.5), no NaN from the other
+    assert total_variation(torch.tensor([[[[0.0, 1.0, 5.0]]]])).item() == pytest.approx(2.5)
 
 
 def test_cake_losses_by_hand():
@@ -44,9 +52,19 @@ def test_cake_losses_by_hand():
     # times 0.5 x groups^2 = 2
     assert terms["contr"].item() == pytest.approx(2.0)
     assert terms["tv"].item() == 0.0
-    # rows are independent: a second row identical to the first changes no mean
-    both = cake_losses(logits.repeat(2, 1, 1), targets.repeat(2, 1), torch.zeros(2, 2, 1, 3, 3))
-    assert both["cls"].item() == pytest.approx(terms["cls"].item()) and both["contr"].item() == pytest.approx(2.0)
+
+
+def test_the_contrastive_term_pairs_only_samples_of_the_same_row():
+    # random logits of 3 rows x 4 groups x 5 classes against an explicit loop over the pairs inside each row
+    logits = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    by_loop = sum(float((logits[r, i] - logits[r, j]).pow(2).sum()) for r in range(3) for i in range(4) for j in range(4))
+    expected = by_loop / (3 * 4 * 4 * 5) * 0.5 * 4 ** 2
+    got = cake_losses(logits, torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, 1, 2, 2))["contr"].item()
+    assert got == pytest.approx(expected, rel=1e-6)
+    # pairing groups across rows instead (a swapped layout) gives another value
+    swapped = cake_losses(logits.transpose(0, 1).contiguous(), torch.zeros(4, 3, dtype=torch.long),
+                          torch.zeros(4, 3, 1, 2, 2))["contr"].item()
+    assert abs(swapped - expected) > 1e-3
 
 
 def test_row_targets_are_different_classes_along_each_row():
@@ -57,31 +75,74 @@ def test_row_targets_are_different_classes_along_each_row():
 
 
 class Linear(nn.Module):
+    """A linear teacher on 1x4x4 images that remembers the range of every input it was shown."""
+
     def __init__(self, classes=3):
         super().__init__()
         torch.manual_seed(1)
         self.fc = nn.Linear(16, classes)
+        self.seen = [math.inf, -math.inf]
 
     def forward(self, x):
+        self.seen = [min(self.seen[0], float(x.detach().min())), max(self.seen[1], float(x.detach().max()))]
         return self.fc(x.flatten(1))
 
 
 def test_synthesise_reaches_the_targets_keeps_pixels_in_range_and_is_reproducible():
     teacher = Linear()
     before = [p.detach().clone() for p in teacher.parameters()]
-    cfg = CakeConfig(batch_size=12, groups=3, steps=60, lr=0.1, decay_decades=1.0, w_tv=10.0, pixel_mean=0.5, pixel_std=0.5)
+    # mean 0.2 / std 0.3: N(0, 1) noise alone would put the teacher's inputs far outside [0, 1]
+    cfg = CakeConfig(batch_size=12, groups=3, steps=60, lr=0.1, decay_decades=1.0, w_tv=10.0, pixel_mean=(0.2,),
+                     pixel_std=(0.3,))
     seen = []
     out = list(synthesise(teacher, (1, 4, 4), 3, 30, cfg, progress=seen.append))
     x = torch.cat([b["x"] for b in out])
     assert x.shape == (30, 1, 4, 4) and [b["x"].shape[0] for b in out] == [12, 12, 6]  # the last set trimmed
-    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    # every input the teacher was shown while the samples were optimised lies in [0, 1] (the projection)
+    assert teacher.seen[0] >= -1e-6 and teacher.seen[1] <= 1 + 1e-6
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0  # and the box is used to its edges
     assert [e.completed for e in seen] == [1, 2, 3] and seen[-1].done and seen[-1].total == 3
+    assert [e.info["eta"] for e in seen] == pytest.approx([step_size(m, 3, 0.1, 1.0) for m in range(3)])
     assert all(e.info["on target"] > 0.9 for e in seen)  # a linear teacher: every sample lands on its class's side
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))  # the teacher is never trained
     again = torch.cat([b["x"] for b in synthesise(teacher, (1, 4, 4), 3, 30, cfg)])
     assert torch.equal(x, again)
     other = torch.cat([b["x"] for b in synthesise(teacher, (1, 4, 4), 3, 30, CakeConfig(**{**cfg.__dict__, "seed": 1}))])
     assert not torch.equal(x, other)
+
+
+@pytest.mark.parametrize("variant", [dict(langevin=True), dict(optimizer="adam", lr=0.05), dict(schedule="cosine")])
+def test_the_variants_run_and_reach_the_targets(variant):
+    cfg = CakeConfig(**{"batch_size": 9, "groups": 3, "steps": 40, "decay_decades": 1.0, "w_tv": 1.0, **variant})
+    seen = []
+    x = torch.cat([b["x"] for b in synthesise(Linear(), (1, 4, 4), 3, 18, cfg, progress=seen.append)])
+    assert x.shape == (18, 1, 4, 4) and bool(torch.isfinite(x).all())
+    assert seen[0].info["on target"] > 0.8
+
+
+def test_a_teacher_with_batch_norm_and_dropout_is_used_in_eval_mode_and_left_unchanged():
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                            nn.Linear(64, 3))
+    teacher.train()
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    a = torch.cat([b["x"] for b in synthesise(teacher, (1, 4, 4), 3, 9, CakeConfig(batch_size=9, groups=3, steps=5))])
+    assert not teacher.training
+    assert all(torch.equal(state[k], v) for k, v in teacher.state_dict().items())  # running stats untouched
+    b = torch.cat([b["x"] for b in synthesise(teacher, (1, 4, 4), 3, 9, CakeConfig(batch_size=9, groups=3, steps=5))])
+    assert torch.equal(a, b)  # no dropout noise: eval mode
+
+
+def test_the_normalisation_a_kdtools_teacher_records_is_found():
+    one = ImageClassifier("mlp", (3, 4, 4), 3, {}, [0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    assert recorded_normalization(one) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert recorded_normalization(Ensemble([one, one])) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    other = ImageClassifier("mlp", (3, 4, 4), 3, {}, [0.5] * 3, [0.5] * 3)
+    assert recorded_normalization(Ensemble([one, other])) is None  # members disagree: nothing to choose
+    assert recorded_normalization(Linear()) is None
+    # per-channel values are used per channel: the box keeps each channel's pixels in [0, 1]
+    cfg = CakeConfig(batch_size=3, groups=3, steps=3, pixel_mean=(0.1, 0.5, 0.9), pixel_std=(0.2, 0.5, 0.05))
+    x = next(synthesise(one, (3, 4, 4), 3, 3, cfg))["x"]
+    assert x.shape == (3, 3, 4, 4) and float(x.min()) >= 0 and float(x.max()) <= 1
 
 
 def test_the_contrastive_term_pulls_a_rows_logits_together():
@@ -97,7 +158,10 @@ def test_the_contrastive_term_pulls_a_rows_logits_together():
 
 
 @pytest.mark.parametrize("bad", [dict(groups=4), dict(batch_size=10, groups=3), dict(schedule="step"),
-                                 dict(optimizer="rmsprop"), dict(lr=0.0), dict(w_tv=-1.0)])
+                                 dict(optimizer="rmsprop"), dict(lr=0.0), dict(w_tv=-1.0), dict(steps=0),
+                                 dict(lr=math.inf), dict(w_cls=math.nan), dict(decay_decades=math.nan),
+                                 dict(pixel_mean=(math.nan,)), dict(pixel_std=(0.0,)), dict(seed=-1), dict(seed=2 ** 40),
+                                 dict(pixel_mean=(0.5, 0.5))])
 def test_bad_configurations_are_usage_errors(bad):
     with pytest.raises(KdUsageError):
         next(synthesise(Linear(), (1, 4, 4), 3, 10, CakeConfig(**{"batch_size": 9, "groups": 3, **bad})))
@@ -126,6 +190,9 @@ def test_cake_through_a_pipe_into_kd_query_and_kd_distill(victim_path, tmp_path)
         rows = sum(b["x"].shape[0] for b in reader)
     assert source["method"] == "cake" and source["steps"] == 2 and source["w_tv"] == 1e5 and rows == 10
     assert b"wrote 10 queries" in out.stderr
+    # without --pixel-mean/--pixel-std, the normalisation the teacher file records
+    mean, std = recorded_normalization(load_model(victim_path).module)
+    assert source["pixel_mean"] == pytest.approx(list(mean)) and source["pixel_std"] == pytest.approx(list(std))
 
 
 def test_cake_refuses_black_box_teachers_and_impossible_groups(victim_path, tmp_path):
@@ -136,4 +203,18 @@ def test_cake_refuses_black_box_teachers_and_impossible_groups(victim_path, tmp_
            "-o", tmp_path / "x.kds")
     assert p.returncode == 2 and b"--groups 11" in p.stderr and not (tmp_path / "x.kds").exists()
     p = kd("kd-gen-queries", "cake", "--teacher", tmp_path / "missing.safetensors", "-n", "5", "-o", tmp_path / "x.kds")
-    assert p.returncode in (1, 2) and b"Traceback" not in p.stderr
+    assert p.returncode == 1 and b"Traceback" not in p.stderr
+    p = kd("kd-gen-queries", "cake", "--teacher", victim_path, "-n", "5", "--pixel-mean", "0.5", "-o", tmp_path / "x.kds")
+    assert p.returncode == 2 and b"both --pixel-mean and --pixel-std" in p.stderr
+    p = kd("kd-gen-queries", "cake", "--teacher", victim_path, "-n", "5", "--pixel-mean", "a", "--pixel-std", "1",
+           "-o", tmp_path / "x.kds")
+    assert p.returncode == 2 and b"--pixel-mean 'a'" in p.stderr
+    # a terminal on stdout is refused before any work (the teacher need not even exist)
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run(kd_cmd("kd-gen-queries") + ["cake", "--teacher", str(tmp_path / "none"), "-n", "5"], stdout=slave,
+                           stderr=subprocess.PIPE, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert p.returncode == 2 and b"refusing to write a binary stream to a terminal" in p.stderr

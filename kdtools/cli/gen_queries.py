@@ -416,9 +416,10 @@ def cake(
     w_tv: float = typer.Option(1e5, "--w-tv", help="Weight of the total-variation term (smooth images)."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd | adam, on the samples."),
     langevin: bool = typer.Option(False, "--langevin", help="Add noise sqrt(2 eta) N(0, I) after every step (LAKE)."),
-    pixel_mean: float = typer.Option(0.5, "--pixel-mean", help="Samples are clamp(MEAN + STD x z): the teacher's input "
-                                     "normalisation, e.g. 0.1307 / 0.3081 for MNIST."),
-    pixel_std: float = typer.Option(0.5, "--pixel-std", help="See --pixel-mean."),
+    pixel_mean: Optional[str] = typer.Option(None, "--pixel-mean", help="Samples are MEAN + STD x z, z optimised: the "
+                                             "teacher's input normalisation, one value or one per channel (0.49,0.48,0.45). "
+                                             "Default: what a kdtools teacher file records, else 0.5."),
+    pixel_std: Optional[str] = typer.Option(None, "--pixel-std", help="See --pixel-mean (default: recorded, else 0.5)."),
     seed: int = Seed,
     input_shape: Optional[str] = InputShape,
     trust_pickle: bool = TrustPickle,
@@ -432,17 +433,26 @@ def cake(
     kd-distill, e.g. `kd-gen-queries cake --teacher t.safetensors -n 25600 | kd-query t.safetensors --mode probs
     --log q.h5 | kd-distill --arch lenet5-half -o student.safetensors`."""
     from ..device import resolve_device
-    from ..extract.cake import CakeConfig, options_record, synthesise
+    from ..extract.cake import CakeConfig, options_record, recorded_normalization, synthesise
     from ..weights import load_classifier, probe_num_classes
-    from ._common import progress_reporter
+    from ._common import binary_stdout, progress_reporter
 
     if teacher.startswith(REMOTE_PREFIXES):
         raise KdUsageError(f"--teacher {teacher}: CAKE needs the teacher's gradients, so a model file (or ensemble:); "
                            "a black-box oracle cannot give them (use ideal, dfme or tandemgan against it)")
     if n <= 0:
         raise KdUsageError("-n must be positive")
-    cfg = CakeConfig(batch_size, groups, steps, lr, decay_decades, schedule, w_cls, w_contr, w_tv, optimizer, langevin,
-                     pixel_mean, pixel_std, seed)
+    if (pixel_mean is None) != (pixel_std is None):
+        raise KdUsageError("give both --pixel-mean and --pixel-std, or neither (the teacher's recorded normalisation)")
+    if output == "-":
+        binary_stdout()  # refuse a terminal now, not after the first set's minute of work
+
+    def floats(flag: str, text: str) -> tuple:
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise KdUsageError(f"{flag} {text!r}: expected a number or comma-separated numbers, one per channel") from None
+
     dev = resolve_device(device)
     loaded = load_classifier(teacher, trust_pickle=trust_pickle,
                              input_shape=parse_shape(input_shape) if input_shape else None)
@@ -450,7 +460,18 @@ def cake(
         raise KdUsageError(f"--teacher {teacher}: the file does not record its input shape; pass --input-shape CxHxW")
     shape = tuple(loaded.input_shape)
     classes = loaded.num_classes or probe_num_classes(loaded.module.to(dev), shape, dev, teacher)
-    cfg.check(classes)
+    if pixel_mean is not None:
+        norm = (floats("--pixel-mean", pixel_mean), floats("--pixel-std", pixel_std))
+    else:
+        norm = recorded_normalization(loaded.module)
+        if norm is None:
+            norm = ((0.5,), (0.5,))
+            if not quiet:
+                warn(f"kd-gen-queries cake: {teacher} does not record its input normalisation; using mean 0.5, std 0.5 "
+                     "(give --pixel-mean/--pixel-std)")
+    cfg = CakeConfig(batch_size, groups, steps, lr, decay_decades, schedule, w_cls, w_contr, w_tv, optimizer, langevin,
+                     norm[0], norm[1], seed)
+    cfg.check(classes, shape)
     source = {**options_record(cfg), "teacher": teacher, "n": n, "shape": list(shape)}
     with progress_reporter(not quiet, "kd-gen-queries cake") as progress:
         _write(synthesise(loaded.module, shape, classes, n, cfg, dev, progress), n, source, output)

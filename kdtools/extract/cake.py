@@ -20,13 +20,14 @@ after every step (the LAKE variant).
 
 The scaling constants (groups, 0.5 x groups^2: MSE's mean over every ordered pair), the loss weights
 1e3 / 1e1 / 1e5, SGD, eta = 0.1 decaying by 4 decades, 500 steps, sets of 100 in 10 groups and 256 sets
-are the defaults of the authors' code (notes in docs/kd-gen-queries.md, "cake").
+are the defaults of the authors' code (docs/kd-gen-queries.md, "CAKE").
 
 Departure, because kdtools queries are images in [0, 1] (every oracle's domain): the samples are
-optimised as z with pixels x = clamp(mean + std * z, 0, 1) and z is projected back after every step so x
-stays in [0, 1]; the paper's samples live unbounded in the teacher's normalised input space. ``z`` starts
-as N(0, I), i.e. the paper's start in normalised space, and TV is taken on z, as the paper takes it on its
-normalised samples.
+optimised as z with pixels x = mean + std * z (mean, std: the teacher's own input normalisation, so the
+teacher's network sees z itself, as in the paper), and z is projected onto the box that keeps x in [0, 1]
+at the start and after every step; the paper's samples live unbounded in the normalised space. ``z``
+starts as N(0, I) projected onto that box, and TV is taken on z, as the paper takes it on its normalised
+samples.
 """
 
 from __future__ import annotations
@@ -56,13 +57,28 @@ class CakeConfig:
     w_tv: float = 1e5
     optimizer: str = "sgd"  # sgd | adam
     langevin: bool = False  # explicit noise sqrt(2 eta) N(0, I) after every step (LAKE)
-    pixel_mean: float = 0.5  # x = clamp(mean + std * z): the teacher's input normalisation, public constants
-    pixel_std: float = 0.5
+    # x = clamp(mean + std * z): the teacher's input normalisation, one value or one per channel
+    pixel_mean: tuple = (0.5,)
+    pixel_std: tuple = (0.5,)
     seed: int = 0
 
-    def check(self, num_classes: int) -> None:
-        if self.batch_size < 1 or self.groups < 1 or self.steps < 0:
-            raise KdUsageError("--batch-size and --groups must be positive and --steps not negative")
+    def check(self, num_classes: int, shape: tuple | None = None) -> None:
+        if self.batch_size < 1 or self.groups < 1 or self.steps < 1:
+            raise KdUsageError("--batch-size, --groups and --steps must be positive")
+        floats = {"--lr": self.lr, "--decay-decades": self.decay_decades, "--w-cls": self.w_cls,
+                  "--w-contr": self.w_contr, "--w-tv": self.w_tv}
+        floats.update({"--pixel-mean": v for v in self.pixel_mean if not math.isfinite(v)})
+        floats.update({"--pixel-std": v for v in self.pixel_std if not math.isfinite(v)})
+        bad = [f"{k} {v}" for k, v in floats.items() if not math.isfinite(v)]
+        if bad:
+            raise KdUsageError(f"{', '.join(bad)}: expected finite numbers")
+        if not 0 <= self.seed < 2 ** 32:
+            raise KdUsageError(f"--seed {self.seed}: expected 0 <= seed < 2^32")
+        if shape is not None:
+            if len(shape) != 3:
+                raise KdUsageError(f"CAKE synthesises images (C x H x W); the teacher takes {'x'.join(map(str, shape))}")
+            if len(self.pixel_mean) not in (1, shape[0]) or len(self.pixel_std) not in (1, shape[0]):
+                raise KdUsageError(f"--pixel-mean/--pixel-std: give one value or one per channel ({shape[0]})")
         if self.groups > num_classes:
             raise KdUsageError(f"--groups {self.groups}: a row's samples need different classes, and the teacher has "
                                f"{num_classes}")
@@ -73,7 +89,7 @@ class CakeConfig:
             raise KdUsageError(f"--schedule {self.schedule!r}: expected linear or cosine")
         if self.optimizer not in ("sgd", "adam"):
             raise KdUsageError(f"--optimizer {self.optimizer!r}: expected sgd or adam")
-        if not self.lr > 0 or not self.pixel_std > 0 or self.decay_decades < 0:
+        if not self.lr > 0 or min(self.pixel_std) <= 0 or self.decay_decades < 0:
             raise KdUsageError("--lr and --pixel-std must be positive and --decay-decades not negative")
         if min(self.w_cls, self.w_contr, self.w_tv) < 0:
             raise KdUsageError("the loss weights must not be negative")
@@ -94,10 +110,14 @@ def step_size(set_index: int, num_sets: int, start: float, decades: float, sched
 
 def total_variation(z: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference of vertically and of horizontally adjacent pixels, per sample and channel,
-    summed over the two directions and averaged over samples and channels."""
-    dh = (z[..., 1:, :] - z[..., :-1, :]).abs().mean(dim=(-2, -1))
-    dw = (z[..., :, 1:] - z[..., :, :-1]).abs().mean(dim=(-2, -1))
-    return (dh + dw).mean()
+    summed over the two directions and averaged over samples and channels (a direction of length 1 has no
+    neighbours and adds 0)."""
+    tv = z.new_zeros(z.shape[:-2])
+    if z.shape[-2] > 1:
+        tv = tv + (z[..., 1:, :] - z[..., :-1, :]).abs().mean(dim=(-2, -1))
+    if z.shape[-1] > 1:
+        tv = tv + (z[..., :, 1:] - z[..., :, :-1]).abs().mean(dim=(-2, -1))
+    return tv.mean()
 
 
 def cake_losses(logits: torch.Tensor, targets: torch.Tensor, z: torch.Tensor) -> dict:
@@ -126,22 +146,25 @@ def synthesise(teacher: nn.Module, shape: tuple, num_classes: int, n: int, cfg: 
     reproducible and set ``m`` does not depend on how many sets came before it."""
     if n <= 0:
         raise KdUsageError("-n must be positive")
-    cfg.check(num_classes)
+    cfg.check(num_classes, tuple(shape))
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     rows = cfg.batch_size // cfg.groups
     num_sets = math.ceil(n / cfg.batch_size)
-    lo, hi = (0.0 - cfg.pixel_mean) / cfg.pixel_std, (1.0 - cfg.pixel_mean) / cfg.pixel_std  # z keeping x in [0, 1]
+    c = shape[0]
+    mean = torch.tensor(cfg.pixel_mean, dtype=torch.float32).expand(c).reshape(c, 1, 1).to(device)
+    std = torch.tensor(cfg.pixel_std, dtype=torch.float32).expand(c).reshape(c, 1, 1).to(device)
+    lo, hi = (0.0 - mean) / std, (1.0 - mean) / std  # the box of z that keeps x in [0, 1]
     emitted = 0
     for m in range(num_sets):
         eta = step_size(m, num_sets, cfg.lr, cfg.decay_decades, cfg.schedule)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + m)
         y = row_targets(rows, cfg.groups, num_classes, g).to(device)
-        z = torch.randn(rows, cfg.groups, *shape, generator=g).clamp_(lo, hi).to(device).requires_grad_(True)
+        z = torch.randn(rows, cfg.groups, *shape, generator=g).to(device).clamp_(lo, hi).requires_grad_(True)
         opt = torch.optim.SGD([z], lr=eta) if cfg.optimizer == "sgd" else torch.optim.Adam([z], lr=eta)
         for _ in range(cfg.steps):
-            logits = teacher(cfg.pixel_mean + cfg.pixel_std * z.reshape(-1, *shape)).reshape(rows, cfg.groups, -1)
+            logits = teacher(mean + std * z.reshape(-1, *shape)).reshape(rows, cfg.groups, -1)
             terms = cake_losses(logits, y, z)
             loss = cfg.w_cls * terms["cls"] + cfg.w_contr * terms["contr"] + cfg.w_tv * terms["tv"]
             opt.zero_grad(set_to_none=True)
@@ -152,7 +175,8 @@ def synthesise(teacher: nn.Module, shape: tuple, num_classes: int, n: int, cfg: 
                     z.add_(torch.randn(z.shape, generator=g).to(device), alpha=math.sqrt(2 * eta))
                 z.clamp_(lo, hi)
         with torch.no_grad():
-            x = (cfg.pixel_mean + cfg.pixel_std * z.reshape(-1, *shape)).clamp_(0, 1).float()
+            # z is inside the box, so the clamp only removes float rounding at 0 and 1
+            x = (mean + std * z.reshape(-1, *shape)).clamp_(0, 1).float()
             if not bool(torch.isfinite(x).all()):
                 raise KdError(f"CAKE: set {m} diverged (non-finite samples at eta {eta:.3g}); lower --lr or the loss weights")
             hit = (teacher(x).reshape(rows, cfg.groups, -1).argmax(-1) == y).float().mean().item()
@@ -161,6 +185,19 @@ def synthesise(teacher: nn.Module, shape: tuple, num_classes: int, n: int, cfg: 
         info = {"eta": eta, "loss": float(loss.detach()), "on target": hit}
         progress(ProgressEvent("cake sets", m + 1, num_sets, info, done=m + 1 == num_sets))
         yield {"x": x[:take].cpu().contiguous()}
+
+
+def recorded_normalization(module: nn.Module) -> tuple | None:
+    """(mean, std) per channel that a kdtools model applies to its [0, 1] input (the same for every member of an
+    ensemble), or None when the model does not say (TorchScript, torch.export, foreign files)."""
+    members = list(module.members) if hasattr(module, "members") else [module]
+    found = set()
+    for m in members:
+        mean, std = getattr(m, "mean", None), getattr(m, "std", None)
+        if not isinstance(mean, torch.Tensor) or not isinstance(std, torch.Tensor):
+            return None
+        found.add((tuple(round(v, 6) for v in mean.flatten().tolist()), tuple(round(v, 6) for v in std.flatten().tolist())))
+    return found.pop() if len(found) == 1 else None
 
 
 def options_record(cfg: CakeConfig) -> dict:
