@@ -106,27 +106,64 @@ def log_info(path) -> dict:
                 "kdtools_version": str(f.attrs["kdtools.version"])}
 
 
+def _answer_field(header: StreamHeader) -> Optional[str]:
+    """The field holding the oracle's answer, or None for a file without answers (or without a class count)."""
+    if not header.num_classes:
+        return None
+    return next((k for k in ("label", "probs", "logits", "topk_index") if k in header.fields), None)
+
+
+def _answered_classes(f: h5py.File, header: StreamHeader, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, class answered per row) chunk by chunk: the label, or the argmax / first of top-k; -1 for a
+    row holding a refused query's placeholders. Nothing for a file without answers."""
+    from .oracle import rejected_rows
+
+    field = _answer_field(header)
+    if field is None:
+        return
+    n = _committed_rows(f, header.fields)
+    for i in range(0, n, chunk):
+        v = torch.from_numpy(np.ascontiguousarray(f[field][i:i + chunk]))
+        top = v if field == "label" else v[:, 0] if field == "topk_index" else v.float().argmax(1)
+        yield i, torch.where(rejected_rows({field: v}), -1, top.reshape(-1).long())
+
+
 def answer_counts(path, chunk: int = 65536) -> Optional[dict]:
     """How the oracle's answers in a log spread over the classes: {"by_class": [count per class of the
     answered label / argmax], "rejected": rows holding a refused query's placeholders}; None for a file
     without answers. Queries that all land in two classes teach a substitute little about the others."""
-    from .oracle import rejected_rows
-
     with _open(path, "r") as f:
         _check_ours(f, path)
         header = _header_from_attrs(f)
-        field = next((k for k in ("label", "probs", "logits", "topk_index") if k in header.fields), None)
-        if field is None or not header.num_classes:
+        if _answer_field(header) is None:
             return None
-        n, counts, rejected = _committed_rows(f, header.fields), np.zeros(int(header.num_classes), np.int64), 0
-        for i in range(0, n, chunk):
-            v = torch.from_numpy(np.ascontiguousarray(f[field][i:i + chunk]))
-            bad = rejected_rows({field: v})
-            rejected += int(bad.sum())
-            v = v[~bad]
-            top = v if field == "label" else v[:, 0] if field == "topk_index" else v.float().argmax(1)
-            counts += np.bincount(top.long().numpy(), minlength=len(counts))[:len(counts)]
+        counts, rejected = np.zeros(int(header.num_classes), np.int64), 0
+        for _, top in _answered_classes(f, header, chunk):
+            rejected += int((top < 0).sum())
+            counts += np.bincount(top[top >= 0].numpy(), minlength=len(counts))[:len(counts)]
     return {"by_class": counts.tolist(), "rejected": rejected}
+
+
+def answer_examples(path, per_class: int, chunk: int = 65536) -> Optional[dict]:
+    """The first ``per_class`` queries of a log (in log order) answered with each class: {class: x tensor}, classes
+    never answered left out; None for a file without answers. Only the chosen rows of x are read, so a log of
+    millions of images costs one pass over its answers."""
+    with _open(path, "r") as f:
+        _check_ours(f, path)
+        header = _header_from_attrs(f)
+        if _answer_field(header) is None:
+            return None
+        rows: dict[int, list[int]] = {}
+        for start, top in _answered_classes(f, header, chunk):
+            for c in range(int(header.num_classes)):
+                need = per_class - len(rows.get(c, []))
+                if need > 0:
+                    hit = torch.nonzero(top == c).flatten()[:need]
+                    if len(hit):
+                        rows.setdefault(c, []).extend((start + hit).tolist())
+            if all(len(rows.get(c, [])) >= per_class for c in range(int(header.num_classes))):
+                break
+        return {c: torch.from_numpy(np.ascontiguousarray(f["x"][sorted(r)])) for c, r in sorted(rows.items())}
 
 
 def iter_batches(path, batch_size: int = READ_CHUNK, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:

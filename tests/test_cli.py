@@ -44,10 +44,32 @@ def test_three_process_pipe_steals_the_victim(victim_path, tmp_path):
     facts = json.loads(kd("kd-eval", "log", log, "--json", check=True).stdout)
     assert facts["rows"] == facts["spent"] == 3000 and facts["mode"] == "probs"
     assert sum(facts["answers_by_class"]) == 3000 and facts["rejected"] == 0
+    # --grid draws the queries by answered class, an image carrying who made it
+    grid = tmp_path / "grid.png"
+    drawn = kd("kd-eval", "log", log, "--grid", grid, "--per-class", "3", "--json", check=True)
+    assert json.loads(drawn.stdout) == facts  # stdout still carries only the facts
+    from PIL import Image
+    with Image.open(grid) as im:
+        assert im.format == "PNG" and im.info["Software"].startswith("kdtools") and '"per_class": 3' in im.info["Description"]
+    before = grid.read_bytes()
+    for bad, why in ((["--grid", "-"], b"--grid -"), (["--grid", tmp_path / "g.txt"], b"cannot draw a plot as 'txt'"),
+                     (["--grid", tmp_path], b"is a directory"), (["--grid", log], b"would overwrite the input")):
+        p = kd("kd-eval", "log", log, *bad)
+        assert p.returncode == 2 and why in p.stderr, p.stderr
+    # a file of queries has no answers to sort by: refused, and an existing image is left as it was
+    p = kd("kd-eval", "log", queries_h5(tmp_path), "--grid", grid)
+    assert p.returncode == 2 and b"no answers" in p.stderr and grid.read_bytes() == before
     # the log is itself a training set: the same student trains from it without the pipe
     kd("kd-distill", log, "--arch", "mlp", "--epochs", "1", "-o", tmp_path / "s2.safetensors", check=True)
     # and the stream on stdout is all data: messages went to stderr
     assert b"kd-distill" in d.stderr and d.stdout == b""
+
+
+def queries_h5(tmp_path):
+    """An HDF5 file of queries without answers."""
+    path = tmp_path / "queries-only.h5"
+    kd("kd-gen-queries", "noise", "--shape", "1x8x8", "-n", "4", "-o", path, check=True)
+    return path
 
 
 def test_budget_reached_keeps_answers_and_exits_1(victim_path, queries_path, tmp_path):

@@ -47,3 +47,21 @@ def test_other_names_are_usage_errors_and_no_suffix_means_png():
     for name in ("errors.txt", "plot.eps", "plot.raw", "plot.pgf"):
         with pytest.raises(KdUsageError, match="cannot draw a plot as"):
             image_format(name)
+
+
+def test_the_answer_grid_draws_images_only(tmp_path):
+    import torch
+
+    from kdtools.logplot import plot_answer_grid, to_hwc
+
+    # grey and colour tiles, uint8 and float, all as [0, 1] arrays for imshow
+    assert to_hwc(torch.full((1, 2, 3), 255, dtype=torch.uint8)).tolist() == [[1.0] * 3] * 2
+    assert to_hwc(torch.rand(3, 4, 5)).shape == (4, 5, 3)
+    out = tmp_path / "g.svg"
+    plot_answer_grid({0: torch.rand(2, 3, 4, 4), 2: torch.rand(1, 3, 4, 4)}, [5, 0, 1], out, options={"k": 1})
+    assert "never answered: 1" in out.read_text()  # the class no query reached is named
+    with pytest.raises(KdUsageError, match="draws images"):
+        plot_answer_grid({0: torch.rand(2, 2)}, [2], tmp_path / "p.png")  # 2-D points
+    with pytest.raises(KdUsageError, match="no answered query"):
+        plot_answer_grid({}, [0, 0], tmp_path / "e.png")
+    assert not (tmp_path / "p.png").exists() and not (tmp_path / "e.png").exists()

@@ -185,3 +185,31 @@ def test_atomic_output_onto_a_pipe_writes_through_it_and_leaves_the_pipe(tmp_pat
     reader.join(timeout=10)
     assert got == [b"label\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert [f.name for f in tmp_path.iterdir()] == ["pipe"]  # no temporary file left beside it
+
+
+def test_answer_examples_are_the_first_queries_of_each_answered_class(tmp_path):
+    from kdtools.h5store import answer_examples
+
+    p = tmp_path / "labels.h5"
+    hl = StreamHeader("samples", {"x": {"dtype": "uint8", "shape": [1, 2, 2]}, "label": {"dtype": "int64", "shape": []}}, 4,
+                      mode="label")
+    labels = torch.tensor([2, -1, 0, 2, 2, 0, 1, 2])  # row 1 refused; class 3 never answered
+    x = torch.arange(8, dtype=torch.uint8).view(8, 1, 1, 1).expand(8, 1, 2, 2).contiguous()  # row i is all i
+    with SampleWriter(p, hl) as w:
+        w.reserve(8)
+        w.append({"x": x, "label": labels})
+    got = answer_examples(p, per_class=2, chunk=3)  # chunks of 3 rows: the picks cross chunk boundaries
+    assert sorted(got) == [0, 1, 2]
+    firsts = {c: v[:, 0, 0, 0].tolist() for c, v in got.items()}
+    assert firsts == {0: [2, 5], 1: [6], 2: [0, 3]}
+    assert got[2].shape == (2, 1, 2, 2) and got[2].dtype == torch.uint8
+    # probabilities: the argmax decides; an all-zero placeholder row is never drawn
+    q = tmp_path / "probs.h5"
+    probs = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.1, 0.8], [0.7, 0.2, 0.1]])
+    with SampleWriter(q, header()) as w:
+        w.reserve(3)
+        w.append({"x": torch.arange(3, dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 4, 4).contiguous(), "probs": probs})
+    assert {c: v[:, 0, 0, 0].tolist() for c, v in answer_examples(q, 5).items()} == {0: [2], 2: [1]}
+    hq = StreamHeader("queries", {"x": {"dtype": "uint8", "shape": [1, 4, 4]}})
+    write_samples(tmp_path / "q.h5", hq, [{"x": torch.zeros(2, 1, 4, 4, dtype=torch.uint8)}])
+    assert answer_examples(tmp_path / "q.h5", 3) is None

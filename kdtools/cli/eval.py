@@ -67,20 +67,47 @@ def accuracy(
         Console().print(t)
 
 
+def check_plot_path(flag: str, path: str, inputs: dict[str, list]) -> None:
+    """Every check on a plot's name before any work: a file (stdout carries the table or JSON), not a
+    directory nor one of the inputs, in a format the figure module writes."""
+    from .aggregate import check_paths
+
+    if path == "-":
+        raise KdUsageError(f"{flag} -: the plot is written to a file (stdout carries the table or JSON); give a file name")
+    check_paths({flag: path}, inputs, stdout_flag=None)
+    try:
+        image_format(path)
+    except KdUsageError as e:
+        raise KdUsageError(f"{flag} {e}") from None
+
+
 @app.command()
 def log(
     path: str = typer.Argument(..., help="A query log or sample file (.h5)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of a table."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="Also draw the queries as an image, one row per answered "
+                                       "class (its first queries in log order), format from the suffix: .png, .svg, .pdf, ..."),
+    per_class: int = typer.Option(8, "--per-class", min=1, max=64, help="Queries drawn per class with --grid."),
+    title: str = typer.Option("", "--title", help="Title of the --grid image (default: the log's name)."),
     debug: bool = DebugOption,
 ):
     """Accounting of a query log: rows answered, queries spent (probes included), budget, oracle, mode,
-    and how the answers spread over the classes."""
-    from ..h5store import answer_counts, log_info
+    and how the answers spread over the classes; --grid draws what was asked, by answer."""
+    from ..h5store import answer_counts, answer_examples, log_info
 
+    if grid:
+        check_plot_path("--grid", grid, {"LOG": [path]})
     facts = log_info(path)
     answers = answer_counts(path)
     if answers is not None:
         facts["answers_by_class"], facts["rejected"] = answers["by_class"], answers["rejected"]
+    if grid:
+        from ..logplot import plot_answer_grid
+
+        if answers is None:
+            raise KdUsageError(f"--grid: {path} holds no answers to sort its queries by (a query file, not a log)")
+        plot_answer_grid(answer_examples(path, per_class), answers["by_class"], grid, title or f"queries of {path} by answer",
+                         options={"log": path, "per_class": per_class})
     if as_json:
         sys.stdout.write(json.dumps(facts) + "\n")
         return
@@ -116,13 +143,7 @@ def curve(
     from ..curve import curve_json, evaluate_curve, find_checkpoints, is_run, plot_curves, run_label
 
     if plot:  # every check on the plot's name before any work
-        if plot == "-":
-            raise KdUsageError("--plot -: the plot is written to a file (stdout carries the table or JSON); give a file name")
-        check_paths({"--plot": plot}, {"checkpoint": inputs, "--reference": [reference]}, stdout_flag=None)
-        try:
-            image_format(plot)
-        except KdUsageError as e:
-            raise KdUsageError(f"--plot {e}") from None
+        check_plot_path("--plot", plot, {"checkpoint": inputs, "--reference": [reference]})
     # several runs (directories or logs) are compared, one series each; weights files make one series
     if len(inputs) > 1 and all(is_run(i) for i in inputs):
         groups = [(run_label(i), find_checkpoints([i])) for i in inputs]
