@@ -226,6 +226,25 @@ def test_kill_9_then_resume_pays_nothing_twice_and_stays_in_budget(victim_path, 
     assert after["rows"] <= rows_received(received) <= after["spent"] <= budget
 
 
+def test_resume_from_a_state_saved_at_the_stop_is_the_uninterrupted_run(victim_path, tmp_path):
+    # an attack stopped at its budget, then continued with a larger one, writes the very log (queries and answers)
+    # the uninterrupted attack writes: the state holds the RNGs, the pool and the optimisers. (From an older state,
+    # e.g. after kill -9 with the default --state-every 60, the answers paid after it are learned first and the run
+    # goes on along another path: session 14 saw two lanes resumed at different points diverge there.)
+    common = ["--oracle", str(victim_path), "--mode", "probs", "--substitute", "lenet5-half", "--batch-size", "50",
+              "--g-steps", "2", "--s-optimizer", "adam", "--lr-s", "0.001", "--pool-epochs", "1", "--pool-steps", "5",
+              "--balance-pool", "--state-every", "0", "-q"]
+    kd("kd-gen-queries", "ideal", *common, "--budget", "600", "-o", tmp_path / "whole", check=True)
+    kd("kd-gen-queries", "ideal", *common, "--budget", "300", "-o", tmp_path / "parts", check=True)
+    kd("kd-gen-queries", "ideal", *common, "--budget", "600", "-o", tmp_path / "parts", "--resume", check=True)
+    with h5py.File(tmp_path / "whole" / "queries.h5", "r") as a, h5py.File(tmp_path / "parts" / "queries.h5", "r") as b:
+        for name in ("x", "probs", "batch_rows"):
+            assert np.array_equal(a[name][:], b[name][:]), name
+    # the same substitute weights (the files' metadata differ: each records the command that wrote it)
+    whole, parts = (load_model(tmp_path / d / "substitute.safetensors").module.state_dict() for d in ("whole", "parts"))
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+
+
 def test_sigterm_stops_an_attack_with_one_line_and_resume_finishes_it(victim_path, tmp_path):
     # what a batch scheduler does at its time limit: SIGTERM, then (later) SIGKILL
     out, budget = tmp_path / "att", 1000
