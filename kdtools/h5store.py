@@ -123,7 +123,8 @@ def _answered_classes(f: h5py.File, header: StreamHeader, chunk: int) -> Iterato
         return
     n = _committed_rows(f, header.fields)
     for i in range(0, n, chunk):
-        v = torch.from_numpy(np.ascontiguousarray(f[field][i:i + chunk]))
+        # a writer stopped mid-batch leaves rows past n that were never committed: never read them
+        v = torch.from_numpy(np.ascontiguousarray(f[field][i:min(i + chunk, n)]))
         top = v if field == "label" else v[:, 0] if field == "topk_index" else v.float().argmax(1)
         yield i, torch.where(rejected_rows({field: v}), -1, top.reshape(-1).long())
 
@@ -145,25 +146,26 @@ def answer_counts(path, chunk: int = 65536) -> Optional[dict]:
 
 
 def answer_examples(path, per_class: int, chunk: int = 65536) -> Optional[dict]:
-    """The first ``per_class`` queries of a log (in log order) answered with each class: {class: x tensor}, classes
-    never answered left out; None for a file without answers. Only the chosen rows of x are read, so a log of
-    millions of images costs one pass over its answers."""
+    """Up to ``per_class`` queries answered with each class, spread evenly over that class's rows in log order
+    (the first and the last included): {class: x tensor}, classes never answered left out; None for a file
+    without answers. Spreading them shows a generator's late queries beside its untrained first ones. The
+    answers are read once; of the queries only the chosen rows, so a log of millions of images stays cheap."""
     with _open(path, "r") as f:
         _check_ours(f, path)
         header = _header_from_attrs(f)
         if _answer_field(header) is None:
             return None
-        rows: dict[int, list[int]] = {}
-        for start, top in _answered_classes(f, header, chunk):
-            for c in range(int(header.num_classes)):
-                need = per_class - len(rows.get(c, []))
-                if need > 0:
-                    hit = torch.nonzero(top == c).flatten()[:need]
-                    if len(hit):
-                        rows.setdefault(c, []).extend((start + hit).tolist())
-            if all(len(rows.get(c, [])) >= per_class for c in range(int(header.num_classes))):
-                break
-        return {c: torch.from_numpy(np.ascontiguousarray(f["x"][sorted(r)])) for c, r in sorted(rows.items())}
+        # one int32 per row (40 MB for ten million rows) rather than a second pass over the answers
+        parts = [top.to(torch.int32) for _, top in _answered_classes(f, header, chunk)]
+        answered = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
+        picks = {}
+        for c in range(int(header.num_classes)):
+            rows = torch.nonzero(answered == c).flatten()
+            if len(rows):
+                # evenly spaced positions at least one apart, so rounding keeps them distinct
+                at = torch.linspace(0, len(rows) - 1, min(per_class, len(rows)), dtype=torch.float64).round().long()
+                picks[c] = rows[at].tolist()
+        return {c: torch.from_numpy(np.ascontiguousarray(f["x"][r])) for c, r in picks.items()}
 
 
 def iter_batches(path, batch_size: int = READ_CHUNK, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:

@@ -13,9 +13,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, counting_exec_oracle, kd, kd_cmd, rows_received, sha
-from kdtools.h5store import log_info
+from kdtools.h5store import SampleWriter, log_info
+from kdtools.stream import StreamHeader
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -58,7 +60,16 @@ def test_three_process_pipe_steals_the_victim(victim_path, tmp_path):
         assert p.returncode == 2 and why in p.stderr, p.stderr
     # a file of queries has no answers to sort by: refused, and an existing image is left as it was
     p = kd("kd-eval", "log", queries_h5(tmp_path), "--grid", grid)
-    assert p.returncode == 2 and b"no answers" in p.stderr and grid.read_bytes() == before
+    assert p.returncode == 2 and b"no class answers" in p.stderr and grid.read_bytes() == before
+    # a log whose every query was refused has nothing to draw: a data error (exit 1), the image left as it was
+    refused = tmp_path / "refused.h5"
+    with SampleWriter(refused, StreamHeader("samples", {"x": {"dtype": "uint8", "shape": [1, 4, 4]},
+                                                        "label": {"dtype": "int64", "shape": []}}, 10, mode="label")) as w:
+        w.reserve(2)
+        w.append({"x": torch.zeros(2, 1, 4, 4, dtype=torch.uint8), "label": torch.tensor([-1, -1])})
+    p = kd("kd-eval", "log", refused, "--grid", grid)
+    assert p.returncode == 1 and b"no answered query" in p.stderr and b"Traceback" not in p.stderr
+    assert grid.read_bytes() == before
     # the log is itself a training set: the same student trains from it without the pipe
     kd("kd-distill", log, "--arch", "mlp", "--epochs", "1", "-o", tmp_path / "s2.safetensors", check=True)
     # and the stream on stdout is all data: messages went to stderr

@@ -1,6 +1,7 @@
 """kdtools.figures: every plot format offered records the kdtools version and the options in the file itself."""
 
 import gzip
+import re
 
 import pytest
 from PIL import Image
@@ -52,16 +53,25 @@ def test_other_names_are_usage_errors_and_no_suffix_means_png():
 def test_the_answer_grid_draws_images_only(tmp_path):
     import torch
 
-    from kdtools.logplot import plot_answer_grid, to_hwc
+    from kdtools.errors import KdError
+    from kdtools.logplot import heading_width, plot_answer_grid, share_text, to_hwc
 
     # grey and colour tiles, uint8 and float, all as [0, 1] arrays for imshow
     assert to_hwc(torch.full((1, 2, 3), 255, dtype=torch.uint8)).tolist() == [[1.0] * 3] * 2
     assert to_hwc(torch.rand(3, 4, 5)).shape == (4, 5, 3)
     out = tmp_path / "g.svg"
     plot_answer_grid({0: torch.rand(2, 3, 4, 4), 2: torch.rand(1, 3, 4, 4)}, [5, 0, 1], out, options={"k": 1})
-    assert "never answered: 1" in out.read_text()  # the class no query reached is named
+    assert "never answered: 1" in " ".join(out.read_text().split())  # the class no query reached is named
+    # a class answered a few times in a large log is not shown as "0.0 %"
+    assert [share_text(0, 10), share_text(1, 4), share_text(3, 10_000), share_text(5, 10_000)] == ["0 %", "25.0 %", "<0.1 %", "0.1 %"]
+    # a long title on a narrow grid is wrapped, not cut off at the image's edge
+    long_title = "queries of " + "a/very/long/path/" * 6 + "log.h5"
+    plot_answer_grid({0: torch.rand(1, 1, 4, 4)}, [1], tmp_path / "t.svg", title=long_title)
+    texts = re.findall(r"<!-- (.*?) -->", (tmp_path / "t.svg").read_text())  # matplotlib names each text line
+    assert long_title.replace(" ", "") in "".join(texts).replace(" ", "")
+    assert len(texts) > 3 and max(map(len, texts)) <= heading_width(1) < len(long_title)
     with pytest.raises(KdUsageError, match="draws images"):
         plot_answer_grid({0: torch.rand(2, 2)}, [2], tmp_path / "p.png")  # 2-D points
-    with pytest.raises(KdUsageError, match="no answered query"):
+    with pytest.raises(KdError, match="no answered query"):
         plot_answer_grid({}, [0, 0], tmp_path / "e.png")
     assert not (tmp_path / "p.png").exists() and not (tmp_path / "e.png").exists()

@@ -187,7 +187,7 @@ def test_atomic_output_onto_a_pipe_writes_through_it_and_leaves_the_pipe(tmp_pat
     assert [f.name for f in tmp_path.iterdir()] == ["pipe"]  # no temporary file left beside it
 
 
-def test_answer_examples_are_the_first_queries_of_each_answered_class(tmp_path):
+def test_answer_examples_spread_evenly_over_each_answered_class(tmp_path):
     from kdtools.h5store import answer_examples
 
     p = tmp_path / "labels.h5"
@@ -200,8 +200,12 @@ def test_answer_examples_are_the_first_queries_of_each_answered_class(tmp_path):
         w.append({"x": x, "label": labels})
     got = answer_examples(p, per_class=2, chunk=3)  # chunks of 3 rows: the picks cross chunk boundaries
     assert sorted(got) == [0, 1, 2]
-    firsts = {c: v[:, 0, 0, 0].tolist() for c, v in got.items()}
-    assert firsts == {0: [2, 5], 1: [6], 2: [0, 3]}
+    drawn = {c: v[:, 0, 0, 0].tolist() for c, v in got.items()}
+    # class 2 was answered at rows 0, 3, 4, 7: two picks are its first and last, not its first two
+    assert drawn == {0: [2, 5], 1: [6], 2: [0, 7]}
+    # three of class 2's four rows: positions 0, 1.5, 3 round (half to even) to 0, 2, 3 -> rows 0, 4, 7
+    assert answer_examples(p, per_class=3, chunk=3)[2][:, 0, 0, 0].tolist() == [0, 4, 7]
+    assert answer_examples(p, per_class=1)[2][:, 0, 0, 0].tolist() == [0]
     assert got[2].shape == (2, 1, 2, 2) and got[2].dtype == torch.uint8
     # probabilities: the argmax decides; an all-zero placeholder row is never drawn
     q = tmp_path / "probs.h5"
@@ -213,3 +217,21 @@ def test_answer_examples_are_the_first_queries_of_each_answered_class(tmp_path):
     hq = StreamHeader("queries", {"x": {"dtype": "uint8", "shape": [1, 4, 4]}})
     write_samples(tmp_path / "q.h5", hq, [{"x": torch.zeros(2, 1, 4, 4, dtype=torch.uint8)}])
     assert answer_examples(tmp_path / "q.h5", 3) is None
+
+
+def test_answers_past_the_committed_rows_are_not_counted_or_drawn(tmp_path):
+    # a writer killed mid-batch: the labels of the next batch were written, its batch index was not
+    from kdtools.h5store import answer_counts, answer_examples
+
+    p = tmp_path / "labels.h5"
+    hl = StreamHeader("samples", {"x": {"dtype": "uint8", "shape": [1, 2, 2]}, "label": {"dtype": "int64", "shape": []}}, 3,
+                      mode="label")
+    with SampleWriter(p, hl, budget=100) as w:
+        w.reserve(3)
+        w.append({"x": torch.zeros(3, 1, 2, 2, dtype=torch.uint8), "label": torch.tensor([0, 1, 0])})
+        w.reserve(4)
+    with h5py.File(p, "a") as f:
+        f["label"].resize(7, axis=0)
+        f["label"][3:7] = 2
+    assert answer_counts(p, chunk=2) == {"by_class": [2, 1, 0], "rejected": 0}
+    assert sorted(answer_examples(p, 4, chunk=2)) == [0, 1]

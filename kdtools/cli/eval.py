@@ -86,7 +86,7 @@ def log(
     path: str = typer.Argument(..., help="A query log or sample file (.h5)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of a table."),
     grid: Optional[str] = typer.Option(None, "--grid", help="Also draw the queries as an image, one row per answered "
-                                       "class (its first queries in log order), format from the suffix: .png, .svg, .pdf, ..."),
+                                       "class (queries spread evenly over its rows, first to last), format from the suffix: .png, .svg, .pdf, ..."),
     per_class: int = typer.Option(8, "--per-class", min=1, max=64, help="Queries drawn per class with --grid."),
     title: str = typer.Option("", "--title", help="Title of the --grid image (default: the log's name)."),
     debug: bool = DebugOption,
@@ -105,7 +105,8 @@ def log(
         from ..logplot import plot_answer_grid
 
         if answers is None:
-            raise KdUsageError(f"--grid: {path} holds no answers to sort its queries by (a query file, not a log)")
+            raise KdUsageError(f"--grid: {path} holds no class answers to sort its queries by (queries without "
+                               "answers, or answers without a class count)")
         plot_answer_grid(answer_examples(path, per_class), answers["by_class"], grid, title or f"queries of {path} by answer",
                          options={"log": path, "per_class": per_class})
     if as_json:
@@ -114,8 +115,9 @@ def log(
     table = Table(title=f"kd-eval log {path}", show_header=False)
     for k, v in facts.items():
         if k == "answers_by_class":
-            total = max(1, sum(v))
-            v = "  ".join(f"{c}: {100 * n / total:.1f} %" for c, n in enumerate(v))
+            from ..logplot import share_text
+
+            v = "  ".join(f"{c}: {share_text(n, sum(v))}" for c, n in enumerate(v))
         table.add_row(k.replace("_", " "), "unlimited" if k == "budget" and v < 0 else str(v))
     Console().print(table)
 
