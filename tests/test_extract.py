@@ -227,10 +227,11 @@ def test_kill_9_then_resume_pays_nothing_twice_and_stays_in_budget(victim_path, 
 
 
 def test_resume_from_a_state_saved_at_the_stop_is_the_uninterrupted_run(victim_path, tmp_path):
-    # an attack stopped at its budget, then continued with a larger one, writes the very log (queries and answers)
-    # the uninterrupted attack writes: the state holds the RNGs, the pool and the optimisers. (From an older state,
-    # e.g. after kill -9 with the default --state-every 60, the answers paid after it are learned first and the run
-    # goes on along another path: session 14 saw two lanes resumed at different points diverge there.)
+    # an attack stopped at a budget on a batch boundary (300 = 6 x 50, --final-epochs 0 by default), then continued
+    # with a larger one, writes the very log (queries and answers) the uninterrupted attack writes: the state holds
+    # the RNGs, the pool and the optimisers. Not covered here, and documented as another path: a budget cutting a
+    # batch short, or an older state (e.g. kill -9 with the default --state-every 60), whose later answers are
+    # learned first.
     common = ["--oracle", str(victim_path), "--mode", "probs", "--substitute", "lenet5-half", "--batch-size", "50",
               "--g-steps", "2", "--s-optimizer", "adam", "--lr-s", "0.001", "--pool-epochs", "1", "--pool-steps", "5",
               "--balance-pool", "--state-every", "0", "-q"]
