@@ -15,10 +15,16 @@ Teachers: the extraction benchmark's victims (trained by kd-distill when missing
 so a stopped run continues where it was.
 
   KD_DATA=../shared/data python benchmarks/cake.py --datasets mnist fashion-mnist
+
+Another student recipe on the same logs (no new teacher call), kept beside the first under its own name:
+
+  KD_DATA=../shared/data python benchmarks/cake.py --methods cake --student-name sgd01 \
+      --train-args "--epochs 30 --optimizer sgd --lr 0.1 --schedule cosine --weight-decay 5e-4 --batch-size 128"
 """
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,6 +44,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=25_600, help="Queries per method (the paper: 256 sets of 100).")
     ap.add_argument("--cake-args", default="", help="Extra kd-gen-queries cake flags, e.g. '--steps 200'.")
     ap.add_argument("--student", default="lenet5-half")
+    ap.add_argument("--train-args", default=shlex.join(POST_TRAIN_ARGS), help="kd-distill's training flags for the student.")
+    ap.add_argument("--student-name", default="student", help="File name of the student (another recipe: another name).")
     ap.add_argument("--mnist-victim")
     ap.add_argument("--fmnist-victim")
     ap.add_argument("--victim-epochs", type=int, default=4)
@@ -57,7 +65,7 @@ def main() -> None:
             tag = f"{ds}-{method}-{args.n}"
             out, log = work / tag, work / f"{tag}.log"
             out.mkdir(exist_ok=True)
-            queries, answers, student = out / "queries.kds", out / "queries.h5", out / "student.safetensors"
+            queries, answers, student = out / "queries.kds", out / "queries.h5", out / f"{args.student_name}.safetensors"
             t_gen = t_dist = 0.0
             if not queries.exists():  # written atomically: present means complete
                 if method == "cake":
@@ -67,21 +75,22 @@ def main() -> None:
                     cmd = [*tool("kd-gen-queries"), "noise", "--like", str(teacher), "-n", str(args.n), "-o", str(queries)]
                 t_gen = sh(cmd, log)
             if not finished(student):  # a log stopped part-way resumes: kd-query pays only for what it lacks
-                sh(["sh", "-c", f"{' '.join(tool('kd-query'))} {teacher} --mode probs --log {answers} -q "
-                                f"< {queries} > /dev/null"], log)
+                sh(["sh", "-c", f"{shlex.join(tool('kd-query'))} {shlex.quote(str(teacher))} --mode probs --log "
+                                f"{shlex.quote(str(answers))} -q < {shlex.quote(str(queries))} > /dev/null"], log)
             if not finished(student):
-                cmd = [*tool("kd-distill"), str(answers), "--arch", args.student, *POST_TRAIN_ARGS, "--device", args.device,
+                cmd = [*tool("kd-distill"), str(answers), "--arch", args.student, *shlex.split(args.train_args), "--device", args.device,
                        "-q", "-o", str(student)]
                 t_dist = sh(cmd + (["--resume", str(student) + ".ckpt"] if resumable(student) else []), log)
             acc = test_accuracy(student, ds)
             row = {"dataset": ds, "method": method, "n": args.n, "student": args.student, "accuracy": acc,
                    "teacher": str(teacher), "teacher_accuracy": teacher_acc, "seconds_synthesis": t_gen,
-                   "seconds_student": t_dist, "cake_args": args.cake_args, "date": time.strftime("%Y-%m-%d %H:%M")}
+                   "seconds_student": t_dist, "cake_args": args.cake_args, "train_args": args.train_args, "date": time.strftime("%Y-%m-%d %H:%M")}
             with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")
             rows.append(row)
             print(f"{ds} {method}: student {100 * acc:.2f} % (teacher {100 * teacher_acc:.2f} %)", flush=True)
     print()
+    print(f"student training: kd-distill {args.train_args}")
     print("| data set | queries | method | teacher (LeNet-5) | student | paper (CAKE) | synthesis s | student s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
