@@ -6,15 +6,17 @@ Every command that reads a stream also reads the same data from an HDF5 path, an
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
 import torch
 
 from . import h5store
-from .errors import KdError
+from .errors import KdError, KdUsageError
 from .fileio import sniff
-from .stream import StreamHeader, StreamReader
+from .stream import StreamHeader, StreamReader, fields_of
 
 
 class SampleSource:
@@ -150,3 +152,66 @@ class SampleSink:
             self._file.close()
         if self._tmp.exists():
             self._tmp.unlink()
+
+
+# A generator whose samples cost minutes each (CAKE on a CPU) must not lose them to a kill: its finished
+# batches go to FILE.partial.h5 beside the output, flushed batch by batch, and the output is made from it at
+# the end. A rerun with --resume counts what the partial holds and generates only the rest.
+
+def partial_path(output: str | Path) -> Path:
+    """Where the batches of a run writing ``output`` are kept until it finishes."""
+    return Path(str(output) + ".partial.h5")
+
+
+def partial_rows(partial: Path, generator: dict, resume: bool) -> int:
+    """Rows a stopped run kept in ``partial`` (0 when there is none). The partial must have been made with the
+    same options (``generator``, the record the output's header carries), and is only used with ``resume``:
+    otherwise it is an error to run over it, so that a rerun never silently throws away paid-for work."""
+    if not partial.exists():
+        return 0
+    rows = h5store.log_info(partial)["rows"]
+    if not resume:
+        raise KdUsageError(f"{partial} holds {rows} samples of a run that was stopped: the same command with --resume "
+                           "continues it; delete the file to start over")
+    made = h5store.read_header(partial).extra.get("generator") or {}
+    wanted = json.loads(json.dumps(generator, default=str))  # as the header stores it: tuples become lists
+    if made != wanted:
+        differing = sorted(k for k in set(made) | set(wanted) if made.get(k) != wanted.get(k))
+        raise KdUsageError(f"{partial} was made with other options ({', '.join(differing)}); resume with the same "
+                           "options, or delete it to start over")
+    return rows
+
+
+def write_through_partial(batches: Iterator[dict], output: str | Path, generator: dict, version: str,
+                          frame_rows: int) -> int:
+    """Append ``batches`` to ``output``'s partial file, each flushed as it comes, then make ``output`` from the
+    partial atomically (an .h5 output is the partial renamed; a stream file is written from it in frames of
+    ``frame_rows``) and remove the partial. Returns the rows of the output."""
+    partial = partial_path(output)
+    writer = None
+    try:
+        for batch in batches:
+            if writer is None:
+                header = StreamHeader("queries", fields_of(batch), extra={"generator": generator, "kdtools": version})
+                writer = h5store.SampleWriter(partial, header, resume=True)
+            writer.append(batch)
+    finally:
+        if writer is not None:
+            writer.close()
+    if not partial.exists():
+        raise KdError("nothing was generated")
+    rows = h5store.log_info(partial)["rows"]
+    out = Path(output)
+    if out.suffix.lower() in (".h5", ".hdf5"):
+        os.replace(partial, out)
+        return rows
+    sink = SampleSink(h5store.read_header(partial), path=out)
+    try:
+        for batch in h5store.iter_batches(partial, batch_size=frame_rows):
+            sink.write(batch)
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close()
+    partial.unlink()
+    return rows

@@ -4,9 +4,12 @@ synthesis loop on a small teacher, and the command through a real pipe into kd-q
 import math
 import os
 import pty
+import signal
 import subprocess
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -14,7 +17,9 @@ import torch.nn as nn
 from kdtools.errors import KdUsageError
 from kdtools.extract.cake import (CakeConfig, cake_losses, recorded_normalization, row_targets, step_size, synthesise,
                                   total_variation)
+from kdtools.h5store import log_info, read_header
 from kdtools.models import ImageClassifier
+from kdtools.sources import open_samples, partial_path, partial_rows, write_through_partial
 from kdtools.weights import Ensemble, load_model
 from kdtools.stream import StreamReader
 
@@ -218,3 +223,68 @@ def test_cake_refuses_black_box_teachers_and_impossible_groups(victim_path, tmp_
         os.close(slave)
         os.close(master)
     assert p.returncode == 2 and b"refusing to write a binary stream to a terminal" in p.stderr
+
+
+def test_write_through_partial_keeps_finished_batches_and_resumes_exactly(tmp_path):
+    batches = [{"x": torch.full((3, 1, 2, 2), float(i) / 10)} for i in range(4)]
+    options = {"method": "test", "seed": 0, "pixel_mean": (0.5,)}
+
+    def stopped_after(k):  # a run killed while making batch k
+        for i, b in enumerate(batches):
+            if i == k:
+                raise KeyboardInterrupt
+            yield b
+
+    out = tmp_path / "q.kds"
+    with pytest.raises(KeyboardInterrupt):
+        write_through_partial(stopped_after(2), out, options, "v", 3)
+    partial = partial_path(out)
+    assert not out.exists() and partial.exists()  # the output appears only complete; the two finished batches are kept
+    with pytest.raises(KdUsageError, match="--resume"):
+        partial_rows(partial, options, resume=False)  # never silently thrown away
+    with pytest.raises(KdUsageError, match="other options \\(seed\\)"):
+        partial_rows(partial, {**options, "seed": 1}, resume=True)
+    kept = partial_rows(partial, options, resume=True)  # (0.5,) compares equal to the stored [0.5]
+    assert kept == 6
+    assert write_through_partial(iter(batches[kept // 3:]), out, options, "v", 3) == 12
+    assert not partial.exists()
+    got = open_samples(out)
+    assert got.header.extra == {"generator": {"method": "test", "seed": 0, "pixel_mean": [0.5]}, "kdtools": "v"}
+    frames = list(got)
+    assert [f["x"].shape[0] for f in frames] == [3, 3, 3, 3]  # re-framed as the generator framed it
+    assert torch.equal(torch.cat([f["x"] for f in frames]), torch.cat([b["x"] for b in batches]))
+    assert partial_rows(partial, options, resume=True) == 0  # nothing left to resume
+
+
+def test_a_stopped_cake_run_resumes_to_the_uninterrupted_file(victim_path, tmp_path):
+    args = ["cake", "--teacher", str(victim_path), "-n", "1000", "--batch-size", "50", "--steps", "20", "-q"]
+    kd("kd-gen-queries", *args, "-o", tmp_path / "whole.h5", check=True)
+    part, partial = tmp_path / "part.h5", tmp_path / "part.h5.partial.h5"
+    proc = subprocess.Popen(kd_cmd("kd-gen-queries") + args + ["-o", str(part)], stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not partial.exists():
+        time.sleep(0.05)
+    time.sleep(1.0)  # a few more sets (each well under a second here)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 143
+    assert err.strip() == (f"error: terminated (SIGTERM); the finished sets are kept in {partial}; the same command with "
+                           "--resume continues from them")
+    kept = log_info(partial)["rows"]
+    assert 0 < kept < 1000 and kept % 50 == 0 and not part.exists()
+    before = partial.read_bytes()
+    # running over it without --resume, or resuming with other options, is refused and leaves it intact
+    p = kd("kd-gen-queries", *args, "-o", part)
+    assert p.returncode == 2 and b"--resume continues it" in p.stderr
+    p = kd("kd-gen-queries", *args, "-o", part, "--seed", "1", "--resume")
+    assert p.returncode == 2 and b"other options (seed)" in p.stderr
+    assert partial.read_bytes() == before
+    kd("kd-gen-queries", *args, "-o", part, "--resume", check=True)
+    assert not partial.exists() and read_header(part).extra == read_header(tmp_path / "whole.h5").extra
+    a, b = (np.concatenate([t["x"].numpy() for t in open_samples(f)]) for f in (tmp_path / "whole.h5", part))
+    assert a.shape == (1000, 1, 28, 28) and np.array_equal(a, b)
+    # a stream on stdout keeps nothing to resume from
+    p = subprocess.run(kd_cmd("kd-gen-queries") + args + ["--resume"], capture_output=True)
+    assert p.returncode == 2 and b"--resume needs -o FILE" in p.stderr

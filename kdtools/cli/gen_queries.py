@@ -10,7 +10,7 @@ import typer
 
 from .. import __version__
 from ..data import load_dataset
-from ..errors import KdUsageError
+from ..errors import KdError, KdUsageError
 from ..queries import dataset_batches, noise_batches
 from ..stream import StreamHeader, fields_of
 from ..weights import load_model, parse_shape
@@ -424,6 +424,8 @@ def cake(
     input_shape: Optional[str] = InputShape,
     trust_pickle: bool = TrustPickle,
     output: str = Output,
+    resume: bool = typer.Option(False, "--resume", help="With -o FILE: continue a stopped run from the sets kept in "
+                                "FILE.partial.h5 (the finished file is the uninterrupted run's)."),
     device: str = DeviceOption,
     quiet: bool = Quiet,
     debug: bool = DebugOption,
@@ -434,6 +436,7 @@ def cake(
     --log q.h5 | kd-distill --arch lenet5-half -o student.safetensors`."""
     from ..device import resolve_device
     from ..extract.cake import CakeConfig, options_record, recorded_normalization, synthesise
+    from ..sources import partial_path, partial_rows, write_through_partial
     from ..weights import load_classifier, probe_num_classes
     from ._common import binary_stdout, progress_reporter
 
@@ -446,6 +449,9 @@ def cake(
         raise KdUsageError("give both --pixel-mean and --pixel-std, or neither (the teacher's recorded normalisation)")
     if output == "-":
         binary_stdout()  # refuse a terminal now, not after the first set's minute of work
+        if resume:
+            raise KdUsageError("--resume needs -o FILE: a stream on stdout keeps nothing to resume from (kd-query's "
+                               "log does: a rerun of the pipe pays the oracle only for what it lacks)")
 
     def floats(flag: str, text: str) -> tuple:
         try:
@@ -473,8 +479,23 @@ def cake(
                      norm[0], norm[1], seed)
     cfg.check(classes, shape)
     source = {**options_record(cfg), "teacher": teacher, "n": n, "shape": list(shape)}
+    if output == "-":
+        with progress_reporter(not quiet, "kd-gen-queries cake") as progress:
+            _write(synthesise(loaded.module, shape, classes, n, cfg, dev, progress), n, source, output)
+        return
+    # a file output keeps every finished set in FILE.partial.h5, so a stopped run (minutes a set on a CPU)
+    # loses at most the set in flight; sets are independently seeded, so skipping the kept ones is exact
+    partial = partial_path(output)
+    kept = partial_rows(partial, source, resume)
+    if kept % cfg.batch_size and kept < n:
+        raise KdError(f"{partial}: {kept} samples is not a whole number of sets of {cfg.batch_size} (damaged); delete it")
+    if kept and not quiet:
+        info(f"kd-gen-queries cake: {kept} of {n} samples kept in {partial}; making the rest")
+    STOP_HINT["text"] = f"the finished sets are kept in {partial}; the same command with --resume continues from them"
     with progress_reporter(not quiet, "kd-gen-queries cake") as progress:
-        _write(synthesise(loaded.module, shape, classes, n, cfg, dev, progress), n, source, output)
+        batches = synthesise(loaded.module, shape, classes, n, cfg, dev, progress, start_set=kept // cfg.batch_size)
+        rows = write_through_partial(batches, output, source, __version__, cfg.batch_size)
+    info(f"kd-gen-queries: wrote {rows} queries {'x'.join(map(str, shape))} to {output}")
 
 
 @app.command()

@@ -138,14 +138,18 @@ def row_targets(rows: int, groups: int, num_classes: int, g: torch.Generator) ->
 
 
 def synthesise(teacher: nn.Module, shape: tuple, num_classes: int, n: int, cfg: CakeConfig,
-               device: torch.device | str = "cpu", progress: ProgressCallback = no_progress) -> Iterator[dict]:
+               device: torch.device | str = "cpu", progress: ProgressCallback = no_progress,
+               start_set: int = 0) -> Iterator[dict]:
     """Yield ``n`` CAKE samples as batches ``{"x": float32 (m, *shape) in [0, 1]}``, one set at a time.
 
     The teacher must be differentiable (a model file, not a remote oracle); it is put in eval mode and
     never changed. Every set is drawn from its own seeded generator (seed, set index), so a run is
-    reproducible and set ``m`` does not depend on how many sets came before it."""
+    reproducible and set ``m`` does not depend on how many sets came before it: ``start_set`` skips the
+    sets a stopped run already made, and the rest are those the uninterrupted run makes."""
     if n <= 0:
         raise KdUsageError("-n must be positive")
+    if start_set < 0:
+        raise KdUsageError("start_set must be >= 0")
     cfg.check(num_classes, tuple(shape))
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
@@ -156,8 +160,8 @@ def synthesise(teacher: nn.Module, shape: tuple, num_classes: int, n: int, cfg: 
     mean = torch.tensor(cfg.pixel_mean, dtype=torch.float32).expand(c).reshape(c, 1, 1).to(device)
     std = torch.tensor(cfg.pixel_std, dtype=torch.float32).expand(c).reshape(c, 1, 1).to(device)
     lo, hi = (0.0 - mean) / std, (1.0 - mean) / std  # the box of z that keeps x in [0, 1]
-    emitted = 0
-    for m in range(num_sets):
+    emitted = min(n, start_set * cfg.batch_size)
+    for m in range(start_set, num_sets):
         eta = step_size(m, num_sets, cfg.lr, cfg.decay_decades, cfg.schedule)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + m)
         y = row_targets(rows, cfg.groups, num_classes, g).to(device)
