@@ -12,7 +12,7 @@ Every query is answered by the teacher through kd-query --mode probs (logged), a
 the log by kd-distill with the benchmarks' post-training settings (Adam 1e-3, 30 epochs, batch 128: a LeNet
 without batch norm, see benchmarks/extraction.py; the authors train with SGD 0.1 and a one-cycle schedule).
 Teachers: the extraction benchmark's victims (trained by kd-distill when missing). Finished steps are kept,
-so a stopped run continues where it was.
+so a stopped run continues where it was (CAKE's finished sets too: kd-gen-queries cake --resume).
 
   KD_DATA=../shared/data python benchmarks/cake.py --datasets mnist fashion-mnist
 
@@ -69,8 +69,9 @@ def main() -> None:
             t_gen = t_dist = 0.0
             if not queries.exists():  # written atomically: present means complete
                 if method == "cake":
+                    # --resume: the sets a stopped run finished are kept beside the output and not made again
                     cmd = [*tool("kd-gen-queries"), "cake", "--teacher", str(teacher), "-n", str(args.n), *PIXELS[ds],
-                           *args.cake_args.split(), "--device", args.device, "-o", str(queries)]
+                           *args.cake_args.split(), "--device", args.device, "-o", str(queries), "--resume"]
                 else:
                     cmd = [*tool("kd-gen-queries"), "noise", "--like", str(teacher), "-n", str(args.n), "-o", str(queries)]
                 t_gen = sh(cmd, log)
