@@ -163,10 +163,11 @@ def partial_path(output: str | Path) -> Path:
     return Path(str(output) + ".partial.h5")
 
 
-def partial_rows(partial: Path, generator: dict, resume: bool) -> int:
+def partial_rows(partial: Path, generator: dict, resume: bool, ignore: tuple = ()) -> int:
     """Rows a stopped run kept in ``partial`` (0 when there is none). The partial must have been made with the
-    same options (``generator``, the record the output's header carries), and is only used with ``resume``:
-    otherwise it is an error to run over it, so that a rerun never silently throws away paid-for work."""
+    same options (``generator``, the record the output's header carries, but for the keys in ``ignore``), and is
+    only used with ``resume``: otherwise it is an error to run over it, so that a rerun never silently throws
+    away paid-for work."""
     if not partial.exists():
         return 0
     rows = h5store.log_info(partial)["rows"]
@@ -175,8 +176,8 @@ def partial_rows(partial: Path, generator: dict, resume: bool) -> int:
                            "continues it; delete the file to start over")
     made = h5store.read_header(partial).extra.get("generator") or {}
     wanted = json.loads(json.dumps(generator, default=str))  # as the header stores it: tuples become lists
-    if made != wanted:
-        differing = sorted(k for k in set(made) | set(wanted) if made.get(k) != wanted.get(k))
+    differing = sorted(k for k in set(made) | set(wanted) if k not in ignore and made.get(k) != wanted.get(k))
+    if differing:
         raise KdUsageError(f"{partial} was made with other options ({', '.join(differing)}); resume with the same "
                            "options, or delete it to start over")
     return rows
@@ -188,6 +189,7 @@ def write_through_partial(batches: Iterator[dict], output: str | Path, generator
     partial atomically (an .h5 output is the partial renamed; a stream file is written from it in frames of
     ``frame_rows``) and remove the partial. Returns the rows of the output."""
     partial = partial_path(output)
+    partial.parent.mkdir(parents=True, exist_ok=True)
     writer = None
     try:
         for batch in batches:

@@ -257,7 +257,8 @@ def test_write_through_partial_keeps_finished_batches_and_resumes_exactly(tmp_pa
 
 
 def test_a_stopped_cake_run_resumes_to_the_uninterrupted_file(victim_path, tmp_path):
-    args = ["cake", "--teacher", str(victim_path), "-n", "1000", "--batch-size", "50", "--steps", "20", "-q"]
+    # 20 sets of 40 steps: a few seconds on an idle machine, so a stop one second after the first set lands mid-run
+    args = ["cake", "--teacher", str(victim_path), "-n", "1000", "--batch-size", "50", "--steps", "40", "-q"]
     kd("kd-gen-queries", *args, "-o", tmp_path / "whole.h5", check=True)
     part, partial = tmp_path / "part.h5", tmp_path / "part.h5.partial.h5"
     proc = subprocess.Popen(kd_cmd("kd-gen-queries") + args + ["-o", str(part)], stderr=subprocess.PIPE,
@@ -270,8 +271,8 @@ def test_a_stopped_cake_run_resumes_to_the_uninterrupted_file(victim_path, tmp_p
     proc.send_signal(signal.SIGTERM)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 143
-    assert err.strip() == (f"error: terminated (SIGTERM); the finished sets are kept in {partial}; the same command with "
-                           "--resume continues from them")
+    assert err.strip() == (f"error: terminated (SIGTERM); the sets finished so far are kept in {partial}; the same "
+                           "command with --resume continues from them")
     kept = log_info(partial)["rows"]
     assert 0 < kept < 1000 and kept % 50 == 0 and not part.exists()
     before = partial.read_bytes()
@@ -288,3 +289,31 @@ def test_a_stopped_cake_run_resumes_to_the_uninterrupted_file(victim_path, tmp_p
     # a stream on stdout keeps nothing to resume from
     p = subprocess.run(kd_cmd("kd-gen-queries") + args + ["--resume"], capture_output=True)
     assert p.returncode == 2 and b"--resume needs -o FILE" in p.stderr
+    assert read_header(part).extra["generator"]["teacher_identity"].startswith("sha256:")
+
+
+def test_a_resume_after_every_set_was_made_makes_none_again(victim_path, tmp_path):
+    # stopped while the output was being made from a full partial, with a short last set (250 = 100 + 100 + 50):
+    # the resumed output holds the 250 samples once, in a stream file here
+    args = ["cake", "--teacher", str(victim_path), "-n", "250", "--batch-size", "100", "--steps", "3", "-q"]
+    kd("kd-gen-queries", *args, "-o", tmp_path / "whole.h5", check=True)  # an .h5 output is its partial renamed
+    (tmp_path / "sub").mkdir()
+    copy = tmp_path / "sub" / "victim.safetensors"
+    copy.write_bytes(Path(victim_path).read_bytes())
+    partial = tmp_path / "out" / "q.kds.partial.h5"
+    partial.parent.mkdir()
+    partial.write_bytes((tmp_path / "whole.h5").read_bytes())
+    moved = [a if a != str(victim_path) else str(copy) for a in args]  # the same file under another name
+    p = kd("kd-gen-queries", *moved[:-1], "-o", tmp_path / "out" / "q.kds", "--resume", check=True)
+    assert b"250 of 250 samples kept" in p.stderr and not partial.exists()
+    a, b = (np.concatenate([t["x"].numpy() for t in open_samples(f)]) for f in (tmp_path / "whole.h5", tmp_path / "out" / "q.kds"))
+    assert b.shape == (250, 1, 28, 28) and np.array_equal(a, b)
+    # a different teacher file (one weight's last byte changed) is another run
+    other = tmp_path / "sub" / "other.safetensors"
+    other.write_bytes(copy.read_bytes()[:-1] + bytes([copy.read_bytes()[-1] ^ 1]))
+    partial.write_bytes((tmp_path / "whole.h5").read_bytes())
+    p = kd("kd-gen-queries", *[a if a != str(victim_path) else str(other) for a in args], "-o", tmp_path / "out" / "q.kds", "--resume")
+    assert p.returncode == 2 and b"other options (teacher_identity)" in p.stderr and partial.exists()
+    # a missing output directory is made, before any set is computed
+    kd("kd-gen-queries", *args, "-o", tmp_path / "new" / "dir" / "q.kds", check=True)
+    assert (tmp_path / "new" / "dir" / "q.kds").exists()

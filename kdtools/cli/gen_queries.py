@@ -478,7 +478,9 @@ def cake(
     cfg = CakeConfig(batch_size, groups, steps, lr, decay_decades, schedule, w_cls, w_contr, w_tv, optimizer, langevin,
                      norm[0], norm[1], seed)
     cfg.check(classes, shape)
-    source = {**options_record(cfg), "teacher": teacher, "n": n, "shape": list(shape)}
+    # the teacher's identity (file hash) is recorded beside the path it was given by: a resume must use the very
+    # same teacher, wherever it is named from
+    source = {**options_record(cfg), "teacher": teacher, "teacher_identity": loaded.identity, "n": n, "shape": list(shape)}
     if output == "-":
         with progress_reporter(not quiet, "kd-gen-queries cake") as progress:
             _write(synthesise(loaded.module, shape, classes, n, cfg, dev, progress), n, source, output)
@@ -486,14 +488,17 @@ def cake(
     # a file output keeps every finished set in FILE.partial.h5, so a stopped run (minutes a set on a CPU)
     # loses at most the set in flight; sets are independently seeded, so skipping the kept ones is exact
     partial = partial_path(output)
-    kept = partial_rows(partial, source, resume)
+    kept = partial_rows(partial, source, resume, ignore=("teacher",))
     if kept % cfg.batch_size and kept < n:
         raise KdError(f"{partial}: {kept} samples is not a whole number of sets of {cfg.batch_size} (damaged); delete it")
-    if kept and not quiet:
-        info(f"kd-gen-queries cake: {kept} of {n} samples kept in {partial}; making the rest")
-    STOP_HINT["text"] = f"the finished sets are kept in {partial}; the same command with --resume continues from them"
+    if resume and not quiet:
+        info(f"kd-gen-queries cake: {kept} of {n} samples kept in {partial}; making the rest" if kept else
+             f"kd-gen-queries cake: nothing kept in {partial}; starting from the first set")
+    STOP_HINT["text"] = f"the sets finished so far are kept in {partial}; the same command with --resume continues from them"
     with progress_reporter(not quiet, "kd-gen-queries cake") as progress:
-        batches = synthesise(loaded.module, shape, classes, n, cfg, dev, progress, start_set=kept // cfg.batch_size)
+        # ceil: a partial holding all n samples (stopped while the output was being made from it) makes no set again,
+        # even when the last set is a short one
+        batches = synthesise(loaded.module, shape, classes, n, cfg, dev, progress, start_set=-(-kept // cfg.batch_size))
         rows = write_through_partial(batches, output, source, __version__, cfg.batch_size)
     info(f"kd-gen-queries: wrote {rows} queries {'x'.join(map(str, shape))} to {output}")
 
