@@ -101,9 +101,13 @@ def log_info(path) -> dict:
     """Accounting of a sample file or query log: rows, spent, budget, oracle, mode."""
     with _open(path, "r") as f:
         _check_ours(f, path)
-        return {"rows": _committed_rows(f, _header_from_attrs(f).fields), "spent": int(f.attrs["spent"]), "budget": int(f.attrs["budget"]),
-                "oracle": str(f.attrs["oracle"]), "mode": str(f.attrs["mode"]), "batches": int(f["batch_start"].shape[0]),
-                "kdtools_version": str(f.attrs["kdtools.version"])}
+        return _facts(f, _committed_rows(f, _header_from_attrs(f).fields))
+
+
+def _facts(f: h5py.File, rows: int) -> dict:
+    return {"rows": rows, "spent": int(f.attrs["spent"]), "budget": int(f.attrs["budget"]),
+            "oracle": str(f.attrs["oracle"]), "mode": str(f.attrs["mode"]), "batches": int(f["batch_start"].shape[0]),
+            "kdtools_version": str(f.attrs["kdtools.version"])}
 
 
 def _answer_field(header: StreamHeader) -> Optional[str]:
@@ -113,36 +117,72 @@ def _answer_field(header: StreamHeader) -> Optional[str]:
     return next((k for k in ("label", "probs", "logits", "topk_index") if k in header.fields), None)
 
 
-def _answered_classes(f: h5py.File, header: StreamHeader, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, class answered per row) chunk by chunk: the label, or the argmax / first of top-k; -1 for a
-    row holding a refused query's placeholders. Nothing for a file without answers."""
+def _answered_classes(f: h5py.File, header: StreamHeader, n: int, chunk: int) -> torch.Tensor:
+    """The class answered in each of the first ``n`` rows (int32): the label, or the argmax / first of top-k;
+    -1 for a row holding a refused query's placeholders. One int32 a row (40 MB for ten million rows)."""
     from .oracle import rejected_rows
 
     field = _answer_field(header)
-    if field is None:
-        return
-    n = _committed_rows(f, header.fields)
+    parts = []
     for i in range(0, n, chunk):
         # a writer stopped mid-batch leaves rows past n that were never committed: never read them
         v = torch.from_numpy(np.ascontiguousarray(f[field][i:min(i + chunk, n)]))
         top = v if field == "label" else v[:, 0] if field == "topk_index" else v.float().argmax(1)
-        yield i, torch.where(rejected_rows({field: v}), -1, top.reshape(-1).long())
+        parts.append(torch.where(rejected_rows({field: v}), -1, top.reshape(-1).long()).to(torch.int32))
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
+
+
+def _counts(answered: torch.Tensor, num_classes: int) -> dict:
+    """{"by_class": count per class, "rejected": refused rows}; a label past the class count is left out."""
+    ok = answered[answered >= 0].long()
+    return {"by_class": torch.bincount(ok, minlength=num_classes)[:num_classes].tolist(),
+            "rejected": int((answered < 0).sum())}
+
+
+def _examples(f: h5py.File, answered: torch.Tensor, num_classes: int, per_class: int) -> dict:
+    """Up to ``per_class`` rows of x per answered class, spread evenly over that class's rows (first and last
+    included); only the chosen rows of x are read."""
+    # the rows grouped by class in one stable sort (log order kept within a class), not one pass per class:
+    # a log of a thousand classes costs the same as one of ten
+    rows = torch.nonzero(answered >= 0).flatten()
+    classes = answered[rows].long()
+    rows = rows[torch.argsort(classes, stable=True)]
+    # (a label past the class count sorts last and is left out, as the counts leave it out)
+    counts = torch.bincount(classes, minlength=num_classes).tolist()[:num_classes]
+    picks, start = {}, 0
+    for c, count in enumerate(counts):
+        if count:
+            # evenly spaced positions at least one apart, so rounding keeps them distinct
+            at = torch.linspace(0, count - 1, min(per_class, count), dtype=torch.float64).round().long()
+            picks[c] = rows[start + at].tolist()
+        start += count
+    return {c: torch.from_numpy(np.ascontiguousarray(f["x"][r])) for c, r in picks.items()}
+
+
+def log_overview(path, per_class: int = 0, chunk: int = 65536) -> dict:
+    """Everything ``kd-eval log`` shows, read in one opening of the file and counted over one set of committed
+    rows, so a log still being written gives figures that agree with each other: log_info's facts, plus
+    "answers" (answer_counts' dict, None for a file without answers) and, with ``per_class``, "examples"
+    (answer_examples' dict)."""
+    with _open(path, "r") as f:
+        _check_ours(f, path)
+        header = _header_from_attrs(f)
+        n = _committed_rows(f, header.fields)
+        out = {"facts": _facts(f, n), "answers": None, "examples": None}
+        if _answer_field(header) is None:
+            return out
+        answered = _answered_classes(f, header, n, chunk)
+        out["answers"] = _counts(answered, int(header.num_classes))
+        if per_class:
+            out["examples"] = _examples(f, answered, int(header.num_classes), per_class)
+        return out
 
 
 def answer_counts(path, chunk: int = 65536) -> Optional[dict]:
     """How the oracle's answers in a log spread over the classes: {"by_class": [count per class of the
     answered label / argmax], "rejected": rows holding a refused query's placeholders}; None for a file
     without answers. Queries that all land in two classes teach a substitute little about the others."""
-    with _open(path, "r") as f:
-        _check_ours(f, path)
-        header = _header_from_attrs(f)
-        if _answer_field(header) is None:
-            return None
-        counts, rejected = np.zeros(int(header.num_classes), np.int64), 0
-        for _, top in _answered_classes(f, header, chunk):
-            rejected += int((top < 0).sum())
-            counts += np.bincount(top[top >= 0].numpy(), minlength=len(counts))[:len(counts)]
-    return {"by_class": counts.tolist(), "rejected": rejected}
+    return log_overview(path, chunk=chunk)["answers"]
 
 
 def answer_examples(path, per_class: int, chunk: int = 65536) -> Optional[dict]:
@@ -150,29 +190,7 @@ def answer_examples(path, per_class: int, chunk: int = 65536) -> Optional[dict]:
     (the first and the last included): {class: x tensor}, classes never answered left out; None for a file
     without answers. Spreading them shows a generator's late queries beside its untrained first ones. The
     answers are read once; of the queries only the chosen rows, so a log of millions of images stays cheap."""
-    with _open(path, "r") as f:
-        _check_ours(f, path)
-        header = _header_from_attrs(f)
-        if _answer_field(header) is None:
-            return None
-        # one int32 per row (40 MB for ten million rows) rather than a second pass over the answers
-        parts = [top.to(torch.int32) for _, top in _answered_classes(f, header, chunk)]
-        answered = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
-        # the rows grouped by class in one stable sort (log order kept within a class), not one pass per class:
-        # a log of a thousand classes costs the same as one of ten
-        rows = torch.nonzero(answered >= 0).flatten()
-        classes = answered[rows].long()
-        rows = rows[torch.argsort(classes, stable=True)]
-        # (a label past the class count sorts last and is left out, as answer_counts leaves it out)
-        counts = torch.bincount(classes, minlength=int(header.num_classes)).tolist()[:int(header.num_classes)]
-        picks, start = {}, 0
-        for c, count in enumerate(counts):
-            if count:
-                # evenly spaced positions at least one apart, so rounding keeps them distinct
-                at = torch.linspace(0, count - 1, min(per_class, count), dtype=torch.float64).round().long()
-                picks[c] = rows[start + at].tolist()
-            start += count
-        return {c: torch.from_numpy(np.ascontiguousarray(f["x"][r])) for c, r in picks.items()}
+    return log_overview(path, per_class=per_class, chunk=chunk)["examples"]
 
 
 def iter_batches(path, batch_size: int = READ_CHUNK, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:

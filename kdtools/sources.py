@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
@@ -190,6 +191,11 @@ def write_through_partial(batches: Iterator[dict], output: str | Path, generator
     ``frame_rows``) and remove the partial. Returns the rows of the output."""
     partial = partial_path(output)
     partial.parent.mkdir(parents=True, exist_ok=True)
+    # the first batch may cost minutes: find out now, not after it, that the directory takes no new file
+    try:
+        tempfile.TemporaryFile(dir=partial.parent).close()
+    except OSError as e:
+        raise KdError(f"{output}: cannot write in {partial.parent} ({e.strerror or e})") from None
     writer = None
     try:
         for batch in batches:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kdtools.errors import KdUsageError
+from kdtools.errors import KdError, KdUsageError
 from kdtools.extract.cake import (CakeConfig, cake_losses, recorded_normalization, row_targets, step_size, synthesise,
                                   total_variation)
 from kdtools.h5store import log_info, read_header
@@ -254,6 +254,19 @@ def test_write_through_partial_keeps_finished_batches_and_resumes_exactly(tmp_pa
     assert [f["x"].shape[0] for f in frames] == [3, 3, 3, 3]  # re-framed as the generator framed it
     assert torch.equal(torch.cat([f["x"] for f in frames]), torch.cat([b["x"] for b in batches]))
     assert partial_rows(partial, options, resume=True) == 0  # nothing left to resume
+
+
+def test_write_through_partial_refuses_a_directory_that_takes_no_file_before_the_first_batch():
+    # /proc exists but takes no new file, even for root (chmod would not stop a root test run)
+    made = []
+
+    def batches():
+        made.append(1)  # a CAKE set: minutes of work that must not be spent before the refusal
+        yield {"x": torch.zeros(1, 1, 2, 2)}
+
+    with pytest.raises(KdError, match="cannot write in /proc"):
+        write_through_partial(batches(), "/proc/kdtools-test.kds", {"method": "test"}, "v", 1)
+    assert made == [] and not Path("/proc/kdtools-test.kds.partial.h5").exists()
 
 
 def test_a_stopped_cake_run_resumes_to_the_uninterrupted_file(victim_path, tmp_path):

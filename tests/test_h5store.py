@@ -235,3 +235,10 @@ def test_answers_past_the_committed_rows_are_not_counted_or_drawn(tmp_path):
         f["label"][3:7] = 2
     assert answer_counts(p, chunk=2) == {"by_class": [2, 1, 0], "rejected": 0}
     assert sorted(answer_examples(p, 4, chunk=2)) == [0, 1]
+    # kd-eval log's one reading: the facts, the counts and the examples all stop at the same committed row
+    from kdtools.h5store import log_overview
+
+    seen = log_overview(p, per_class=4, chunk=2)
+    assert seen["facts"]["rows"] == 3 == sum(seen["answers"]["by_class"]) + seen["answers"]["rejected"]
+    assert seen["facts"]["spent"] == 7 and sorted(seen["examples"]) == [0, 1]
+    assert log_overview(p)["examples"] is None  # no per_class: x is not read

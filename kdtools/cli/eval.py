@@ -93,12 +93,13 @@ def log(
 ):
     """Accounting of a query log: rows answered, queries spent (probes included), budget, oracle, mode,
     and how the answers spread over the classes; --grid draws what was asked, by answer."""
-    from ..h5store import answer_counts, answer_examples, log_info
+    from ..h5store import log_overview
 
     if grid:
         check_plot_path("--grid", grid, {"LOG": [path]})
-    facts = log_info(path)
-    answers = answer_counts(path)
+    # one reading of the log, so the figures agree with each other even while a run is still appending to it
+    seen = log_overview(path, per_class=per_class if grid else 0)
+    facts, answers = seen["facts"], seen["answers"]
     if answers is not None:
         facts["answers_by_class"], facts["rejected"] = answers["by_class"], answers["rejected"]
     if grid:
@@ -107,7 +108,7 @@ def log(
         if answers is None:
             raise KdUsageError(f"--grid: {path} holds no class answers to sort its queries by (queries without "
                                "answers, or answers without a class count)")
-        plot_answer_grid(answer_examples(path, per_class), answers["by_class"], grid, title or f"queries of {path} by answer",
+        plot_answer_grid(seen["examples"], answers["by_class"], grid, title or f"queries of {path} by answer",
                          options={"log": path, "per_class": per_class})
     if as_json:
         sys.stdout.write(json.dumps(facts) + "\n")
