@@ -60,6 +60,10 @@ def _open(path, mode: str) -> h5py.File:
         return h5py.File(path, mode)
     except OSError as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "unable to lock file" in why:
+            # the writer (kd-query, kd-gen-queries) holds HDF5's file lock until it closes the log
+            raise KdError(f"{path}: another process has it open for writing (HDF5 locks the file); read it after that "
+                          f"run ends or is stopped (h5py: {why})") from None
         if "truncated file" in why:
             # h5py says "Unable to synchronously open file (truncated file: eof = ..., stored_eof = ...)"
             raise KdError(f"{path}: truncated HDF5 file (cut short by a full disk or an interrupted copy?); kdtools "
@@ -117,26 +121,29 @@ def _answer_field(header: StreamHeader) -> Optional[str]:
     return next((k for k in ("label", "probs", "logits", "topk_index") if k in header.fields), None)
 
 
-def _answered_classes(f: h5py.File, header: StreamHeader, n: int, chunk: int) -> torch.Tensor:
-    """The class answered in each of the first ``n`` rows (int32): the label, or the argmax / first of top-k;
-    -1 for a row holding a refused query's placeholders. One int32 a row (40 MB for ten million rows)."""
+def _scan_answers(f: h5py.File, header: StreamHeader, n: int, chunk: int, keep: bool) -> tuple[dict, Optional[torch.Tensor]]:
+    """Count the class answered in each of the first ``n`` rows (the label, or the argmax / first of top-k), chunk by
+    chunk: ({"by_class": count per class, "rejected": rows holding a refused query's placeholders}, classes). A label
+    past the class count is left out of the counts. With ``keep`` the classes come back too (int32 a row, -1 for a
+    refused row: 40 MB for ten million rows, paid only when examples are drawn); else memory stays one chunk's."""
     from .oracle import rejected_rows
 
-    field = _answer_field(header)
-    parts = []
+    field, num_classes = _answer_field(header), int(header.num_classes)
+    by_class, rejected, parts = torch.zeros(num_classes, dtype=torch.int64), 0, []
     for i in range(0, n, chunk):
         # a writer stopped mid-batch leaves rows past n that were never committed: never read them
         v = torch.from_numpy(np.ascontiguousarray(f[field][i:min(i + chunk, n)]))
         top = v if field == "label" else v[:, 0] if field == "topk_index" else v.float().argmax(1)
-        parts.append(torch.where(rejected_rows({field: v}), -1, top.reshape(-1).long()).to(torch.int32))
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
-
-
-def _counts(answered: torch.Tensor, num_classes: int) -> dict:
-    """{"by_class": count per class, "rejected": refused rows}; a label past the class count is left out."""
-    ok = answered[answered >= 0].long()
-    return {"by_class": torch.bincount(ok, minlength=num_classes)[:num_classes].tolist(),
-            "rejected": int((answered < 0).sum())}
+        answered = torch.where(rejected_rows({field: v}), -1, top.reshape(-1).long())
+        ok = answered[answered >= 0]
+        by_class += torch.bincount(ok, minlength=num_classes)[:num_classes]
+        rejected += answered.numel() - ok.numel()
+        if keep:
+            parts.append(answered.to(torch.int32))
+    counts = {"by_class": by_class.tolist(), "rejected": rejected}
+    if not keep:
+        return counts, None
+    return counts, torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
 
 
 def _examples(f: h5py.File, answered: torch.Tensor, num_classes: int, per_class: int) -> dict:
@@ -164,6 +171,8 @@ def log_overview(path, per_class: int = 0, chunk: int = 65536) -> dict:
     rows, so a log still being written gives figures that agree with each other: log_info's facts, plus
     "answers" (answer_counts' dict, None for a file without answers) and, with ``per_class``, "examples"
     (answer_examples' dict)."""
+    if per_class < 0:
+        raise ValueError(f"per_class must be 0 or more, not {per_class}")
     with _open(path, "r") as f:
         _check_ours(f, path)
         header = _header_from_attrs(f)
@@ -171,8 +180,7 @@ def log_overview(path, per_class: int = 0, chunk: int = 65536) -> dict:
         out = {"facts": _facts(f, n), "answers": None, "examples": None}
         if _answer_field(header) is None:
             return out
-        answered = _answered_classes(f, header, n, chunk)
-        out["answers"] = _counts(answered, int(header.num_classes))
+        out["answers"], answered = _scan_answers(f, header, n, chunk, keep=per_class > 0)
         if per_class:
             out["examples"] = _examples(f, answered, int(header.num_classes), per_class)
         return out
@@ -190,6 +198,8 @@ def answer_examples(path, per_class: int, chunk: int = 65536) -> Optional[dict]:
     (the first and the last included): {class: x tensor}, classes never answered left out; None for a file
     without answers. Spreading them shows a generator's late queries beside its untrained first ones. The
     answers are read once; of the queries only the chosen rows, so a log of millions of images stays cheap."""
+    if per_class < 1:
+        raise ValueError(f"per_class must be 1 or more, not {per_class}")
     return log_overview(path, per_class=per_class, chunk=chunk)["examples"]
 
 

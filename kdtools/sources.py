@@ -6,6 +6,7 @@ Every command that reads a stream also reads the same data from an HDF5 path, an
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -190,12 +191,18 @@ def write_through_partial(batches: Iterator[dict], output: str | Path, generator
     partial atomically (an .h5 output is the partial renamed; a stream file is written from it in frames of
     ``frame_rows``) and remove the partial. Returns the rows of the output."""
     partial = partial_path(output)
-    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a directory of the path should be, or no permission
+        raise KdError(f"{output}: cannot make the directory {partial.parent} ({e.strerror or e})") from None
     # the first batch may cost minutes: find out now, not after it, that the directory takes no new file
     try:
         tempfile.TemporaryFile(dir=partial.parent).close()
     except OSError as e:
-        raise KdError(f"{output}: cannot write in {partial.parent} ({e.strerror or e})") from None
+        # TemporaryFile tries more than one way, and the last one's reason can mislead ("No such file" on /proc):
+        # name only the reasons that say what to do
+        why = f" ({e.strerror})" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT) else ""
+        raise KdError(f"{output}: cannot create a file in {partial.parent}{why}") from None
     writer = None
     try:
         for batch in batches:

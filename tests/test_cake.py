@@ -264,9 +264,18 @@ def test_write_through_partial_refuses_a_directory_that_takes_no_file_before_the
         made.append(1)  # a CAKE set: minutes of work that must not be spent before the refusal
         yield {"x": torch.zeros(1, 1, 2, 2)}
 
-    with pytest.raises(KdError, match="cannot write in /proc"):
+    # no reason given: the one TemporaryFile's last attempt reports here ("No such file or directory") would mislead
+    with pytest.raises(KdError, match="cannot create a file in /proc$"):
         write_through_partial(batches(), "/proc/kdtools-test.kds", {"method": "test"}, "v", 1)
     assert made == [] and not Path("/proc/kdtools-test.kds.partial.h5").exists()
+
+
+def test_write_through_partial_names_a_file_standing_where_the_directory_should_be(tmp_path):
+    (tmp_path / "runs").write_text("a file, not a directory")
+    with pytest.raises(KdError, match="cannot make the directory .*runs/cake"):
+        write_through_partial(iter([{"x": torch.zeros(1, 1, 2, 2)}]), tmp_path / "runs/cake/q.kds", {"method": "test"},
+                              "v", 1)
+    assert (tmp_path / "runs").read_text() == "a file, not a directory"
 
 
 def test_a_stopped_cake_run_resumes_to_the_uninterrupted_file(victim_path, tmp_path):

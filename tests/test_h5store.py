@@ -119,6 +119,12 @@ def test_answer_counts_by_class_and_refused_rows(tmp_path):
         w.reserve(4)
         w.append({"x": torch.zeros(4, 1, 4, 4, dtype=torch.uint8), "label": torch.tensor([2, -1, 2, 1])})
     assert answer_counts(q) == {"by_class": [0, 1, 2], "rejected": 1}
+    # a label past the class count is left out of the counts (and is not a refused row)
+    r = tmp_path / "past.h5"
+    with SampleWriter(r, hl) as w:
+        w.reserve(5)
+        w.append({"x": torch.zeros(5, 1, 4, 4, dtype=torch.uint8), "label": torch.tensor([0, 7, 2, 2, -1])})
+    assert answer_counts(r, chunk=3) == {"by_class": [1, 0, 2], "rejected": 1}
     # a file of queries without answers has nothing to count
     hq = StreamHeader("queries", {"x": {"dtype": "uint8", "shape": [1, 4, 4]}})
     write_samples(tmp_path / "q.h5", hq, [{"x": torch.zeros(2, 1, 4, 4, dtype=torch.uint8)}])
@@ -242,3 +248,19 @@ def test_answers_past_the_committed_rows_are_not_counted_or_drawn(tmp_path):
     assert seen["facts"]["rows"] == 3 == sum(seen["answers"]["by_class"]) + seen["answers"]["rejected"]
     assert seen["facts"]["spent"] == 7 and sorted(seen["examples"]) == [0, 1]
     assert log_overview(p)["examples"] is None  # no per_class: x is not read
+    with pytest.raises(ValueError, match="per_class"):
+        answer_examples(p, 0)
+
+
+def test_a_log_open_for_writing_elsewhere_is_a_clear_error(tmp_path):
+    # kd-query holds HDF5's file lock while it writes; kd-eval log from another process says so in one line
+    from conftest import kd
+
+    p = tmp_path / "live.h5"
+    with SampleWriter(p, header()) as w:
+        w.reserve(1)
+        w.append({"x": torch.zeros(1, 1, 4, 4, dtype=torch.uint8), "probs": torch.tensor([[0.5, 0.3, 0.2]])})
+        r = kd("kd-eval", "log", p)
+    assert r.returncode == 1, r.stderr
+    assert b"another process has it open for writing" in r.stderr and b"Traceback" not in r.stderr
+    assert kd("kd-eval", "log", p).returncode == 0  # closed: readable again
