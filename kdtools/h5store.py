@@ -62,8 +62,8 @@ def _open(path, mode: str) -> h5py.File:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "unable to lock file" in why:
             # the writer (kd-query, kd-gen-queries) holds HDF5's file lock until it closes the log
-            raise KdError(f"{path}: another process has it open for writing (HDF5 locks the file); read it after that "
-                          f"run ends or is stopped (h5py: {why})") from None
+            raise KdError(f"{path}: another process has it open for writing (HDF5 locks the file); try again when "
+                          f"that run has ended or been stopped (h5py: {why})") from None
         if "truncated file" in why:
             # h5py says "Unable to synchronously open file (truncated file: eof = ..., stored_eof = ...)"
             raise KdError(f"{path}: truncated HDF5 file (cut short by a full disk or an interrupted copy?); kdtools "
@@ -168,7 +168,8 @@ def _examples(f: h5py.File, answered: torch.Tensor, num_classes: int, per_class:
 
 def log_overview(path, per_class: int = 0, chunk: int = 65536) -> dict:
     """Everything ``kd-eval log`` shows, read in one opening of the file and counted over one set of committed
-    rows, so a log still being written gives figures that agree with each other: log_info's facts, plus
+    rows, so a log left by a writer stopped mid-batch gives figures that agree with each other (a log that a running
+    writer holds open is refused by HDF5's file lock): log_info's facts, plus
     "answers" (answer_counts' dict, None for a file without answers) and, with ``per_class``, "examples"
     (answer_examples' dict)."""
     if per_class < 0:

@@ -264,7 +264,7 @@ def test_write_through_partial_refuses_a_directory_that_takes_no_file_before_the
         made.append(1)  # a CAKE set: minutes of work that must not be spent before the refusal
         yield {"x": torch.zeros(1, 1, 2, 2)}
 
-    # no reason given: the one TemporaryFile's last attempt reports here ("No such file or directory") would mislead
+    # no reason given: here TemporaryFile's last attempt fails with "No such file or directory", which would mislead
     with pytest.raises(KdError, match="cannot create a file in /proc$"):
         write_through_partial(batches(), "/proc/kdtools-test.kds", {"method": "test"}, "v", 1)
     assert made == [] and not Path("/proc/kdtools-test.kds.partial.h5").exists()

@@ -1,5 +1,5 @@
 """CAKE: Contrastive Abductive Knowledge Extraction (Braun, Mundt & Kersting, "Deep Classifier Mimicry
-without Data Access", AISTATS 2024; ../shared/papers/cake-classifier-mimicry-poster.txt).
+without Data Access", AISTATS 2024; the poster of that name).
 
 White-box and data-free: no generator network and no training data, only the teacher's gradients. The
 queries are synthesised in sets of ``batch_size`` samples. A set is a grid of ``rows x groups`` samples;
