@@ -208,15 +208,15 @@ def _save_tensor(x: torch.Tensor, path: Path) -> None:
 def _run_mnist_task(task: dict, args, teacher, x_train) -> None:
     from kdtools.diffusion.sampling import to_uint8_images
 
-    cpu = torch.device("cpu")
+    device = args.torch_device
     kind = task["kind"]
     t0 = time.perf_counter()
     if kind == "teacher_part":
-        x = sample(teacher, task["n"], seed=1000 + task["part"], sampler="ddpm", batch_size=args.batch)
-        _save_tensor({"x": to_uint8_images(x), "seconds": time.perf_counter() - t0}, task["out"])
+        x = sample(teacher, task["n"], seed=1000 + task["part"], sampler="ddpm", batch_size=args.batch, device=device)
+        _save_tensor({"x": to_uint8_images(x.cpu()), "seconds": time.perf_counter() - t0}, task["out"])
     elif kind == "teacher_consistency":
         x_T = torch.randn((task["n"], *teacher.sample_shape), generator=torch.Generator().manual_seed(7))
-        x = sample(teacher, task["n"], 7, "ddim", 0.0, args.batch, x_T=x_T)
+        x = sample(teacher, task["n"], 7, "ddim", 0.0, args.batch, device, x_T=x_T).cpu()
         _save_tensor({"x": x, "x_T": x_T, "seconds": time.perf_counter() - t0}, task["out"])
     elif kind == "student":
         steps, method = task["steps"], task["method"]
@@ -224,22 +224,22 @@ def _run_mnist_task(task: dict, args, teacher, x_train) -> None:
         dcfg = FitConfig(iters=iters, batch_size=args.distill_batch, lr=args.distill_lr, ema=0.999,
                          hidden_weight=args.hidden_weight)
         if method.startswith("SFDDM"):
-            student = distill_sfddm(teacher, x_train, make_subsequence(T_MNIST, steps, "uniform"), dcfg, cpu, "teacher",
+            student = distill_sfddm(teacher, x_train, make_subsequence(T_MNIST, steps, "uniform"), dcfg, device, "teacher",
                                     timesteps="aligned" if method == "SFDDM aligned" else "own")
         elif method == "DDIM skipping":
             student = ddim_skipping(teacher, make_subsequence(T_MNIST, steps, "uniform"))
         else:
-            student = progressive_distillation(teacher, x_train, steps, dcfg, cpu)
+            student = progressive_distillation(teacher, x_train, steps, dcfg, device)
         student.info.setdefault("stats", {})["wall_seconds"] = time.perf_counter() - t0
         save_diffusion(student, task["out"])  # built under a temporary name and renamed
     elif kind == "samples":
         student = load_diffusion(task["model"])
-        x = sample(student, task["n"], seed=123, sampler=task["sampler"], batch_size=args.batch)
-        _save_tensor({"x": to_uint8_images(x), "seconds": time.perf_counter() - t0}, task["out"])
+        x = sample(student, task["n"], seed=123, sampler=task["sampler"], batch_size=args.batch, device=device)
+        _save_tensor({"x": to_uint8_images(x.cpu()), "seconds": time.perf_counter() - t0}, task["out"])
     elif kind == "student_consistency":
         student = load_diffusion(task["model"])
         ref = torch.load(Path(args.work) / "samples" / "teacher-ddim-consistency.pt", weights_only=True)
-        x = sample(student, ref["x_T"].shape[0], 7, "ddim", 0.0, args.batch, x_T=ref["x_T"])
+        x = sample(student, ref["x_T"].shape[0], 7, "ddim", 0.0, args.batch, device, x_T=ref["x_T"]).cpu()
         dist = ((ref["x"].clamp(-1, 1) - x.clamp(-1, 1)).abs() / 2).mean().item()
         _save_tensor({"distance": torch.tensor(dist), "n": torch.tensor(ref["x_T"].shape[0])}, task["out"])
     log(f"[{os.getpid()}] done: {task['name']} ({time.perf_counter() - t0:.0f} s)")
@@ -284,7 +284,7 @@ def mnist_report(args, teacher, tasks, size) -> dict:
     root = Path(os.environ.get("KD_DATA", "")) / "vision"
     ref = load_dataset("mnist", "test", root, image_size=size, channels=1).x
     ref = ref if ref.dtype == torch.uint8 else (ref.clamp(0, 1) * 255).round().to(torch.uint8)
-    features = ClassifierFeatures(args.lenet)
+    features = ClassifierFeatures(args.lenet, args.torch_device)
     w = Path(args.work)
     parts = [torch.load(t["out"], weights_only=True) for t in tasks if t["kind"] == "teacher_part"]
     x_teacher = torch.cat([p["x"] for p in parts])
@@ -388,6 +388,8 @@ def main() -> None:
     g.add_argument("--distill-lr", type=float, default=2e-4)
     g.add_argument("--progressive-iters", type=int, help="steps per progressive fold (default: --distill-iters)")
     g.add_argument("--report-only", action="store_true", help="print the table from the finished tasks in --work")
+    g.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N: where sampling, distillation and the FID "
+                   "features run (the noises are drawn on the CPU, so every device starts from the same ones)")
     g.add_argument("--figure", help="also write a PNG: the first samples of the teacher and of every student")
     args = p.parse_args()
     if args.benchmark == "mnist":
@@ -399,14 +401,19 @@ def main() -> None:
     elif args.quick:
         args.n, args.train_points, args.teacher_iters, args.distill_iters, args.hidden = 1000, 2000, 200, 100, 32
     torch.set_num_threads(args.threads)
+    from kdtools.device import resolve_device
+
+    args.torch_device = resolve_device(args.device)
     t0 = time.perf_counter()
     result = swissroll(args) if args.benchmark == "swissroll" else mnist(args)
     result["machine"] = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)"
+    if args.torch_device.type == "cuda":
+        result["machine"] += f", {torch.cuda.get_device_name(args.torch_device)}"
     result["seconds"] = time.perf_counter() - t0
     print(table(result) if args.benchmark == "swissroll" else mnist_table(result))
     print(f"\ntotal {result['seconds']:.0f} s; {result['machine']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -128,3 +128,17 @@ def test_every_kd_call_in_the_recipe_parses(recipe):
         why = refusal(command, argv)
         if why is not None:
             pytest.fail(f"make {recipe}: `{command} {shlex.join(argv)}` is refused: {why}")
+
+
+SCRIPTS = sorted((ROOT / "benchmarks").glob("*.sh"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_kd_call_in_a_benchmark_script_parses(script):
+    """The device scripts run where a failure costs lent GPU time: their kd- lines are checked like recipes'."""
+    calls = kd_calls(script.read_text())
+    assert calls, f"{script.name} shows no kd- command"
+    for command, argv in calls:
+        why = refusal(command, argv)
+        if why is not None:
+            pytest.fail(f"{script.name}: `{command} {shlex.join(argv)}` is refused: {why}")
