@@ -338,8 +338,12 @@ def test_replay_round_trip_and_unknown_queries(victim_path, queries_path, tmp_pa
     batch = next(iter(open_samples(queries_path)))
     x = batch["x"].float() / 255
     idx = torch.tensor([5, 0, 99, 5])  # any order, repeats allowed
-    assert torch.equal(rep.answer(x[idx], "probs")["probs"], local.answer(x[idx], "probs")["probs"])
-    assert torch.equal(rep.answer(x[idx], "label")["label"], local.answer(x[idx], "label")["label"])
+    logged = torch.cat([b["probs"] for b in open_samples(tmp_path / "q.h5")])
+    # replay gives back exactly the paid rows; the model itself agrees only to rounding, since a batch of 4
+    # and the log's batch of 600 may take different CPU kernels (seen once: equal to 4 digits, not bitwise)
+    assert torch.equal(rep.answer(x[idx], "probs")["probs"], logged[idx])
+    assert torch.allclose(rep.answer(x[idx], "probs")["probs"], local.answer(x[idx], "probs")["probs"], atol=1e-6)
+    assert torch.equal(rep.answer(x[idx], "label")["label"], logged[idx].argmax(1))
     with pytest.raises(KdError, match=r"1 of 2 queries are not in the log \(first: row 1"):
         rep.answer(torch.cat([x[:1], torch.rand(1, 1, 28, 28)]), "probs")
     with pytest.raises(KdError, match="does not give 'logits'"):
