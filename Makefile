@@ -38,6 +38,7 @@ test-all: install
 bench: install
 	$(PY) benchmarks/foundation.py
 	$(PY) benchmarks/aggregate.py
+	$(PY) benchmarks/aggregate_solver.py
 	$(PY) benchmarks/http_overhead.py
 	$(PY) benchmarks/diffstep.py swissroll
 
