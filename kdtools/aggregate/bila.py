@@ -573,6 +573,10 @@ class BilaModel:
         progress(ProgressEvent(task, stats.epochs, stats.epochs, {"loss": stats.loss}, done=True))
         return stats
 
+    def is_finite(self) -> bool:
+        """Whether every parameter and second moment is a finite number (training can overflow, e.g. with a huge zeta)."""
+        return bool(torch.isfinite(self.theta).all()) and bool(torch.isfinite(self.v).all())
+
     def infer(self, data: Triples) -> tuple[np.ndarray, np.ndarray]:
         """Labels from the learned confusion matrices (Algorithm 2.1 lines 30-31) and their probabilities.
 
@@ -620,6 +624,18 @@ class BilaModel:
                 t = tensors[prefix + k]
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{prefix}{k} has shape {tuple(t.shape)}, expected {shape}")
+        for k in PARAM_ORDER:
+            # a NaN or an infinity would be carried into every later chunk (and every label would be class 0)
+            if not bool(torch.isfinite(tensors[f"bila.param.{k}"]).all()):
+                raise ValueError(f"bila.param.{k} holds NaN or infinite values")
+            v = tensors[f"bila.v.{k}"]
+            if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+                raise ValueError(f"bila.v.{k} (second moments) holds negative, NaN or infinite values")
+        prior = tensors["bila.prior_counts"]
+        if not bool(torch.isfinite(prior).all()) or bool((prior < 0).any()):
+            raise ValueError("prior counts hold negative, NaN or infinite values")
+        if tensors["bila.t"].numel() != 1 or int(tensors["bila.t"].reshape(-1)[0]) < 0:
+            raise ValueError("the step counter bila.t is not one whole number >= 0")
         steps = None
         if config.step_count != "global":
             steps = {k: tensors[f"bila.steps.{k}"] for k in PARAM_ORDER}
@@ -632,6 +648,6 @@ class BilaModel:
         m.prior_counts = tensors["bila.prior_counts"].clone().double()
         if tuple(m.prior_counts.shape) != (C,):
             raise ValueError("prior counts do not match the class count")
-        m.t = int(tensors["bila.t"][0])
+        m.t = int(tensors["bila.t"].reshape(-1)[0])
         m.initialised = initialised
         return m

@@ -42,6 +42,8 @@ from ..errors import KdError, KdUsageError
 
 Row = tuple  # (task, worker, label) as strings
 
+# labels that mean "no label" (case-insensitive) and are refused with the line named, unless --classes declares
+# the word as a class (a data set whose classes include "None" or "NA")
 MISSING_WORDS = {"", "nan", "na", "n/a", "null", "none"}
 
 # a dense file without a header: this many lines after the first are read ahead to tell a header line
@@ -53,6 +55,8 @@ DENSE_LOOKAHEAD = 1000
 DEFAULT_INITIAL_SIZE = 500
 
 _WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+(\.0*)?")
+# a number in exponent notation (numpy's savetxt default, 3.000000000000000000e+00): a whole number when its value is one
+_EXPONENT_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)[eE][+-]?[0-9]+")
 
 
 def default_initial_size(chunk_size: Optional[int]) -> Optional[int]:
@@ -64,10 +68,15 @@ def default_initial_size(chunk_size: Optional[int]) -> Optional[int]:
 def normalise_label(value: str) -> str:
     """A label or gold truth as the aggregators see it: a whole number is read as that number (``1.0``,
     ``01``, ``+1`` -> ``1``; ``-0`` -> ``0``), anything else (``1.5``, ``cat``) is kept as written (stripped).
+    Exponent notation counts too (``3.000000000000000000e+00``, numpy's ``savetxt`` default, -> ``3``).
     The same rule for the long and the dense format and for the gold file."""
     v = value.strip()
     if _WHOLE_NUMBER.fullmatch(v):
         return str(int(v.split(".")[0]))
+    if _EXPONENT_NUMBER.fullmatch(v):
+        f = float(v)
+        if math.isfinite(f) and f == int(f) and abs(f) < 2 ** 53:  # exactly a whole number: read as that number
+            return str(int(f))
     return v
 
 
@@ -106,8 +115,14 @@ def guess_delimiter(name: str, first_line: str) -> str:
     return ","
 
 
-def _is_missing_word(value: str) -> bool:
-    return value.strip().lower() in MISSING_WORDS
+def _is_missing_word(value: str, classes: Optional[Collection[str]] = None) -> bool:
+    """Whether a label means "no label" (one of MISSING_WORDS), unless it is one of the declared ``classes``."""
+    v = value.strip()
+    return v.lower() in MISSING_WORDS and not (classes is not None and v in classes)
+
+
+def _missing_advice(value: str) -> str:
+    return "" if not value.strip() else f" (or, if {value.strip()!r} is a class, declare every class with --classes)"
 
 
 def _records(reader, name: str, first_line: int) -> Iterator[tuple[int, list[str]]]:
@@ -156,9 +171,9 @@ def read_long(stream: IO[str], name: str, columns: Columns = Columns(),
                 raise KdError(f"{name}:{lineno}: empty task id")
             if not worker:
                 raise KdError(f"{name}:{lineno}: empty worker id")
-            if _is_missing_word(label):
+            if _is_missing_word(label, classes):
                 raise KdError(f"{name}:{lineno}: the label of task {task!r} by worker {worker!r} is missing "
-                              f"({label or 'empty'}); drop the row instead")
+                              f"({label or 'empty'}); drop the row instead{_missing_advice(label)}")
             label = normalise_label(label)
             _class_check(classes, label, task, worker, name, lineno)
             yield (task, worker, label)
@@ -166,12 +181,15 @@ def read_long(stream: IO[str], name: str, columns: Columns = Columns(),
         raise KdError(f"{name}: not a text file ({e.reason})") from None
 
 
-def _dense_value(cell: str, name: str, lineno: int) -> Optional[str]:
+def _dense_value(cell: str, name: str, lineno: int, classes: Optional[Collection[str]] = None) -> Optional[str]:
     v = cell.strip()
     if v == "" or v == "-1":
         return None
-    if v.lower() in MISSING_WORDS:
-        raise KdError(f"{name}:{lineno}: a cell reads {v!r}; write -1 (or leave it empty) for a missing label")
+    if _is_missing_word(v, classes):
+        raise KdError(f"{name}:{lineno}: a cell reads {v!r}; write -1 (or leave it empty) for a missing label"
+                      f"{_missing_advice(v)}")
+    if classes is not None and v in classes:
+        return v
     try:
         f = float(v)
     except ValueError:
@@ -254,7 +272,7 @@ def read_dense(stream: IO[str], name: str, columns: Columns = Columns(),
                 values = fields
             row_index += 1
             for worker, cell in zip(workers, values):
-                label = _dense_value(cell, name, lineno)
+                label = _dense_value(cell, name, lineno, classes)
                 if label is not None:
                     _class_check(classes, label, task, worker, name, lineno)
                     yield (task, worker, label)
@@ -421,20 +439,21 @@ def dedupe(rows: Sequence[Row]) -> tuple[list[Row], int]:
 
 
 def read_gold(path: str | os.PathLike, task_col: str = "task", truth_col: str = "truth",
-              delimiter: Optional[str] = None) -> dict[str, str]:
+              delimiter: Optional[str] = None, classes: Optional[Collection[str]] = None) -> dict[str, str]:
     """Read ``task,truth`` (the second column is used when no column is named ``truth``).
 
     Truths are read as labels are (:func:`normalise_label`: ``3.0`` is ``3``). A task without gold is
     left out of the file; an empty (or NaN) truth, an empty task id and a task given two different
-    truths are errors naming the line."""
+    truths are errors naming the line. A truth that is one of the declared ``classes`` is never "missing"."""
     name = str(path)
     try:  # around everything: the decoder reads ahead, so a bad byte can surface at the header line
-        return _read_gold(path, name, task_col, truth_col, delimiter)
+        return _read_gold(path, name, task_col, truth_col, delimiter, classes)
     except UnicodeDecodeError as e:
         raise KdError(f"{name}: not a UTF-8 text file (byte 0x{e.object[e.start]:02x} cannot be decoded)") from None
 
 
-def _read_gold(path, name: str, task_col: str, truth_col: str, delimiter: Optional[str]) -> dict[str, str]:
+def _read_gold(path, name: str, task_col: str, truth_col: str, delimiter: Optional[str],
+               classes: Optional[Collection[str]] = None) -> dict[str, str]:
     with open_text(path) as f:
         first = f.readline()
         if not first.strip():
@@ -463,9 +482,9 @@ def _read_gold(path, name: str, task_col: str, truth_col: str, delimiter: Option
             task, truth = fields[ti].strip(), fields[gi].strip()
             if not task:
                 raise KdError(f"{name}:{lineno}: empty task id")
-            if _is_missing_word(truth):
+            if _is_missing_word(truth, classes):
                 raise KdError(f"{name}:{lineno}: the truth of task {task!r} is missing ({truth or 'empty'}); "
-                              "leave a task without gold out of the gold file")
+                              f"leave a task without gold out of the gold file{_missing_advice(truth)}")
             truth = normalise_label(truth)
             if task in gold and gold[task] != truth:
                 raise KdError(f"{name}:{lineno}: task {task!r} has the truth {truth!r} here and {gold[task]!r} on "
@@ -531,12 +550,13 @@ def text_stream(data: str) -> IO[str]:
 
 
 def natural_order(values: Iterable[str]) -> list[str]:
-    """Integers in numeric order when every value is an integer, otherwise string order."""
-    vals = list(dict.fromkeys(values))
-    try:
-        return sorted(vals, key=lambda v: (int(v), v))
-    except ValueError:
-        return sorted(vals)
+    """Integers first, in numeric order, then every other value in string order (``10, 2, x`` -> ``2, 10, x``)."""
+    def key(v: str):
+        try:
+            return (0, int(v), v)
+        except ValueError:
+            return (1, 0, v)
+    return sorted(dict.fromkeys(values), key=key)
 
 
 def path_name(path: str | Path) -> str:

@@ -173,6 +173,12 @@ class Aggregator:
             info["init_epochs"] = s0.epochs
         stats = m.train_chunk(L, seed=self.seed * 1_000_003 + chunk_no + 7919, progress=progress,
                               task="training")
+        if not m.is_finite():
+            # caught before any label of this chunk is given or any state saved: a NaN model would label every
+            # task class 0 with confidence nan, in this chunk and every later one
+            raise KdError(f"BiLA-CM training diverged on chunk {chunk_no} (its parameters became NaN or infinite; "
+                          f"zeta {self.config.zeta:g}, lr {self.config.lr:g}); nothing of this chunk was written: "
+                          f"use a smaller --zeta or --lr")
         info.update({"epochs": stats.epochs, "steps": stats.steps, "loss": stats.loss})
         label, proba = m.infer(L)
         return label, proba, info

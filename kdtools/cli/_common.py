@@ -82,8 +82,35 @@ def info(message: str) -> None:
     stderr.print(message, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
+class _ClosedStdout:
+    """Stands in for ``sys.stdout`` when a command was started with stdout closed (``cmd >&-``; Python then sets
+    it to None): writing data is a one-line error instead of a TypeError, and a command that writes to -o FILE
+    does not notice."""
+
+    def write(self, *args):
+        raise KdError("stdout is closed (the command was started with >&-): nowhere to write the data; "
+                      "give -o FILE or leave stdout open")
+
+    writelines = write
+
+    @property
+    def buffer(self):
+        return self
+
+    def flush(self):  # Python flushes stdout at exit: nothing to do
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        raise OSError("stdout is closed")
+
+
 def run_app(app: typer.Typer, prog_name: str) -> None:
     """Run a typer app with kdtools' exit-code contract: 0 ok, 1 data/runtime error, 2 usage error."""
+    if sys.stdout is None:
+        sys.stdout = _ClosedStdout()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)  # kd-serve installs its own (a clean shutdown)
     try:

@@ -160,11 +160,17 @@ def check_number(flag: str, value: Optional[float], low: float, high: float = ma
 
 
 def _file_key(path: str):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return ("path", os.path.realpath(path))
-    return ("file", st.st_dev, st.st_ino)
+    """What identifies the file a path names: device and inode when it exists, else its resolved path.
+
+    An output whose folder does not exist yet may still land on an existing file: 'new/../labels.csv' is
+    labels.csv (the writer follows '..' and links, see fileio.atomic_path), so the resolved path is tried too."""
+    for candidate in (path, os.path.realpath(path)):
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            continue
+        return ("file", st.st_dev, st.st_ino)
+    return ("path", os.path.realpath(path))
 
 
 def check_gold_and_plot(gold: Optional[str], plot: Optional[str]) -> None:
@@ -290,6 +296,7 @@ def _write_confusion(path: str, agg, options: dict) -> None:
 # a one-command typer app shows the command's help, not the app's: pass it on
 @app.command(help=app.info.help)
 def aggregate(
+    ctx: typer.Context,
     inputs: Optional[List[str]] = typer.Argument(None, help="Label files (task,worker,label), each a chunk; '-' = stdin."),
     state: Optional[str] = typer.Option(None, "--state", help="State file: created when missing, updated when the command succeeds."),
     output: str = typer.Option("-", "-o", "--output", help="Aggregated labels (CSV task,label,confidence); '-' = stdout."),
@@ -350,6 +357,13 @@ def aggregate(
     check_gold_and_plot(gold, plot)
     check_paths({"-o": output, "--confusion": confusion, "--plot": plot, "--state": state},
                 {"INPUTS": inputs, "--gold": [gold]})
+    seen_inputs: dict = {}
+    for p in inputs:
+        if p != "-" and Path(p).is_file():
+            first_name = seen_inputs.setdefault(_file_key(p), p)
+            if first_name is not p:
+                warn(f"{p} is the same file as {first_name}, given earlier: its labels are aggregated again (each "
+                     f"repeated label replaces the earlier one, and its tasks are labelled twice)")
     if method is None:
         # a state keeps one method: without --method, the state's
         from ..aggregate.state import read_metadata
@@ -375,6 +389,15 @@ def aggregate(
     options = {"method": methods, "chunk_size": chunk_size, "initial_size": initial_size, "format": spec.fmt,
                "classes": class_list, "columns": [spec.columns.task, spec.columns.worker, spec.columns.label], "seed": seed,
                "inputs": inputs, "state": state, "bila": {k: v for k, v in given_cfg.items() if v is not None}}
+
+    if state:
+        # from reading the state to saving it, no other run may update it (its update would be lost);
+        # released when the command ends in any way (the click context closes even on an error)
+        from ..fileio import exclusive_use
+
+        held = ExitStack()
+        held.enter_context(exclusive_use(state, "kd-aggregate"))
+        ctx.call_on_close(held.close)
 
     # the aggregators: one per method, the first one may come from the state file
     aggs: dict[str, Aggregator] = {}
@@ -405,8 +428,13 @@ def aggregate(
         warn(f"--initial-size {initial_size} is not used: {state} already holds {main_agg.chunks} chunk(s) (the initial "
              f"set is the first chunk of a new state)")
     first_size = (initial_size or crowdio.default_initial_size(chunk_size)) if fresh else None
+    # record what the run used, not only what was typed (the state, --confusion and --plot keep these options)
+    options["initial_size"] = first_size
+    options["seed"] = main_agg.seed
+    if "bila" in aggs:
+        options["bila"] = aggs["bila"].config.to_dict()
     allowed = dict.fromkeys(main_agg.classes.items) if main_agg.classes_fixed else None  # ordered, O(1) lookups
-    gold_map = crowdio.read_gold(gold) if gold else None
+    gold_map = crowdio.read_gold(gold, classes=allowed) if gold else None
     if gold_map is not None and not gold_map:
         raise KdError(f"{gold}: no gold labels")
     curves: dict[str, list[tuple[int, float]]] = {m: [] for m in methods}
@@ -429,6 +457,10 @@ def aggregate(
         header_classes: Optional[list[str]] = None  # the p_ columns of the header on stdout
         pending: list = []  # -o FILE with --proba: the chunks' results, written once every class is known
         chunk_iter = _chunks(inputs, spec, chunk_size, first_size, allowed) if inputs else []
+        if output == "-" and "-" not in inputs:
+            # the labels go to stdout chunk by chunk: read and check every file before the first one, so that a
+            # bad or missing later file sends nothing (stdin alone cannot be read ahead: it streams)
+            chunk_iter = list(chunk_iter)
         warned_row_numbers: set = set()
         state_chunks = main_agg.chunks
         for name, source, rows, row_numbers in chunk_iter:

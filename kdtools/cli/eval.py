@@ -274,24 +274,22 @@ def aggregation(
     task_col: str = TaskColOption,
     worker_col: str = WorkerColOption,
     label_col: str = LabelColOption,
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches and random tie-breaks (as kd-aggregate's)."),
     debug: bool = DebugOption,
 ):
     """Error rate after each chunk for each crowd aggregation method (as kd-aggregate runs them): CSV
     method,tasks,error on stdout, drawn to --plot. Reads labels with kd-aggregate's input options."""
     from ..aggregate import crowdio
-    from ..aggregate.online import METHODS, error_curves
+    from ..aggregate.online import error_curves
     from ..aggregate.plot import plot_error_curves
     from ..errors import KdError
     from ._common import STOP_HINT, info, warn
-    from .aggregate import check_gold_and_plot, check_seed, check_sizes, label_input
+    from .aggregate import _parse_methods, check_gold_and_plot, check_seed, check_sizes, label_input
 
     # every check before any work: kd-aggregate's rules
     STOP_HINT["text"] = ""
     spec = label_input(fmt, delimiter, task_col, worker_col, label_col)
-    ms = [m.strip() for m in methods.split(",") if m.strip()]
-    if not ms or any(m not in METHODS for m in ms):
-        raise KdUsageError(f"--method takes a comma list of {', '.join(METHODS)}")
+    ms = _parse_methods(methods)  # kd-aggregate's rule: known methods, none twice
     check_sizes(chunk_size=chunk_size, initial_size=initial_size)
     check_seed(seed)
     check_gold_and_plot(gold, plot)
