@@ -369,7 +369,8 @@ def write_samples(path, header: StreamHeader, batches, oracle: str = "") -> int:
     from .fileio import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.unlink()  # h5py must create the file itself
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink()  # h5py must create the file itself (never unlink what is not our temporary file: /dev/null)
         with SampleWriter(tmp, header, oracle=oracle, resume=False) as w:
             for b in batches:
                 w.append(b)

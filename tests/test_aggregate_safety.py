@@ -270,3 +270,42 @@ def test_the_state_records_the_options_the_run_used(agg, chunks, tmp_path):
     assert options["seed"] == 0
     assert options["initial_size"] == 500  # the default initial set, resolved
     assert options["bila"]["lr"] == 0.01 and options["bila"]["zeta"] == 1.0 and options["bila"]["final_lr"] == 0.1
+
+
+# -- review mends (helper-3) --------------------------------------------------------------------------
+
+def test_a_state_that_cannot_be_locked_is_used_with_a_warning(agg, chunks, tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)  # Lustre without -o flock, say: this used to fail every run
+    r = agg(chunks[0], "--state", tmp_path / "crowd.state", "-q", "-o", tmp_path / "out.csv")
+    assert r.returncode == 0, r.stderr
+    assert "cannot be locked here" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk1.csv", "chunk2.csv", "crowd.state", "out.csv"]
+
+
+def test_a_one_letter_file_given_twice_is_warned_about(agg, chunks, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("a").write_text(chunks[0].read_text())
+    r = agg("a", "a", "-q", "--method", "mv")
+    assert r.returncode == 0
+    assert "a is the same file as a" in r.stderr
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs")
+def test_a_bad_later_file_sends_nothing_into_a_fifo(chunks, tmp_path):
+    import os
+
+    fifo = tmp_path / "labels.fifo"
+    os.mkfifo(fifo)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    r = subprocess.run([sys.executable, "-m", "kdtools.cli.aggregate", str(chunks[0]), str(tmp_path / "missing.csv"),
+                        "-o", str(fifo), "-q"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    got = reader.communicate(timeout=60)[0]
+    assert r.returncode == 1 and "missing.csv" in r.stderr
+    assert got == b""

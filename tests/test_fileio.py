@@ -6,6 +6,7 @@ a write that fails are removed again, and a second run on a locked state file is
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +99,158 @@ def test_the_lock_is_released_when_the_holder_fails(tmp_path):
         pass
 
 
-def test_no_lock_while_the_folder_does_not_exist(tmp_path):
-    with exclusive_use(tmp_path / "new" / "crowd.state", "kd-aggregate"):
-        pass
-    assert not (tmp_path / "new").exists()  # nothing made just to hold a lock
+def test_a_first_run_into_a_new_folder_is_locked_too(tmp_path):
+    state = tmp_path / "new" / "crowd.state"
+    with exclusive_use(state, "kd-aggregate") as locked:
+        assert locked
+        with pytest.raises(KdError, match="another kd-aggregate run"):
+            with exclusive_use(state, "kd-aggregate"):
+                pass
+    assert not (tmp_path / "new").exists()  # made for the lock, empty at the end: removed
+
+
+def test_another_users_lock_file_is_locked_read_only(tmp_path, monkeypatch):
+    # the lock file of another user is 0644: opening it read-write fails, and the run used to go on unlocked
+    import kdtools.fileio as fileio
+
+    state = tmp_path / "crowd.state"
+    real_open = os.open
+
+    def as_another_user(path, flags, *mode):
+        if str(path).endswith(".lock") and Path(path).exists() and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *mode)
+
+    with exclusive_use(state, "kd-aggregate"):
+        monkeypatch.setattr(fileio.os, "open", as_another_user)
+        with pytest.raises(KdError, match="another kd-aggregate run"):
+            with exclusive_use(state, "kd-aggregate"):
+                pass
+        monkeypatch.setattr(fileio.os, "open", real_open)
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSYS", "ENOLCK", "EOPNOTSUPP"])
+def test_a_file_system_without_flock_runs_unlocked_and_says_so(tmp_path, monkeypatch, errno_name):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(getattr(errno, errno_name), "not supported")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with exclusive_use(tmp_path / "crowd.state", "kd-aggregate") as locked:
+        assert locked is False
+    assert list(tmp_path.iterdir()) == []  # no lock file left behind
+
+
+# -- writing to an inherited descriptor: at its position, never re-opened ---------------------------------
+
+def _shell(command: str, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run(command, shell=True, check=True, cwd=tmp_path, env=env, executable="/bin/bash")
+
+
+WRITE_FD1 = (f"{sys.executable} -c \"from pathlib import Path; from kdtools.fileio import atomic_path\n"
+             f"with atomic_path('/dev/fd/1') as p: Path(p).write_text('data\\n')\"")
+
+
+@pytest.mark.skipif(not Path("/dev/fd/1").exists(), reason="no /dev/fd")
+def test_a_stream_path_appends_under_double_redirect(tmp_path):
+    (tmp_path / "log.txt").write_text("old\n")
+    _shell(f"{WRITE_FD1} >> log.txt", tmp_path)
+    assert (tmp_path / "log.txt").read_text() == "old\ndata\n"
+
+
+@pytest.mark.skipif(not Path("/dev/fd/1").exists(), reason="no /dev/fd")
+def test_a_stream_path_keeps_a_shell_groups_other_output(tmp_path):
+    _shell(f"{{ echo header; {WRITE_FD1}; echo footer; }} > group.txt", tmp_path)
+    assert (tmp_path / "group.txt").read_text() == "header\ndata\nfooter\n"
+
+
+@pytest.mark.skipif(not Path("/dev/fd/1").exists(), reason="no /dev/fd")
+def test_a_stream_path_into_a_pipe_is_written_as_it_goes(tmp_path):
+    _shell(f"{WRITE_FD1} | cat > piped.txt", tmp_path)
+    assert (tmp_path / "piped.txt").read_text() == "data\n"
+
+
+def test_writes_in_place_tells_pipes_from_files(tmp_path):
+    from kdtools.fileio import writes_in_place
+
+    r, w = os.pipe()
+    try:
+        assert writes_in_place(f"/dev/fd/{w}")  # a pipe: streamed, so kd-aggregate reads its inputs ahead
+    finally:
+        os.close(r)
+        os.close(w)
+    with open(tmp_path / "f.txt", "w") as f:
+        assert not writes_in_place(f"/dev/fd/{f.fileno()}")  # a redirected file: copied once complete
+    assert not writes_in_place(tmp_path / "f.txt")
+    assert writes_in_place("/dev/null")
+
+
+def test_nothing_reaches_the_stream_when_the_write_fails(tmp_path, capfd):
+    with pytest.raises(RuntimeError):
+        with atomic_path("/dev/fd/1") as p:
+            Path(p).write_text("half")
+            raise RuntimeError("the writer failed")
+    assert capfd.readouterr().out == ""
+
+
+def test_stream_descriptor_names():
+    from kdtools.fileio import stream_descriptor
+
+    assert stream_descriptor("/dev/stdout") == 1 and stream_descriptor("/dev/stderr") == 2
+    assert stream_descriptor("/dev/fd/3") == 3 and stream_descriptor("/proc/self/fd/4") == 4
+    assert stream_descriptor(f"/proc/{os.getpid()}/fd/5") == 5
+    assert stream_descriptor("/proc/1/fd/5") is None or os.getpid() == 1  # another process's: a plain path
+    assert stream_descriptor("out.csv") is None and stream_descriptor("/dev/null") is None
+
+
+# -- files that must not be replaced ----------------------------------------------------------------------
+
+def test_a_link_to_a_read_only_target_is_refused_and_untouched(tmp_path, monkeypatch):
+    import kdtools.fileio as fileio
+
+    store = tmp_path / "cache"
+    store.mkdir()
+    blob = store / "ab12"
+    blob.write_text("cached\n")
+    blob.chmod(0o444)
+    link = tmp_path / "labels.csv"
+    link.symlink_to(blob)
+    real_access = os.access
+    # root may write anything: ask as a user would be answered
+    monkeypatch.setattr(fileio.os, "access", lambda p, m: False if Path(p) == blob else real_access(p, m))
+    with pytest.raises(KdError, match="read-only"):
+        write(link, "new\n")
+    assert link.is_symlink() and blob.read_text() == "cached\n"
+    assert oct(blob.stat().st_mode & 0o777) == oct(0o444)
+
+
+def test_a_read_only_output_is_refused(tmp_path, monkeypatch):
+    import kdtools.fileio as fileio
+
+    out = tmp_path / "out.csv"
+    out.write_text("keep\n")
+    real_access = os.access
+    monkeypatch.setattr(fileio.os, "access", lambda p, m: False if Path(p) == out else real_access(p, m))
+    with pytest.raises(KdError, match="read-only"):
+        write(out, "new\n")
+    assert out.read_text() == "keep\n"
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+    out = tmp_path / "crowd.state"
+    out.write_text("old")
+    out.chmod(0o600)
+    write(out, "new")
+    assert out.read_text() == "new" and out.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_dangling_link_into_a_missing_folder_makes_nothing(tmp_path):
+    link = tmp_path / "out.csv"
+    link.symlink_to(tmp_path / "unmounted" / "out.csv")
+    with pytest.raises(KdError, match="folder does not exist"):
+        write(link, "x")
+    assert not (tmp_path / "unmounted").exists() and link.is_symlink()

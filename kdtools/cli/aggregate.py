@@ -358,11 +358,11 @@ def aggregate(
     check_paths({"-o": output, "--confusion": confusion, "--plot": plot, "--state": state},
                 {"INPUTS": inputs, "--gold": [gold]})
     seen_inputs: dict = {}
-    for p in inputs:
+    for i, p in enumerate(inputs):
         if p != "-" and Path(p).is_file():
-            first_name = seen_inputs.setdefault(_file_key(p), p)
-            if first_name is not p:
-                warn(f"{p} is the same file as {first_name}, given earlier: its labels are aggregated again (each "
+            first = seen_inputs.setdefault(_file_key(p), i)
+            if first != i:
+                warn(f"{p} is the same file as {inputs[first]}, given earlier: its labels are aggregated again (each "
                      f"repeated label replaces the earlier one, and its tasks are labelled twice)")
     if method is None:
         # a state keeps one method: without --method, the state's
@@ -382,7 +382,7 @@ def aggregate(
     from ..aggregate import crowdio
     from ..aggregate.bila import BilaConfig
     from ..aggregate.online import Aggregator
-    from ..fileio import atomic_path
+    from ..fileio import atomic_path, writes_in_place
 
     given_cfg = {"zeta": zeta, "lr": lr, "max_epochs": max_epochs, "batch_size": batch_size, "decision": decision,
                  "step_count": step_count, "seed": seed}
@@ -396,8 +396,11 @@ def aggregate(
         from ..fileio import exclusive_use
 
         held = ExitStack()
-        held.enter_context(exclusive_use(state, "kd-aggregate"))
+        locked = held.enter_context(exclusive_use(state, "kd-aggregate"))
         ctx.call_on_close(held.close)
+        if not locked:
+            warn(f"{state}: cannot be locked here (the file system does not support it, or its folder takes no "
+                 f"lock file); do not run two kd-aggregate commands on this state at once")
 
     # the aggregators: one per method, the first one may come from the state file
     aggs: dict[str, Aggregator] = {}
@@ -457,9 +460,9 @@ def aggregate(
         header_classes: Optional[list[str]] = None  # the p_ columns of the header on stdout
         pending: list = []  # -o FILE with --proba: the chunks' results, written once every class is known
         chunk_iter = _chunks(inputs, spec, chunk_size, first_size, allowed) if inputs else []
-        if output == "-" and "-" not in inputs:
-            # the labels go to stdout chunk by chunk: read and check every file before the first one, so that a
-            # bad or missing later file sends nothing (stdin alone cannot be read ahead: it streams)
+        if (output == "-" or writes_in_place(output)) and "-" not in inputs:
+            # the labels go out chunk by chunk (stdout, a FIFO): read and check every file before the first one, so
+            # that a bad or missing later file sends nothing (stdin alone cannot be read ahead: it streams)
             chunk_iter = list(chunk_iter)
         warned_row_numbers: set = set()
         state_chunks = main_agg.chunks
