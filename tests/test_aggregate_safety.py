@@ -29,24 +29,11 @@ import torch
 from conftest import one_error_line, write_csv
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_aggregate_edges import ROOT, run_here, run_sub  # noqa: F401 (the fixtures' helpers)
+from test_aggregate_edges import ROOT, agg, keval, run_sub
+
+__all__ = ["agg", "keval"]  # the fixtures of test_aggregate_edges.py, used here by name
 
 from kdtools.fileio import exclusive_use
-
-
-@pytest.fixture()
-def agg(capsys, monkeypatch):
-    from kdtools.cli.aggregate import main
-
-    monkeypatch.setattr(sys, "argv", ["kd-aggregate"])
-    return lambda *args, stdin=None: run_here(main, "kd-aggregate", args, capsys, monkeypatch, stdin)
-
-
-@pytest.fixture()
-def keval(capsys, monkeypatch):
-    from kdtools.cli.eval import main
-
-    return lambda *args, stdin=None: run_here(main, "kd-eval", ["aggregation", *args], capsys, monkeypatch, stdin)
 
 
 def crowd_rows(n_tasks=60, n_workers=5, classes=("a", "b", "c"), start=0, seed=0):

@@ -157,7 +157,9 @@ def test_dense_without_header_into_a_state_holding_those_row_numbers_warns(tmp_p
     w = warnings(again)
     assert len(w) == 1 and "row numbers" in w[0] and "task,<worker ids>" in w[0] and str(state) in w[0], again.stderr
     # two headerless files in one run: the second one's tasks are the first one's
-    two = agg(m, m, "--format", "dense", "--method", "mv")
+    m2 = tmp_path / "m2.csv"  # another file (the same file twice gets a warning of its own)
+    m2.write_text(m.read_text())
+    two = agg(m, m2, "--format", "dense", "--method", "mv")
     assert len(warnings(two)) == 1 and "an earlier file" in warnings(two)[0]
     # with real task ids there is nothing to warn about
     h = tmp_path / "h.csv"
