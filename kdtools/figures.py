@@ -57,4 +57,16 @@ def save_figure(fig, path: str | os.PathLike, options: dict | None = None, **sav
     """Write ``fig`` to ``path`` atomically, in the format of its suffix, with its metadata."""
     fmt = image_format(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, **figure_metadata(fmt, options), **savefig_args)
+        if fmt == "svgz":
+            # matplotlib would gzip under the temporary file's name, which the gzip header then records (and
+            # `gunzip -N` restores): compress here, naming the plot the user asked for (without the z)
+            import gzip
+            import io
+
+            svg = io.BytesIO()
+            fig.savefig(svg, format="svg", **figure_metadata(fmt, options), **savefig_args)
+            with open(tmp, "wb") as raw, gzip.GzipFile(filename=os.path.basename(str(path))[:-1], mode="wb",
+                                                       fileobj=raw) as packed:
+                packed.write(svg.getvalue())
+        else:
+            fig.savefig(tmp, format=fmt, **figure_metadata(fmt, options), **savefig_args)

@@ -86,7 +86,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # a device or a pipe (-o /dev/null, a FIFO, /dev/stdout into a pipe): renaming over it would replace the
         # device itself with a regular file (as root, /dev/null for the whole machine); it has no previous
         # contents to protect
-        yield path
+        with _naming_output(path):
+            yield path
         return
     if path.is_symlink():
         target = Path(os.path.realpath(path))
@@ -112,7 +113,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     done = False
     try:
-        yield tmp_path
+        with _naming_output(path):
+            yield tmp_path
         with open(tmp_path, "rb+") as f:  # make the bytes durable before they become visible
             os.fsync(f.fileno())
         os.chmod(tmp_path, mode)  # mkstemp makes 0600: a new output gets the usual permissions, a replaced one its own
@@ -123,6 +125,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
         if not done:
             _remove_made(made)
+
+
+@contextlib.contextmanager
+def _naming_output(path: Path) -> Iterator[None]:
+    """An OSError that names no file (a full disk while writing the output: ``[Errno 28] No space left on
+    device``) is given the output's path, so its one-line report says which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            e.filename = str(path)
+        raise
 
 
 def _copy_to_descriptor(tmp: Path, fd: int, path: Path) -> None:

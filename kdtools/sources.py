@@ -99,20 +99,27 @@ class SampleSink:
         if self.path is None:
             self._stream = StreamWriter(out, header)
             return
-        import os
-        import tempfile
+        from contextlib import ExitStack
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
-        if self.path.suffix.lower() in (".h5", ".hdf5"):
-            self._tmp.unlink()
-            self._h5 = h5store.SampleWriter(self._tmp, header, resume=False)
-            self._stream = None
-        else:
-            self._file = open(self._tmp, "wb")
-            self._stream = StreamWriter(self._file, header)
+        from .fileio import atomic_path
+
+        # the shared atomic writer: a temporary file renamed into place at the end, and never a rename over what is
+        # not a regular file (-o /dev/null is written directly, a symbolic link is written through, a read-only
+        # file is refused)
+        self._atomic = ExitStack()
+        self._tmp = Path(self._atomic.enter_context(atomic_path(self.path)))
+        try:
+            if self.path.suffix.lower() in (".h5", ".hdf5"):
+                if self._tmp.is_file() and not self._tmp.is_symlink():
+                    self._tmp.unlink()  # h5py creates its file itself (a device is written as it is)
+                self._h5 = h5store.SampleWriter(self._tmp, header, resume=False)
+                self._stream = None
+            else:
+                self._file = open(self._tmp, "wb")
+                self._stream = StreamWriter(self._file, header)
+        except BaseException as e:
+            self._atomic.__exit__(type(e), e, e.__traceback__)
+            raise
 
     def write(self, batch: dict) -> None:
         if self._h5 is not None:
@@ -124,8 +131,6 @@ class SampleSink:
     def close(self, status: str = "complete", message: str = "") -> None:
         """Finish the output. For files, ``status`` other than complete still keeps what was written
         (the end record says why it stopped)."""
-        import os
-
         if self._stream is not None:
             self._stream.close(status, message)
         if self.path is None:
@@ -133,12 +138,8 @@ class SampleSink:
         if self._h5 is not None:
             self._h5.close()
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
             self._file.close()
-        from .fileio import _umask
-        os.chmod(self._tmp, 0o666 & ~_umask())
-        os.replace(self._tmp, self.path)
+        self._atomic.close()  # fsync, the permissions, the rename into place
 
     def abort(self, message: str = "the writer failed") -> None:
         """Drop a file output (the previous file, if any, stays as it was); end a stream as failed."""
@@ -148,12 +149,14 @@ class SampleSink:
             except (BrokenPipeError, OSError, ValueError):
                 pass
             return
-        if self._h5 is not None:
-            self._h5.close()
-        if self._file is not None:
-            self._file.close()
-        if self._tmp.exists():
-            self._tmp.unlink()
+        try:
+            if self._h5 is not None:
+                self._h5.close()
+            if self._file is not None:
+                self._file.close()
+        finally:
+            dropped = KdError(message)
+            self._atomic.__exit__(KdError, dropped, None)  # the temporary file goes; the previous file stays
 
 
 # A generator whose samples cost minutes each (CAKE on a CPU) must not lose them to a kill: its finished
@@ -218,7 +221,13 @@ def write_through_partial(batches: Iterator[dict], output: str | Path, generator
     rows = h5store.log_info(partial)["rows"]
     out = Path(output)
     if out.suffix.lower() in (".h5", ".hdf5"):
-        os.replace(partial, out)
+        from .fileio import atomic_path
+
+        # through the shared atomic writer (a link is written through, a read-only file refused, a device written
+        # as it is); the partial is linked, not moved, into the temporary file, so a failure there keeps it
+        with atomic_path(out) as tmp:
+            _place_copy(partial, tmp)
+        partial.unlink()
         return rows
     sink = SampleSink(h5store.read_header(partial), path=out)
     try:
@@ -230,3 +239,19 @@ def write_through_partial(batches: Iterator[dict], output: str | Path, generator
     sink.close()
     partial.unlink()
     return rows
+
+
+def _place_copy(source: Path, tmp: Path) -> None:
+    """Give the temporary file ``tmp`` (made by ``atomic_path``) the contents of ``source``, which stays: a hard
+    link where the file system allows it (no copy of a large partial), a copy otherwise (another file system, a
+    device such as /dev/null)."""
+    import shutil
+
+    if tmp.is_file() and not tmp.is_symlink():
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(source, tmp)

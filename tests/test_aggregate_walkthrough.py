@@ -429,6 +429,14 @@ def test_semicolon_header_suggests_delimiter(crowd, tmp_path, agg):
     assert agg(semi, "--method", "mv", "--delimiter", ";").returncode == 0
 
 
+def test_comma_separated_tsv_suggests_delimiter(crowd, tmp_path, agg):
+    # a .tsv name means tabs; a comma-separated file saved under that name is told which --delimiter to give
+    tsv = tmp_path / "labels.tsv"
+    tsv.write_text((crowd / "labels.csv").read_text())
+    one_error_line(agg(tsv, "--method", "mv"), 1, "--delimiter ','")
+    assert agg(tsv, "--method", "mv", "--delimiter", ",").returncode == 0
+
+
 @pytest.mark.parametrize("args", [["--worker-col", "task"], ["--label-col", "worker"], ["--task-col", ""]])
 def test_one_column_for_two_roles_is_a_usage_error(crowd, agg, keval, args):
     one_error_line(agg(crowd / "labels.csv", "--method", "mv", *args), 2, args[0])

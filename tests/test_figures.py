@@ -43,6 +43,17 @@ def test_every_offered_format_records_who_made_it(fmt, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # atomic: no temporary file left
 
 
+def test_an_svgz_plot_records_its_own_name_in_the_gzip_header(tmp_path):
+    # the gzip header's FNAME field (what `gunzip -N` restores): the plot's name, not the temporary file's
+    path = tmp_path / "curve.svgz"
+    save_figure(figure(), path)
+    data = path.read_bytes()
+    assert data[:2] == b"\x1f\x8b" and data[3] & 0x08  # gzip, with a stored name
+    stored = data[10:data.index(b"\0", 10)].decode()
+    assert stored == "curve.svg"
+    assert gzip.decompress(data).startswith(b"<?xml")
+
+
 def test_other_names_are_usage_errors_and_no_suffix_means_png():
     assert image_format("curve") == "png" and image_format("Curve.PDF") == "pdf"
     for name in ("errors.txt", "plot.eps", "plot.raw", "plot.pgf"):

@@ -254,3 +254,41 @@ def test_a_dangling_link_into_a_missing_folder_makes_nothing(tmp_path):
     with pytest.raises(KdError, match="folder does not exist"):
         write(link, "x")
     assert not (tmp_path / "unmounted").exists() and link.is_symlink()
+
+
+# ------------------------------------------------------------------------------------------------
+# A full disk (or any refusal of the machine) is one line naming the file, from every command
+
+
+def test_a_write_error_without_a_file_name_gets_the_outputs_path(tmp_path):
+    out = tmp_path / "out.csv"
+    out.write_text("old\n")
+    with pytest.raises(OSError) as raised:
+        with atomic_path(out):
+            raise OSError(28, "No space left on device")  # what a full disk raises from write(): no file name
+    assert raised.value.filename == str(out)
+    assert out.read_text() == "old\n"
+
+
+def test_describe_unexpected_is_one_line_naming_the_file():
+    from kdtools.cli._common import describe_unexpected
+
+    # h5py's report of a full disk: errno 28, the file only inside a multi-line text
+    h5 = OSError(28, "Unable to synchronously create file (file write failed: time = Sat Dec  5 21:34:58 2026\n"
+                     ", filename = '/data/conf.h5', file descriptor = 4, errno = 28)")
+    assert describe_unexpected(h5) == "/data/conf.h5: No space left on device"
+    assert describe_unexpected(PermissionError(13, "Permission denied", "/x/y")) == "/x/y: Permission denied"
+    bug = ValueError("first line\nsecond line")
+    line = describe_unexpected(bug)
+    assert "\n" not in line and line.startswith("ValueError: first line second line") and "--debug" in line
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+@pytest.mark.parametrize("args", [["-o", "/dev/full"], ["--confusion", "/dev/full", "-o", "/dev/null"]])
+def test_a_full_device_is_one_line_naming_it(tmp_path, args):
+    labels = tmp_path / "l.csv"
+    labels.write_text("task,worker,label\n1,a,0\n1,b,1\n2,a,1\n2,b,1\n")
+    r = subprocess.run([sys.executable, "-m", "kdtools.cli.aggregate", str(labels), "--method", "mv", *args],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["error: /dev/full: No space left on device"]

@@ -1,5 +1,6 @@
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -79,3 +80,76 @@ def test_writer_refuses_batches_that_do_not_match_the_header():
     w = StreamWriter(io.BytesIO(), StreamHeader("queries", {"x": {"dtype": "uint8", "shape": [1, 2, 2]}}))
     with pytest.raises(KdError, match="header says"):
         w.write({"x": torch.zeros(3, 1, 3, 3, dtype=torch.uint8)})
+
+
+# ------------------------------------------------------------------------------------------------
+# SampleSink's file outputs (kd-query -o, kd-gen-queries -o, kd-diffstep sample -o) go through the shared atomic
+# writer: a FIFO or a device is written as it is, never renamed over (as root, -o /dev/null replaced the machine's
+# /dev/null with a regular file); a symbolic link is written through; a failed write keeps the previous file
+
+
+def _sink_batches():
+    return [{"x": torch.full((2, 1, 3, 3), float(i))} for i in range(3)]
+
+
+def _write_sink(path, fail=False):
+    from kdtools.sources import SampleSink
+
+    batches = _sink_batches()
+    sink = SampleSink(StreamHeader("queries", fields_of(batches[0])), path=path)
+    for b in batches:
+        sink.write(b)
+    if fail:
+        sink.abort("stopped")
+    else:
+        sink.close()
+
+
+@pytest.mark.parametrize("name", ["out.kds", "out.h5"])
+def test_sample_sink_writes_through_a_symlink(tmp_path, name):
+    from kdtools.sources import read_all
+
+    (tmp_path / "real").mkdir()
+    link = tmp_path / name
+    link.symlink_to(tmp_path / "real" / name)
+    _write_sink(link)
+    assert link.is_symlink()
+    assert read_all(link)[1]["x"].shape == (6, 1, 3, 3)
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == [name]  # no temporary file left
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_sample_sink_writes_into_a_fifo_and_leaves_it_a_fifo(tmp_path):
+    import stat
+    import threading
+
+    fifo = tmp_path / "q.kds"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()))
+    reader.start()
+    _write_sink(fifo)
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # the old writer renamed a regular file over it
+    assert StreamReader(io.BytesIO(received[0])).header.kind == "queries"
+    assert [p.name for p in tmp_path.iterdir()] == ["q.kds"]
+
+
+@pytest.mark.parametrize("name", ["out.kds", "out.h5"])
+def test_sample_sink_abort_keeps_the_previous_file(tmp_path, name):
+    out = tmp_path / name
+    out.write_bytes(b"previous")
+    _write_sink(out, fail=True)
+    assert out.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_write_through_partial_writes_an_h5_output_through_a_symlink(tmp_path):
+    from kdtools.sources import partial_path, read_all, write_through_partial
+
+    (tmp_path / "store").mkdir()
+    link = tmp_path / "q.h5"
+    link.symlink_to(tmp_path / "store" / "q.h5")
+    assert write_through_partial(iter(_sink_batches()), link, {"method": "test"}, "v", 4) == 6
+    assert link.is_symlink() and read_all(link)[1]["x"].shape == (6, 1, 3, 3)
+    assert not partial_path(link).exists()

@@ -84,7 +84,8 @@ def _delimiter_hint(first_line: str, delim: str) -> str:
     """Advice for a header that did not split: it holds another likely separator and not the one used."""
     if delim in first_line:
         return ""
-    for sep, word in ((";", "';'"), ("\t", "tab"), ("|", "'|'")):
+    # a comma comes first: a .tsv file (read with tabs) whose lines are comma-separated is a common mix-up
+    for sep, word in ((",", "','"), (";", "';'"), ("\t", "tab"), ("|", "'|'")):
         if sep in first_line:
             return f"; the header line looks {word}-separated: give --delimiter {word}"
     return ""

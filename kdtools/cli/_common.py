@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import signal
 import sys
 import threading
@@ -144,7 +146,26 @@ def run_app(app: typer.Typer, prog_name: str) -> None:
     except Exception as e:  # anything else is a bug or an environment problem: still one line
         if DEBUG["on"]:
             traceback.print_exc()
-        fail(f"{type(e).__name__}: {e}" + ("" if DEBUG["on"] else " (run with --debug for the traceback)"), 1)
+        fail(describe_unexpected(e, DEBUG["on"]), 1)
+
+
+# what the machine, not the data or the code, refused: a full disk, a quota, a read-only file system, an I/O error.
+# These are said as the file and the system's reason (no traceback hint: there is no bug to report)
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES, errno.EPERM}
+# HDF5's errors carry the file in a multi-line report: "... filename = '/dev/full', file descriptor = 4, ..."
+_HDF5_FILENAME = re.compile(r"filename = '([^']*)'")
+
+
+def describe_unexpected(e: BaseException, debug: bool = False) -> str:
+    """One line for an exception no command anticipated: ``FILE: reason`` for a refusal of the machine (a full
+    disk ...), otherwise the exception's type and text with every line break folded into a space."""
+    if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
+        found = _HDF5_FILENAME.search(str(e))
+        name = e.filename if e.filename is not None else (found.group(1) if found else None)
+        reason = os.strerror(e.errno)
+        return f"{name}: {reason}" if name else reason
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text + ("" if debug else " (run with --debug for the traceback)")
 
 
 def _broken_pipe() -> None:
