@@ -93,14 +93,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         target = Path(os.path.realpath(path))
         if not target.parent.is_dir():
             raise KdError(f"{path} is a link to {target}, whose folder does not exist; remove the link or write elsewhere")
-        if target.exists() and not os.access(target, os.W_OK):
+        if target.exists() and _read_only(target):
             raise KdError(f"{path} is a link to the read-only file {target} (a cache or store?): it is not replaced; "
                           f"remove the link or write elsewhere")
         path = target
     else:
         # the file the path names once '..' and linked folders are followed: 'new/../x' is x, without making 'new'
         path = Path(os.path.realpath(path))
-        if path.exists() and not os.access(path, os.W_OK):
+        if path.exists() and _read_only(path):
             raise KdError(f"{path} is read-only: it is not replaced; make it writable or write elsewhere")
     mode = (path.stat().st_mode & 0o7777) if path.exists() else (0o666 & ~_umask())
     made = _make_parents(path.parent)
@@ -125,6 +125,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
         if not done:
             _remove_made(made)
+
+
+def _read_only(path: Path) -> bool:
+    """A file this user may not write, or one nobody may write (no write bit at all: ``chmod a-w``, a DVC or
+    Hugging Face cache blob). The mode bits count for root too, for whom ``os.access`` is always true."""
+    return not os.access(path, os.W_OK) or (path.stat().st_mode & 0o222) == 0
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ queries but never overspend.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -68,6 +69,9 @@ def _open(path, mode: str) -> h5py.File:
             # h5py says "Unable to synchronously open file (truncated file: eof = ..., stored_eof = ...)"
             raise KdError(f"{path}: truncated HDF5 file (cut short by a full disk or an interrupted copy?); kdtools "
                           f"cannot read it or append to it: move it aside (h5py: {why})") from None
+        if mode != "r" and not path.exists():
+            reason = os.strerror(e.errno) if e.errno else why
+            raise KdError(f"{path}: cannot create the HDF5 file ({reason})") from None
         raise KdError(f"{path}: unreadable HDF5 file ({why})") from None
 
 
@@ -230,6 +234,11 @@ class SampleWriter:
         exists = self.path.exists() and self.path.stat().st_size > 0
         if exists and not resume:
             raise KdError(f"{self.path}: exists; remove it or resume it")
+        if not exists:
+            try:  # a new log in a new folder, as for every other output
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise KdError(f"{self.path}: cannot make its folder ({e.strerror or e})") from None
         self.f = _open(self.path, "a" if exists else "w")
         self.budget_before: Optional[int] = None  # the file's budget before this writer set its own
         try:

@@ -238,7 +238,15 @@ def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig,
     start_epoch, history = 0, []
     if resume is not None:
         model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        recorded = json.loads(resume.get("config") or "{}").get("optimizer")
+        if recorded and recorded != cfg.optimizer:
+            raise KdUsageError(f"the checkpoint was trained with --optimizer {recorded}: resume with the same optimiser, "
+                               f"or start from its weights with --init and a fresh {cfg.optimizer} optimiser")
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+        except (KeyError, ValueError) as e:
+            raise KdError(f"the checkpoint's optimiser state does not fit this optimiser ({type(e).__name__}: {e}); "
+                          "resume with the options it was trained with, or start from its weights with --init") from None
         start_epoch = int(resume["epoch"])
         history = [EpochRecord(**h) for h in json.loads(resume["history"])]
         torch.set_rng_state(resume["torch_rng"])

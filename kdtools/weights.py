@@ -34,7 +34,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from . import __version__
 from .errors import KdError, KdUsageError
@@ -73,8 +74,17 @@ def save_model(model: ImageClassifier, path: str | Path, options: dict | None = 
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
     # safetensors refuses shared storage; contiguous clones keep tied or viewed tensors safe
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.net.state_dict().items()}
+    write_safetensors(tensors, path, meta)
+
+
+def write_safetensors(tensors: dict, path: str | Path, metadata: dict) -> None:
+    """A safetensors file written by kdtools' atomic writer. Not ``safetensors.torch.save_file``: it writes
+    a temporary file of its own and renames it over the path, which replaces a device (-o /dev/null: as root,
+    the machine's) or a FIFO with a regular file."""
+    data = safetensors_bytes(tensors, metadata=metadata)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
 def read_metadata(path: str | Path) -> dict:

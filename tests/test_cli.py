@@ -400,3 +400,92 @@ def test_help_starts_with_what_the_command_does(module):
     out = CliRunner().invoke(app, ["--help"], terminal_width=200).output
     squash = lambda t: " ".join(t.replace("│", " ").split())
     assert squash(app.info.help)[:60] in squash(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# An output that is one of the inputs is a usage error before anything is paid (each of these ran, exit 0, and
+# destroyed the input: the victim became a stream, a paid log was replaced by unpaid answers, -o and --log on one
+# file lost the log's budget and accounting so a rerun overspent)
+
+
+@pytest.fixture(scope="module")
+def paid_log(victim_path, queries_path, tmp_path_factory):
+    """A log that paid for 600 answers."""
+    paid = tmp_path_factory.mktemp("paid") / "paid.h5"
+    kd("kd-query", victim_path, queries_path, "--budget", 1000, "--log", paid, "-o", "/dev/null", check=True)
+    return paid
+
+
+@pytest.mark.parametrize("case", ["o-victim", "o-queries", "o-log", "log-queries", "o-replayed", "o-member", "o-dir", "log-dir"])
+def test_kd_query_refuses_an_output_that_is_an_input(victim_path, queries_path, paid_log, tmp_path, case):
+    paid = tmp_path / "paid.h5"
+    shutil.copy(paid_log, paid)
+    queries = tmp_path / "q.kds"
+    shutil.copy(queries_path, queries)
+    victim = tmp_path / "victim.safetensors"
+    shutil.copy(victim_path, victim)
+    (tmp_path / "d").mkdir()
+    new_log = tmp_path / "new.h5"
+    args = {
+        "o-victim": [victim, queries, "-o", victim],
+        "o-queries": [victim, queries, "-o", queries],
+        "o-log": [victim, queries, "--log", new_log, "-o", new_log],
+        "log-queries": [victim, paid, "--log", paid, "-o", tmp_path / "b.kds"],
+        "o-replayed": [f"replay:{paid}", queries, "-o", paid],
+        "o-member": [f"ensemble:{victim},{victim_path}", paid, "--mode", "probs", "-o", victim],
+        "o-dir": [victim, queries, "--log", new_log, "-o", tmp_path / "d"],
+        "log-dir": [victim, queries, "--log", tmp_path / "d", "-o", tmp_path / "b.kds"],
+    }[case]
+    before = {p: sha(p) for p in (victim, queries, paid)}
+    r = kd("kd-query", *args)
+    assert r.returncode == 2, r.stderr.decode()
+    lines = r.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and ("overwrite the input" in lines[0] or "same file" in lines[0] or "is a directory" in lines[0])
+    assert {p: sha(p) for p in before} == before
+    assert not new_log.exists()  # nothing was paid, no log was started
+    assert log_info(paid)["spent"] == 600
+
+
+def test_kd_query_makes_the_folder_of_a_new_log(victim_path, queries_path, tmp_path):
+    log = tmp_path / "runs" / "a" / "q.h5"
+    kd("kd-query", victim_path, queries_path, "--log", log, "-o", tmp_path / "a.kds", check=True)
+    assert log_info(log)["spent"] == 600
+
+
+def test_kd_serve_refuses_to_save_its_defence_over_the_model(victim_path, tmp_path):
+    victim = tmp_path / "victim.safetensors"
+    shutil.copy(victim_path, victim)
+    before = sha(victim)
+    r = kd("kd-serve", victim, "--defense", "entropy", "--defense-data", "digits", "--defense-save", victim, "--port", 0,
+           timeout=120)
+    assert r.returncode == 2 and "--defense-save" in r.stderr.decode() and "overwrite the input" in r.stderr.decode()
+    assert sha(victim) == before
+
+
+def test_kd_distill_checks_its_output_before_training_and_keeps_its_checkpoint_honest(victim_path, queries_path, tmp_path):
+    def distill(*args):
+        r = kd("kd-distill", "--data", "digits", "--epochs", 1, "-q", *args)
+        return r.returncode, r.stderr.decode()
+
+    log = tmp_path / "paid.h5"
+    kd("kd-query", victim_path, queries_path, "--log", log, "-o", "/dev/null", check=True)
+    before = sha(log)
+    # the training data, '-', a directory, a path under a file: usage errors before any epoch
+    r = kd("kd-distill", log, "--epochs", 1, "-o", log)
+    assert r.returncode == 2 and "is the training file" in r.stderr.decode() and sha(log) == before
+    (tmp_path / "d").mkdir()
+    for out, why in ((tmp_path / "d", "is a directory"), (log / "x.safetensors", "is not a directory"), ("-", "not a stream")):
+        rc, err = distill("-o", out)
+        assert rc == 2 and why in err, err
+    assert not (tmp_path / "-").exists()
+    # a resume that has no epoch left to train still writes the -o it names, and says why nothing was trained
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert distill("-o", a)[0] == 0 and Path(str(a) + ".ckpt").exists()
+    rc, err = distill("--resume", a, "-o", b)
+    assert rc == 0 and b.is_file() and "none was trained" in err
+    # another optimiser than the checkpoint's: one line saying which
+    rc, err = distill("--epochs", 2, "--optimizer", "adam", "--resume", a, "-o", a)
+    assert rc == 2 and "--optimizer sgd" in err and len(err.strip().splitlines()) == 1
+    # new weights written without a checkpoint remove the old one, which a later --resume would have loaded
+    assert distill("--epochs", 0, "--arch", "mlp", "-o", a)[0] == 0
+    assert not Path(str(a) + ".ckpt").exists()

@@ -240,6 +240,21 @@ def test_a_read_only_output_is_refused(tmp_path, monkeypatch):
     assert out.read_text() == "keep\n"
 
 
+def test_a_file_nobody_may_write_is_refused_even_for_root(tmp_path):
+    # as root os.access says every file is writable: the mode bits decide (chmod a-w, a cache blob)
+    out = tmp_path / "ro.safetensors"
+    out.write_text("keep\n")
+    out.chmod(0o444)
+    with pytest.raises(KdError, match="read-only"):
+        write(out, "new\n")
+    assert out.read_text() == "keep\n"
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(out)
+    with pytest.raises(KdError, match="read-only"):
+        write(link, "new\n")
+    assert out.read_text() == "keep\n"
+
+
 def test_a_replaced_file_keeps_its_permissions(tmp_path):
     out = tmp_path / "crowd.state"
     out.write_text("old")

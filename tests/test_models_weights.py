@@ -172,3 +172,44 @@ def test_an_argument_the_architecture_does_not_take_is_named():
     with pytest.raises(KdUsageError, match="lenet5-half takes no argument 'width'"):
         build_network("lenet5-half", 1, 10, (28, 28), width=2)
     assert build_network("lenet5", 1, 10, (28, 28), width=2) is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# Every safetensors writer goes through kdtools' atomic writer: safetensors' own save_file renames a temporary
+# file of its own over the path, which replaced -o /dev/null (as root, the machine's) or a FIFO with a regular file
+
+
+def _into_fifo(tmp_path, write):
+    import os
+    import stat
+    import threading
+
+    from safetensors.torch import load
+
+    tmp_path.mkdir()
+    fifo = tmp_path / "out.safetensors"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()))
+    reader.start()
+    write(fifo)
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+    return load(received[0])
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs")
+def test_weights_generators_and_states_write_into_a_fifo_and_leave_it_a_fifo(tmp_path):
+    from kdtools.aggregate.online import Aggregator
+    from kdtools.aggregate.state import save_state
+    from kdtools.extract.genweights import save_generator
+    from kdtools.extract.generators import build_generator
+
+    model = ImageClassifier("mlp", (1, 8, 8), 3)
+    assert set(_into_fifo(tmp_path / "w", lambda p: save_model(model, p))) == set(model.net.state_dict())
+    gen = build_generator("ideal", (1, 8, 8), 16)
+    assert _into_fifo(tmp_path / "g", lambda p: save_generator(gen, p, "ideal", (1, 8, 8), 16))
+    agg = Aggregator("mv")
+    agg.process([("t1", "w1", "0"), ("t1", "w2", "1")])
+    assert _into_fifo(tmp_path / "s", lambda p: save_state(p, agg))

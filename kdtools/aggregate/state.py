@@ -33,8 +33,7 @@ import torch
 
 from .. import __version__
 from ..errors import KdError
-from ..fileio import atomic_path
-from ..weights import short_error
+from ..weights import short_error, write_safetensors
 from .bila import BilaConfig, BilaModel
 from .online import METHODS, Aggregator, Vocab
 
@@ -43,8 +42,6 @@ SCHEMA_VERSION = 2
 
 
 def save_state(path: str | os.PathLike, agg: Aggregator, options: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     t, w, c = agg.store_arrays()
     tensors = {
         "store.task": torch.from_numpy(t.copy()),
@@ -72,8 +69,7 @@ def save_state(path: str | os.PathLike, agg: Aggregator, options: dict | None = 
         "labels_seen": str(agg.labels_seen),
         "model_initialised": "1" if (agg.model is not None and agg.model.initialised) else "0",
     }
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    write_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

@@ -11,6 +11,7 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import click
@@ -305,3 +306,72 @@ def png_path(path: Optional[str], flag: str) -> Optional[str]:
     if path is not None and not path.lower().endswith(".png"):
         raise KdUsageError(f"{flag} {path}: the figure is written as PNG; give a file name ending in .png")
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Output paths, checked before any work (before a query is paid, before an epoch is trained)
+
+
+def file_key(path: str):
+    """What identifies the file a path names: device and inode when it exists, else its resolved path.
+
+    An output whose folder does not exist yet may still land on an existing file: 'new/../labels.csv' is
+    labels.csv (the writer follows '..' and links, see fileio.atomic_path), so the resolved path is tried too."""
+    for candidate in (path, os.path.realpath(path)):
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            continue
+        return ("file", st.st_dev, st.st_ino)
+    return ("path", os.path.realpath(path))
+
+
+def check_paths(outputs: dict[str, Optional[str]], inputs: dict[str, list] = {}, stdout_flag: Optional[str] = "-o") -> None:
+    """Output paths are checked before any work: '-' only for ``stdout_flag`` (stdout carries the data), none
+    is a directory or under a file, no two are the same file, and none is one of the inputs.
+
+    ``inputs`` maps how an input is named in the message to its paths: a flag (``--truth`` -> "the --truth
+    file") or a phrase starting with "the " used as it is ("the label file"). A file both read and
+    written (a state, a query log that is resumed) is given once, as an output."""
+    seen: dict[tuple, str] = {}
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        if path == "-":
+            if flag == stdout_flag:
+                continue
+            raise KdUsageError(f"{flag} -: '-' would be a file named '-' (stdout carries the data); give {flag} a file name")
+        if Path(path).is_dir():
+            raise KdUsageError(f"{flag} {path}: is a directory; give a file name")
+        parent = Path(path).parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent  # missing folders are created; the first existing one must be a folder
+        if not parent.is_dir():
+            raise KdUsageError(f"{flag} {path}: {parent} is not a directory")
+        if Path(path).exists() and not Path(path).is_file():
+            continue  # a device such as /dev/null: several outputs may share it
+        key = file_key(path)
+        if key in seen:
+            raise KdUsageError(f"{seen[key]} and {flag} name the same file {path}; give each output its own file")
+        seen[key] = flag
+    for iflag, paths in inputs.items():
+        for p in paths or []:
+            if not p or p == "-" or not Path(p).is_file():
+                continue
+            oflag = seen.get(file_key(p))
+            if oflag:
+                what = iflag if iflag.startswith("the ") else f"the {iflag} file"
+                raise KdUsageError(f"{oflag} {outputs[oflag]} is {what} {p}: writing it would overwrite the input; "
+                                   f"give {oflag} another file")
+
+
+def oracle_files(spec: Optional[str]) -> list[str]:
+    """The local files an oracle spec reads: a model file, an ensemble's members, a replayed log (none for
+    http(s):// and exec:)."""
+    if not spec or spec.startswith(("http://", "https://", "exec:")):
+        return []
+    if spec.startswith("replay:"):
+        return [spec[len("replay:"):]]
+    if spec.startswith("ensemble:"):
+        return [p.strip() for p in spec[len("ensemble:"):].split(",") if p.strip()]
+    return [spec]

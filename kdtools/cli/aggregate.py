@@ -22,7 +22,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import KdError, KdUsageError
-from ._common import STOP_HINT, DebugOption, info, make_app, progress_bars, run_app, warn
+from ._common import STOP_HINT, DebugOption, check_paths, file_key, info, make_app, progress_bars, run_app, warn
 
 app = make_app(
     "Aggregate crowd labels chunk by chunk (BiLA-CM), keeping what was learned in a state file.\n\n"
@@ -159,20 +159,6 @@ def check_number(flag: str, value: Optional[float], low: float, high: float = ma
         raise KdUsageError(f"{flag} must be a finite number {lo}{hi}, not {value}")
 
 
-def _file_key(path: str):
-    """What identifies the file a path names: device and inode when it exists, else its resolved path.
-
-    An output whose folder does not exist yet may still land on an existing file: 'new/../labels.csv' is
-    labels.csv (the writer follows '..' and links, see fileio.atomic_path), so the resolved path is tried too."""
-    for candidate in (path, os.path.realpath(path)):
-        try:
-            st = os.stat(candidate)
-        except OSError:
-            continue
-        return ("file", st.st_dev, st.st_ino)
-    return ("path", os.path.realpath(path))
-
-
 def check_gold_and_plot(gold: Optional[str], plot: Optional[str]) -> None:
     """The gold file is a file (stdin carries the labels) and the plot's name gives a known image format
     ('-' for the plot is refused by check_paths)."""
@@ -185,42 +171,6 @@ def check_gold_and_plot(gold: Optional[str], plot: Optional[str]) -> None:
             image_format(plot)
         except KdUsageError as e:
             raise KdUsageError(f"--plot {e}") from None
-
-
-def check_paths(outputs: dict[str, Optional[str]], inputs: dict[str, list] = {}, stdout_flag: Optional[str] = "-o") -> None:
-    """Output paths are checked before any work: '-' only for ``stdout_flag`` (stdout carries the labels), none
-    is a directory or under a file, no two are the same file, and none is one of the inputs (a state file, read
-    and written, is given once, as an output)."""
-    seen: dict[tuple, str] = {}
-    for flag, path in outputs.items():
-        if not path:
-            continue
-        if path == "-":
-            if flag == stdout_flag:
-                continue
-            raise KdUsageError(f"{flag} -: '-' would be a file named '-' (stdout carries the labels); give {flag} a file name")
-        if Path(path).is_dir():
-            raise KdUsageError(f"{flag} {path}: is a directory; give a file name")
-        parent = Path(path).parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent  # missing folders are created; the first existing one must be a folder
-        if not parent.is_dir():
-            raise KdUsageError(f"{flag} {path}: {parent} is not a directory")
-        if Path(path).exists() and not Path(path).is_file():
-            continue  # a device such as /dev/null: several outputs may share it
-        key = _file_key(path)
-        if key in seen:
-            raise KdUsageError(f"{seen[key]} and {flag} name the same file {path}; give each output its own file")
-        seen[key] = flag
-    for iflag, paths in inputs.items():
-        for p in paths or []:
-            if not p or p == "-" or not Path(p).is_file():
-                continue
-            oflag = seen.get(_file_key(p))
-            if oflag:
-                what = "the label file" if iflag == "INPUTS" else f"the {iflag} file"
-                raise KdUsageError(f"{oflag} {outputs[oflag]} is {what} {p}: writing it would overwrite the input; "
-                                   f"give {oflag} another file")
 
 
 def gold_warning(gold_name: str, gold_map: dict, agg) -> Optional[str]:
@@ -356,11 +306,11 @@ def aggregate(
         raise KdUsageError("--plot needs --gold (the plot shows error rates)")
     check_gold_and_plot(gold, plot)
     check_paths({"-o": output, "--confusion": confusion, "--plot": plot, "--state": state},
-                {"INPUTS": inputs, "--gold": [gold]})
+                {"the label file": inputs, "--gold": [gold]})
     seen_inputs: dict = {}
     for i, p in enumerate(inputs):
         if p != "-" and Path(p).is_file():
-            first = seen_inputs.setdefault(_file_key(p), i)
+            first = seen_inputs.setdefault(file_key(p), i)
             if first != i:
                 warn(f"{p} is the same file as {inputs[first]}, given earlier: its labels are aggregated again (each "
                      f"repeated label replaces the earlier one, and its tasks are labelled twice)")

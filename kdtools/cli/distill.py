@@ -18,7 +18,8 @@ from ..sources import collect, open_samples
 from ..oracle import without_rejected
 from ..train import TrainConfig, data_normalization, load_checkpoint, targets_from, train
 from ..weights import load_model, save_model
-from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, distributed_setup, info, make_app, parse_arch_args, warn, progress_bars, run_app, stdin_if
+from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, check_paths, data_root, distributed_setup, info, make_app,
+                      parse_arch_args, progress_bars, run_app, stdin_if, warn)
 
 app = make_app("Train a student from a query log / stream (default: stdin) or a classifier from --data.")
 
@@ -75,6 +76,11 @@ def distill(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     debug: bool = DebugOption,
 ):
+    if output == "-":
+        raise KdUsageError("-o -: kd-distill writes a weights file (.safetensors), not a stream; give -o a file name")
+    # before any epoch is trained: -o is a file in a folder, and not the data it learns from (--resume FILE -o FILE,
+    # rewriting the weights it continues, is the usual way to go on and stays allowed)
+    check_paths({"-o": output}, {"the training file": [input], "--eval-data": [eval_data]}, stdout_flag=None)
     rank, world, dev = distributed_setup(device)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                       weight_decay=weight_decay, schedule=schedule, loss=loss, temperature=temperature,
@@ -126,7 +132,8 @@ def distill(
     # 2. model: fresh, from --init weights, or from a checkpoint. Seed first: --seed must fix the
     #    initial weights too, or two runs of the same command train different students.
     torch.manual_seed(seed)
-    ckpt_path = Path(output + ".ckpt")
+    # the training state goes beside the weights; an output that is no regular file (-o /dev/null) gets none
+    ckpt_path = None if Path(output).exists() and not Path(output).is_file() else Path(output + ".ckpt")
     resume_state = None
     if resume:
         rp = Path(resume)
@@ -170,13 +177,19 @@ def distill(
                "eval_data": eval_data, "init": init, "resume": resume, "world_size": world, "kdtools": __version__}
 
     resume_hint = (f"every finished epoch is saved in {ckpt_path}; the same command with --resume {output} "
-                   "continues from the last one")
+                   "continues from the last one") if ckpt_path is not None else f"{output} keeps no training checkpoint"
 
-    def save(m, record):
+    def record_extra(record):
         extra = {"epochs_done": record.epoch, "train_loss": record.loss}
         if record.eval_accuracy is not None:
             extra["eval_accuracy"] = record.eval_accuracy
-        save_model(m, output, options, extra)
+        return extra
+
+    saved_epochs = []
+
+    def save(m, record):
+        save_model(m, output, options, record_extra(record))
+        saved_epochs.append(record.epoch)
         STOP_HINT["text"] = resume_hint  # from now on there is something to resume from
 
     if rank == 0:
@@ -185,9 +198,15 @@ def distill(
         result = train(model, x, targets, cfg, dev, eval_set, progress, ckpt_path if rank == 0 else None,
                        resume_state, rank, world, on_epoch_end=save)
     if rank == 0:
-        if not result.history:  # zero epochs (or resumed at the end): still write the weights
-            save_model(model, output, options)
         last = result.last
+        if not saved_epochs:
+            # no epoch trained in this run (--epochs 0, or a checkpoint already at --epochs): the weights as they are
+            if resume_state is not None and last is not None:
+                warn(f"--epochs {epochs}: {resume} has already done {last.epoch} epochs, so none was trained; "
+                     f"{output} holds its weights (give a larger --epochs to train on)")
+            save_model(model, output, options, record_extra(last) if last is not None else None)
+            if resume_state is None and ckpt_path is not None and ckpt_path.exists():
+                ckpt_path.unlink()  # it belonged to the weights just replaced: a later --resume must not load it
         line = f"kd-distill: wrote {output} in {result.seconds:.1f} s"
         if last is not None:
             line += f"; epoch {last.epoch} loss {last.loss:.4f} train acc {100 * last.train_accuracy:.2f} %"

@@ -17,7 +17,7 @@ from ..errors import KdUsageError
 from ..evaluate import evaluate_accuracy
 from ..figures import image_format
 from ..weights import load_classifier, load_model, parse_shape
-from ._common import DataRootOption, DebugOption, DeviceOption, data_root, make_app, run_app
+from ._common import DataRootOption, DebugOption, DeviceOption, check_paths, data_root, make_app, run_app
 
 app = make_app("Evaluate models: accuracy on a labelled split and fidelity to a reference (the victim).")
 
@@ -70,8 +70,6 @@ def accuracy(
 def check_plot_path(flag: str, path: str, inputs: dict[str, list]) -> None:
     """Every check on a plot's name before any work: a file (stdout carries the table or JSON), not a
     directory nor one of the inputs, in a format the figure module writes."""
-    from .aggregate import check_paths
-
     if path == "-":
         raise KdUsageError(f"{flag} -: the plot is written to a file (stdout carries the table or JSON); give a file name")
     check_paths({flag: path}, inputs, stdout_flag=None)
@@ -257,7 +255,7 @@ def fid(
 
 
 from .aggregate import (DelimiterOption, FormatOption, INITIAL_HELP, LabelColOption, TaskColOption,  # noqa: E402
-                        WorkerColOption, check_paths)
+                        WorkerColOption)
 
 
 @app.command()
@@ -293,7 +291,7 @@ def aggregation(
     check_sizes(chunk_size=chunk_size, initial_size=initial_size)
     check_seed(seed)
     check_gold_and_plot(gold, plot)
-    check_paths({"--plot": plot}, {"INPUTS": [labels], "--gold": [gold]}, stdout_flag=None)
+    check_paths({"--plot": plot}, {"the label file": [labels], "--gold": [gold]}, stdout_flag=None)
     rows = spec.read_whole(labels)
     name = crowdio.path_name(labels)
     if not rows:

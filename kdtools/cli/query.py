@@ -18,7 +18,8 @@ from ..oracle import RemoteOptions, open_oracle, parse_mode, safe_spec
 from ..query import output_header, run_queries
 from ..sources import open_samples
 from ..weights import parse_shape
-from ._common import STOP_HINT, DebugOption, DeviceOption, info, make_app, open_sink, progress_bars, run_app, stdin_if, warn
+from ._common import (STOP_HINT, DebugOption, DeviceOption, check_paths, info, make_app, open_sink, oracle_files, progress_bars,
+                      run_app, stdin_if, warn)
 
 app = make_app("Answer queries with an oracle under a hard budget: a model file, ensemble:F1,F2,... (their mean softmax), "
                "http(s)://HOST:PORT (e.g. kd-serve), "
@@ -70,6 +71,8 @@ def query(
         raise KdUsageError("--budget 0 pays for no query: it only makes sense with a --log to replay answers from")
     if budget == 0 and not os.path.exists(log):
         raise KdUsageError(f"--budget 0 answers from the log alone, and {log} does not exist")
+    # before the oracle is opened (and anything paid): -o and --log are new files, not the oracle or the queries
+    check_paths({"-o": output, "--log": log}, {"the oracle file": oracle_files(oracle), "the query file": [input]})
     remote = remote_options(api_key_env, timeout, retries, rate_limit, wire, on_rejected, max_batch)
     orc = open_oracle(oracle, resolve_device(device), trust_pickle, parse_shape(input_shape) if input_shape else None, remote=remote)
     warn_http_only(orc, remote)

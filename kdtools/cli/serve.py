@@ -14,7 +14,7 @@ from ..errors import KdUsageError
 from ..fileio import atomic_path
 from ..oracle import open_oracle, parse_mode
 from ..weights import parse_shape
-from ._common import DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, run_app, warn
+from ._common import DataRootOption, DebugOption, DeviceOption, check_paths, data_root, info, make_app, oracle_files, run_app, warn
 
 app = make_app("Serve a model as an HTTP victim speaking the kdtools oracle protocol (GET /v1/info, POST /v1/query).\n\n"
                "Query it with kd-query http://HOST:PORT or any kd- attack. Listens on 127.0.0.1 unless --host says otherwise. "
@@ -63,6 +63,9 @@ def serve(
     if defense == "none" and (defense_data or defense_load):
         raise KdUsageError("--defense-data/--defense-load need --defense entropy")
 
+    check_paths({"--defense-save": defense_save, "--port-file": port_file},
+                {"the model file": oracle_files(model), "--keys-file": [keys_file], "--defense-load": [defense_load]},
+                stdout_flag=None)
     oracle = open_oracle(model, resolve_device(device), trust_pickle, parse_shape(input_shape) if input_shape else None)
     keys = read_keys_file(keys_file) if keys_file else None
     guard = None

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import __version__
 from ..errors import KdError
-from ..fileio import atomic_path, sniff
+from ..fileio import sniff
+from ..weights import write_safetensors
 from .generators import build_generator
 
 GENERATOR_SCHEMA = "1"
@@ -43,8 +44,7 @@ def save_generator(generator: nn.Module, path, arch: str, image_shape, z_dim: in
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
     # batch-norm running statistics are part of the state: generator mode samples in eval mode
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in generator.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_safetensors(tensors, path, meta)
 
 
 def load_generator(path) -> tuple[nn.Module, dict]:
