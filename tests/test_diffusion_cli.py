@@ -231,6 +231,43 @@ def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
     assert (keep / "x").read_text() == "mine" and [q.name for q in keep.iterdir()] == ["x"]
 
 
+def test_outputs_never_destroy_inputs_or_other_work(tabular_teacher, tmp_path):
+    """--force once deleted any folder (-o runs --force took the notes in it; -o teacher --force replaced the teacher
+    it distilled from), and sample -o wrote into the model directory it sampled. Each is now a usage error before
+    any work, with the files left as they were."""
+    import shutil
+
+    from conftest import sha
+
+    teacher = tmp_path / "w" / "teacher"
+    shutil.copytree(tabular_teacher, teacher)
+    (tmp_path / "w" / "notes.txt").write_text("precious\n")
+    student = tmp_path / "s5"
+    assert run("distill", teacher, "--steps", 5, "--method", "ddim", "-o", student).returncode == 0
+    index = sha(student / "kdtools.json")
+    (tmp_path / "afile").write_text("x\n")
+    cases = [
+        (["distill", teacher, "--steps", 5, "--method", "ddim", "-o", tmp_path / "w", "--force"], "holds the input"),
+        (["distill", teacher, "--steps", 5, "--method", "ddim", "-o", teacher, "--force"], "is the input"),
+        (["train", "--data", "swissroll", "--steps", 10, "--iters", 1, "-n", 100, "-o", tmp_path / "w", "--force"],
+         "replaces only a model directory"),
+        (["train", "--data", "swissroll", "--steps", 10, "--iters", 1, "-n", 100, "-o", tmp_path / "afile" / "t"],
+         "is not a directory"),
+        (["sample", student, "-n", 4, "-o", student / "kdtools.json"], "inside the model directory"),
+        (["sample", student, "-n", 4, "--grid", student / "grid.png"], "inside the model directory"),
+        (["sample", student, "-n", 4, "-o", student], "is a directory"),
+        (["sample", student, "-n", 4, "-o", tmp_path / "afile" / "x.h5"], "is not a directory"),
+    ]
+    for args, why in cases:
+        p = run(*args)
+        assert p.returncode == 2 and why in p.stderr.decode(), (args, p.stderr.decode())
+        _one_line(p)
+    assert (tmp_path / "w" / "notes.txt").read_text() == "precious\n" and (teacher / "model_index.json").is_file()
+    assert sha(student / "kdtools.json") == index and not (student / "grid.png").exists()
+    # a model directory is still replaced with --force, as before
+    assert run("distill", teacher, "--steps", 4, "--method", "ddim", "-o", student, "--force").returncode == 0
+
+
 def test_train_under_torchrun_two_processes(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():

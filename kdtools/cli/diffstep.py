@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,8 @@ from rich.table import Table
 from .. import __version__
 from ..device import resolve_device
 from ..errors import KdUsageError
-from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, distributed_setup, info, make_app, open_sink, png_path, progress_reporter, run_app, warn
+from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, check_paths, data_root, distributed_setup, info, make_app,
+                      open_sink, png_path, progress_reporter, run_app, warn)
 
 app = make_app("Diffusion step distillation: train a teacher, distill it to any number of steps (SFDDM) or "
                "with a baseline, sample, compare.")
@@ -42,11 +44,11 @@ def _finish_distributed(world: int) -> None:
         dist.destroy_process_group()
 
 
-def _output_dir(output: str, force: bool):
+def _output_dir(output: str, force: bool, inputs=()):
     """The checked output directory; a stop from here on says that nothing was written."""
     from ..diffusion.teachers import check_output_dir
 
-    out = check_output_dir(output, force)
+    out = check_output_dir(output, force, inputs)
     STOP_HINT["text"] = f"nothing was written to {output} (an output directory appears only complete); run the command again"
     return out
 
@@ -158,7 +160,7 @@ def train(
     widths = _channels(unet_channels)
     if image_size is not None and not tabular:
         _check_unet_size(image_size, widths)
-    out = _output_dir(output, force)
+    out = _output_dir(output, force, [data])
     cfg = _fit_config(iters, batch_size, lr, ema, seed)
     rank, world, dev = distributed_setup(device)
     x, described = _load_training_data(data, split, n, image_size, channels, data_root_opt, download)
@@ -239,7 +241,7 @@ def distill(
         raise KdUsageError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     if student_timesteps not in STUDENT_TIMESTEPS:
         raise KdUsageError(f"--student-timesteps {student_timesteps!r}: expected one of {', '.join(STUDENT_TIMESTEPS)}")
-    out = _output_dir(output, force)
+    out = _output_dir(output, force, [teacher, data])
     t = load_diffusion(teacher)
     check_student_steps(t.steps, steps)
     phi = make_subsequence(t.steps, steps, subsequence, seed) if method != "progressive" else None
@@ -327,6 +329,12 @@ def sample(
     if output is None and grid is None:
         raise KdUsageError("nothing to write: give -o FILE (or -o - for stdout) and/or --grid PNG")
     png_path(grid, "--grid")
+    # before minutes of sampling: the outputs are files in folders, not each other, and not inside the model
+    check_paths({"-o": output, "--grid": grid}, {})
+    for flag, path in (("-o", output), ("--grid", grid)):
+        if path and path != "-" and Path(os.path.realpath(model)) in Path(os.path.realpath(path)).parents:
+            raise KdUsageError(f"{flag} {path} is inside the model directory {model}: writing it would damage the model; "
+                               f"give {flag} a path outside it")
     if output == "-":
         from ._common import binary_stdout
 

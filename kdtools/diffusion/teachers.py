@@ -31,7 +31,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -349,13 +349,32 @@ def _assemble(net, sched_cfg: dict, info: dict, where: str, noise_bank) -> Diffu
 # ----------------------------------------------------------------------------------------------------
 # saving
 
-def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to clobber an existing non-empty directory unless ``force``; called before any work."""
+def check_output_dir(path: str | os.PathLike, force: bool, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Called before any work. Refuse to clobber an existing non-empty directory unless ``force``, and even
+    then replace only a model directory (one with ``model_index.json``: ``-o runs --force`` must not delete a
+    folder of other work). Never an output that is, or holds, one of ``inputs`` (the teacher, a data file)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise KdUsageError(f"{p}: exists and is not a directory")
-    if p.exists() and any(p.iterdir()) and not force:
-        raise KdUsageError(f"{p}: exists and is not empty; choose another -o or pass --force to replace it")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # missing folders are made; the first existing one must be a folder
+    if not parent.is_dir():
+        raise KdUsageError(f"-o {p}: {parent} is not a directory")
+    where = Path(os.path.realpath(p))
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        real = Path(os.path.realpath(given))
+        if real == where or where in real.parents:
+            what = "is" if real == where else "holds"
+            raise KdUsageError(f"-o {p} {what} the input {given}: writing it would destroy the input; choose another -o")
+    if p.exists() and any(p.iterdir()):
+        if not force:
+            raise KdUsageError(f"{p}: exists and is not empty; choose another -o or pass --force to replace it")
+        if not (p / "model_index.json").is_file():
+            raise KdUsageError(f"{p}: --force replaces only a model directory (one with model_index.json), and {p} "
+                               "holds other files; choose another -o")
     return p
 
 
