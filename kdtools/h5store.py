@@ -325,6 +325,13 @@ class SampleWriter:
         self.f.attrs["spent"] = self._spent
         self.f.flush()
 
+    def release(self, n: int) -> None:
+        """Give back ``n`` reserved calls that were never made or cost nothing (a replayed log that does not hold
+        the query, a local model that refused it)."""
+        self._spent -= int(n)
+        self.f.attrs["spent"] = self._spent
+        self.f.flush()
+
     def append(self, batch: dict) -> None:
         n = None
         for name, spec in self.header.fields.items():

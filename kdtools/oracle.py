@@ -136,6 +136,9 @@ class Oracle:
     kind: str = ""
     input_shape: Optional[tuple] = None
     num_classes: Optional[int] = None
+    # whether a call that failed cost nothing: true of the oracles on this machine (a model file, a replayed log),
+    # whose failed rows are given back to the budget; a remote server may have counted a request that failed
+    free_on_failure: bool = False
 
     def answer(self, x: torch.Tensor, mode: str) -> dict:  # pragma: no cover - interface
         raise NotImplementedError
@@ -148,6 +151,7 @@ class ModelOracle(Oracle):
     """A local model file (kdtools weights, TorchScript, torch.export) answering on ``device``."""
 
     kind = "model"
+    free_on_failure = True
 
     def __init__(self, loaded: LoadedModel, device: torch.device = torch.device("cpu"), batch_size: int = 1024):
         self.model = loaded.module.to(device).eval()
@@ -843,6 +847,7 @@ class ReplayOracle(Oracle):
     """
 
     kind = "replay"
+    free_on_failure = True
 
     def __init__(self, path: str):
         from .data import to_float

@@ -107,6 +107,12 @@ def run_queries(source: SampleSource, oracle: Oracle, mode: str, budget: Optiona
             got = answer_rows(answer)
             if error is None and got != paid_rows:
                 raise KdError(f"{oracle.identity}: answered {got} rows for {paid_rows} queries")
+            if error is not None and oracle.free_on_failure and got < paid_rows:
+                # nothing left this machine: the rows not answered are not spent (the log stays rows == spent)
+                if log:
+                    log.release(paid_rows - got)
+                spent -= paid_rows - got
+                stats.paid -= paid_rows - got
             if got:
                 new = {"x": xq[:got], **answer}
                 if log:

@@ -108,6 +108,7 @@ class SampleSink:
         # file is refused)
         self._atomic = ExitStack()
         self._tmp = Path(self._atomic.enter_context(atomic_path(self.path)))
+        self._target = self.path  # where atomic_path puts the file; ``retarget`` may send it elsewhere
         try:
             if self.path.suffix.lower() in (".h5", ".hdf5"):
                 if self._tmp.is_file() and not self._tmp.is_symlink():
@@ -128,6 +129,17 @@ class SampleSink:
             self._stream.write(batch)
         self.rows += next(iter(batch.values())).shape[0]
 
+    def in_place(self) -> bool:
+        """Whether the output is written as it goes (a device, a FIFO, a pipe behind /dev/stdout): there is no
+        temporary file to put elsewhere."""
+        return self.path is not None and self._tmp == self._target
+
+    def retarget(self, path: str | Path) -> None:
+        """Put the finished file at ``path`` instead of the path it was opened with (a run that stopped early keeps
+        its rows beside an earlier output, never in place of it). Only for outputs with a temporary file."""
+        if not self.in_place():
+            self.path = Path(path)
+
     def close(self, status: str = "complete", message: str = "") -> None:
         """Finish the output. For files, ``status`` other than complete still keeps what was written
         (the end record says why it stopped)."""
@@ -139,7 +151,16 @@ class SampleSink:
             self._h5.close()
         if self._file is not None:
             self._file.close()
-        self._atomic.close()  # fsync, the permissions, the rename into place
+        if self.path == self._target:
+            self._atomic.close()  # fsync, the permissions, the rename into place
+            return
+        from .fileio import atomic_path
+
+        # retargeted: the finished temporary file is linked (or copied) to the new path through the same writer,
+        # then dropped from the old one's folder; the path it was opened with stays as it was
+        with atomic_path(self.path) as tmp:
+            _place_copy(self._tmp, tmp)
+        self._atomic.__exit__(KdError, KdError("moved"), None)
 
     def abort(self, message: str = "the writer failed") -> None:
         """Drop a file output (the previous file, if any, stays as it was); end a stream as failed."""

@@ -489,3 +489,20 @@ def test_kd_distill_checks_its_output_before_training_and_keeps_its_checkpoint_h
     # new weights written without a checkpoint remove the old one, which a later --resume would have loaded
     assert distill("--epochs", 0, "--arch", "mlp", "-o", a)[0] == 0
     assert not Path(str(a) + ".ckpt").exists()
+
+
+def test_a_middle_kd_query_passes_an_early_stop_on(victim_path, queries_path, tmp_path):
+    # the first stage stops at its budget; the second answered what it got and used to end its stream "complete",
+    # so kd-distill at the end no longer warned that it trained on less than was asked for
+    from kdtools.sources import open_samples
+
+    out = tmp_path / "out.kds"
+    first = subprocess.Popen(kd_cmd("kd-query") + [str(victim_path), str(queries_path), "--budget", "100", "-q"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    second = subprocess.run(kd_cmd("kd-query") + [str(victim_path), "--mode", "probs", "-q", "-o", str(out)],
+                            stdin=first.stdout, capture_output=True)
+    first.stdout.close()
+    assert first.wait() == 1 and second.returncode == 0
+    assert "stopped early (budget_exhausted)" in second.stderr.decode()
+    src = open_samples(out)
+    assert sum(b["x"].shape[0] for b in src) == 100 and src.end["status"] == "budget_exhausted"

@@ -151,3 +151,22 @@ def test_budget_0_answers_from_the_log_alone_and_pays_nothing(victim_path, queri
     # --budget 0 with a log that does not exist is a usage error, and creates nothing
     p = kd("kd-query", victim_path, queries_path, "--budget", "0", "--log", tmp_path / "new.h5", "-o", tmp_path / "n.kds")
     assert p.returncode == 2 and b"does not exist" in p.stderr and not (tmp_path / "new.h5").exists()
+
+
+def test_a_replay_miss_is_not_charged(victim_path, queries_path, tmp_path):
+    # a replayed log that lacks a query answers nothing and costs nothing: the reservation made before the call is
+    # given back (the log charged 256 queries for 0 rows, and a --budget lost them)
+    from kdtools.oracle import ReplayOracle
+
+    orc = oracle(victim_path)
+    src = open_samples(queries_path)
+    header = output_header(src.header, orc, "label", {})
+    with SampleWriter(tmp_path / "recorded.h5", header, orc.identity) as log:
+        with pytest.raises(BudgetExhausted):
+            run_queries(open_samples(queries_path), orc, "label", 100, log)
+    replay = ReplayOracle(str(tmp_path / "recorded.h5"))
+    with SampleWriter(tmp_path / "new.h5", header, replay.identity, budget=1000) as log:
+        with pytest.raises(KdError, match="not in the log"):
+            run_queries(open_samples(queries_path), replay, "label", 1000, log)
+    info = log_info(tmp_path / "new.h5")
+    assert info["rows"] == info["spent"] == 100  # the first batch was recorded; the second is not charged

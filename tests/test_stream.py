@@ -153,3 +153,21 @@ def test_write_through_partial_writes_an_h5_output_through_a_symlink(tmp_path):
     assert write_through_partial(iter(_sink_batches()), link, {"method": "test"}, "v", 4) == 6
     assert link.is_symlink() and read_all(link)[1]["x"].shape == (6, 1, 3, 3)
     assert not partial_path(link).exists()
+
+
+@pytest.mark.parametrize("name", ["out.kds", "out.h5"])
+def test_a_retargeted_sink_keeps_the_earlier_file_and_writes_beside_it(tmp_path, name):
+    from kdtools.sources import SampleSink, read_all
+
+    out = tmp_path / name
+    out.write_bytes(b"earlier run")
+    batches = _sink_batches()
+    sink = SampleSink(StreamHeader("queries", fields_of(batches[0])), path=out)
+    sink.write(batches[0])
+    assert not sink.in_place()
+    partial = tmp_path / f"out.partial{out.suffix}"
+    sink.retarget(partial)
+    sink.close("error", "stopped")
+    assert out.read_bytes() == b"earlier run"
+    assert read_all(partial)[1]["x"].shape == (2, 1, 3, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, partial.name])

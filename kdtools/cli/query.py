@@ -135,8 +135,15 @@ def _run(orc, oracle: str, input, mode, budget, log, output, remote: RemoteOptio
         raise
     finally:
         _close_log(writer, log, new_log, failed)
+    # an input that stopped early (the kd-query before this one reached its budget) is passed on as such, so the
+    # end of the pipeline (kd-distill) still warns that it trains on less than was asked for
+    upstream = source.end or {}
+    status = upstream.get("status", "complete")
+    if status != "complete":
+        warn(f"{source.where}: the input stopped early ({status}): {upstream.get('message', '')}; "
+             f"answered the {stats.answered} queries it held")
     if sink:
-        sink.close("complete", "")
+        sink.close(status, upstream.get("message", "") if status != "complete" else "")
     info(f"kd-query: answered {stats.answered} queries ({stats.paid} paid, {stats.replayed} replayed from the log) "
          f"in {stats.seconds:.1f} s; spent {stats.spent_total}" + (f" of {stats.budget}" if stats.budget is not None else ""))
     places = ([f"the log {log}"] if writer else []) + ([output if sink.path is not None else "stdout"] if sink else [])
@@ -211,13 +218,15 @@ def _finish_early(sink, status: str, why: str, output: str) -> str:
     if not sink.rows:
         sink.abort(why)
         return ""
-    previous = sink.path.exists()
-    if previous or sink.path.suffix.lower() in (".h5", ".hdf5"):
+    # a device or a pipe (-o /dev/null, a FIFO) got its rows as they came: nothing to keep apart
+    previous = sink.path.exists() and not sink.in_place()
+    if not sink.in_place() and (previous or sink.path.suffix.lower() in (".h5", ".hdf5")):
         base, n = sink.path, 1
-        sink.path = base.with_name(f"{base.stem}.partial{base.suffix}")
-        while sink.path.exists():  # an earlier failed run's answers were paid for too
+        partial = base.with_name(f"{base.stem}.partial{base.suffix}")
+        while partial.exists():  # an earlier failed run's answers were paid for too
             n += 1
-            sink.path = base.with_name(f"{base.stem}.partial-{n}{base.suffix}")
+            partial = base.with_name(f"{base.stem}.partial-{n}{base.suffix}")
+        sink.retarget(partial)
     try:
         sink.close(status, why)
     except OSError as e:  # the output itself failed (a full disk): say so, the original error stays the one reported
