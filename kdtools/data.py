@@ -47,10 +47,13 @@ class ImageSet:
 
 def load_dataset(name: str, split: str = "train", root: Optional[str | Path] = None, download: bool = False,
                  image_size: Optional[int] = None, channels: Optional[int] = None,
-                 also_accepted: tuple[str, ...] = ()) -> ImageSet:
-    """An image set by name. ``also_accepted``: names the caller handles itself, listed when ``name`` is unknown."""
+                 also_accepted: tuple[str, ...] = (), stdin=None) -> ImageSet:
+    """An image set by name. ``also_accepted``: names the caller handles itself, listed when ``name`` is unknown.
+    ``-`` reads a labelled stream from ``stdin`` (a binary file object the CLI passes in)."""
     key = name.lower()
-    if key == "digits":
+    if name == "-" and stdin is not None:
+        data = _from_file(None, split, stdin)
+    elif key == "digits":
         data = _digits(split)
     elif key in TORCHVISION_SETS:
         data = _torchvision(key, split, root, download)
@@ -60,6 +63,8 @@ def load_dataset(name: str, split: str = "train", root: Optional[str | Path] = N
         data = _from_file(name, split)
     elif Path(name).is_dir():
         data = _folder(name, split, image_size)
+    elif Path(name).suffix.lower() in (".h5", ".hdf5", ".kds") or "/" in name:
+        raise KdError(f"{name}: no such file")  # a file name, not a misspelt dataset
     else:
         raise KdUsageError(f"unknown dataset {name!r}; choose one of {', '.join((*DATASETS, *also_accepted))}")
     return adapt_images(data, image_size=image_size, channels=channels)
@@ -161,13 +166,18 @@ def _folder(path: str, split: str, image_size: Optional[int]) -> ImageSet:
     return ImageSet(f"folder:{path}", split, torch.stack(xs), torch.tensor(ys), len(ds.classes), list(ds.classes))
 
 
-def _from_file(path: str, split: str) -> ImageSet:
+def _from_file(path: Optional[str], split: str, stdin=None) -> ImageSet:
     from .sources import read_all
 
     from .oracle import without_rejected
 
-    header, batch = read_all(path)
-    batch, _ = without_rejected(batch)  # rows a query defence refused hold no label
+    header, batch = read_all(path, stdin)
+    name = path or "stdin"
+    if batch["x"].shape[0] == 0:
+        raise KdError(f"{name}: holds no samples (a log stopped before its first answer?)")
+    batch, refused = without_rejected(batch)  # rows a query defence refused hold no label
+    if batch["x"].shape[0] == 0:
+        raise KdError(f"{name}: all {refused} rows are queries a defence refused: no answer to use")
     if "label" not in batch:
         if "probs" in batch:
             y = batch["probs"].argmax(1)
@@ -177,7 +187,7 @@ def _from_file(path: str, split: str) -> ImageSet:
             y = None
     else:
         y = batch["label"].long()
-    return ImageSet(path, split, batch["x"], y, header.num_classes, [])
+    return ImageSet(name, split, batch["x"], y, header.num_classes, [])
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:

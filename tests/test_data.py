@@ -63,3 +63,43 @@ def test_query_sources_count_and_range():
     ds = load_dataset("digits", "public")
     got = list(dataset_batches(ds, 1000, batch_size=256, augment=True))
     assert sum(b["x"].shape[0] for b in got) == 1000 and got[0]["x"].dtype == torch.uint8
+
+
+def _labelled_file(path, labels):
+    from kdtools.h5store import SampleWriter
+    from kdtools.stream import StreamHeader
+
+    header = StreamHeader("samples", {"x": {"dtype": "uint8", "shape": [1, 4, 4]}, "label": {"dtype": "int64", "shape": []}},
+                          num_classes=3, mode="label")
+    with SampleWriter(path, header, resume=False) as w:
+        if labels:
+            w.append({"x": torch.zeros(len(labels), 1, 4, 4, dtype=torch.uint8), "label": torch.tensor(labels)})
+
+
+def test_sample_files_that_hold_nothing_to_score_are_one_clear_error(tmp_path):
+    # a missing file is named as such (not an "unknown dataset"), an empty log and one whose every row a defence
+    # refused say so (they gave IndexError / RuntimeError from kd-eval accuracy)
+    with pytest.raises(KdError, match="no such file"):
+        load_dataset(str(tmp_path / "nosuch.h5"))
+    _labelled_file(tmp_path / "empty.h5", [])
+    with pytest.raises(KdError, match="holds no samples"):
+        load_dataset(str(tmp_path / "empty.h5"))
+    _labelled_file(tmp_path / "refused.h5", [-1, -1])
+    with pytest.raises(KdError, match="all 2 rows are queries a defence refused"):
+        load_dataset(str(tmp_path / "refused.h5"))
+    _labelled_file(tmp_path / "ok.h5", [-1, 2])
+    assert load_dataset(str(tmp_path / "ok.h5")).y.tolist() == [2]
+
+
+def test_a_labelled_stream_on_stdin(tmp_path):
+    import io
+
+    from kdtools.stream import StreamHeader, StreamWriter
+
+    buf = io.BytesIO()
+    w = StreamWriter(buf, StreamHeader("samples", {"x": {"dtype": "uint8", "shape": [1, 4, 4]},
+                                                   "label": {"dtype": "int64", "shape": []}}, num_classes=3, mode="label"))
+    w.write({"x": torch.zeros(2, 1, 4, 4, dtype=torch.uint8), "label": torch.tensor([0, 1])})
+    w.close()
+    ds = load_dataset("-", stdin=io.BytesIO(buf.getvalue()))
+    assert ds.name == "stdin" and ds.y.tolist() == [0, 1]

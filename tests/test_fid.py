@@ -90,6 +90,11 @@ def test_kd_eval_fid_bad_inputs(lenet, tmp_path):
     pts = _write(tmp_path / "pts.h5", torch.randn(50, 2))
     p = kd("kd-eval", "fid", pts, "--ref", pts, "--features", "raw", "--json")
     assert p.returncode == 0 and json.loads(p.stdout)["fid"] == pytest.approx(0.0, abs=1e-9)
+    # an empty sample file (a run stopped before its first batch) or reference: one line, not a torch.cat error
+    one = _write(tmp_path / "one.h5", torch.randn(1, 2))
+    for args in ((one, "--ref", pts), (pts, "--ref", one)):
+        p = kd("kd-eval", "fid", *args, "--features", "raw")
+        assert p.returncode == 1 and b"FID needs at least 2" in p.stderr and len(p.stderr.decode().strip().splitlines()) == 1
 
 
 def test_non_finite_samples_are_named_not_a_linear_algebra_error():

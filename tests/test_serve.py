@@ -356,3 +356,23 @@ def test_kd_serve_usage_errors():
     assert p.returncode == 2 and b"--defense-data" in p.stderr
     with pytest.raises(KdError):
         read_keys_file("/nonexistent/keys")
+
+
+def test_a_second_sigterm_during_shutdown_is_quiet(victim_path, tmp_path):
+    # `timeout` signals kd-serve and its process group: the second SIGTERM arrived during the shutdown and printed
+    # an "Exception ignored in atexit callback" traceback
+    port_file, err = tmp_path / "p", tmp_path / "err"
+    with open(err, "wb") as errf:
+        p = subprocess.Popen(kd_cmd("kd-serve") + [str(victim_path), "--port", "0", "--port-file", str(port_file)],
+                             stdout=subprocess.DEVNULL, stderr=errf, env=ENV)
+    deadline = time.monotonic() + 120
+    while not port_file.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        while p.poll() is None:  # keep signalling until it has exited
+            p.send_signal(signal.SIGTERM)
+            time.sleep(0.002)
+    except ProcessLookupError:
+        pass
+    assert p.wait(timeout=20) == 0, err.read_text()
+    assert "Traceback" not in err.read_text() and "stopped after answering" in err.read_text()

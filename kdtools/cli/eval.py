@@ -13,11 +13,11 @@ from rich.table import Table
 
 from ..data import load_dataset
 from ..device import resolve_device
-from ..errors import KdUsageError
+from ..errors import KdError, KdUsageError
 from ..evaluate import evaluate_accuracy
 from ..figures import image_format
 from ..weights import load_classifier, load_model, parse_shape
-from ._common import DataRootOption, DebugOption, DeviceOption, check_paths, data_root, make_app, run_app
+from ._common import DataRootOption, DebugOption, DeviceOption, check_paths, data_root, make_app, run_app, stdin_if
 
 app = make_app("Evaluate models: accuracy on a labelled split and fidelity to a reference (the victim).")
 
@@ -26,7 +26,7 @@ app = make_app("Evaluate models: accuracy on a labelled split and fidelity to a 
 def accuracy(
     model: str = typer.Argument(..., help="Model file (kdtools weights, TorchScript, torch.export), or ensemble:F1,F2,... "
                                          "(the mean of the files' softmax outputs)."),
-    data: str = typer.Option(..., "--data", help="digits | mnist | fashion-mnist | cifar10 | ... | FILE.h5"),
+    data: str = typer.Option(..., "--data", help="digits | mnist | fashion-mnist | cifar10 | ... | a labelled FILE (.h5 or stream) | - (a stream on stdin)"),
     split: str = typer.Option("test", "--split"),
     reference: Optional[str] = typer.Option(None, "--reference", help="Also measure agreement with this model (e.g. the victim)."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="CxHxW, for model files that do not record it."),
@@ -43,7 +43,8 @@ def accuracy(
     m = load_classifier(model, input_shape=shape)
     mshape = m.input_shape or shape
     ds = load_dataset(data, split, data_root(data_root_opt), download,
-                      image_size=mshape[1] if mshape else None, channels=mshape[0] if mshape else None)
+                      image_size=mshape[1] if mshape else None, channels=mshape[0] if mshape else None,
+                      stdin=stdin_if(data) if data == "-" else None)
     ref = load_classifier(reference, input_shape=shape) if reference else None
     report = evaluate_accuracy(m.module.to(dev), model, mshape or ds.shape, ds, dev,
                                ref.module.to(dev) if ref else None, reference, ref.input_shape if ref else None)
@@ -221,8 +222,12 @@ def fid(
     extractor = open_features(features, resolve_device(device))
     _, batch = read_all(samples, stdin_if(samples))
     x = limit_rows(batch["x"], n)
+    if x.shape[0] < 2:
+        raise KdError(f"{samples}: {x.shape[0]} samples; FID needs at least 2")
     if Path(ref).is_file():  # a sample file: used as it is (its rows must have the samples' shape)
         rx = read_all(ref)[1]["x"]
+        if rx.shape[0] < 2:
+            raise KdError(f"{ref}: {rx.shape[0]} reference rows; FID needs at least 2")
         ref_split = None
     elif ref.lower() == "swissroll":  # kd-diffstep's 2-D points, from the same generator and split seeds
         from ..diffusion.swissroll import swiss_roll

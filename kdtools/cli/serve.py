@@ -115,6 +115,10 @@ def serve(
     except KeyboardInterrupt:
         pass
     finally:
+        # shutting down: a second signal (`timeout` signals the process and its group) must not interrupt the
+        # cleanup or Python's exit handlers with a traceback
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         server.server_close()
         oracle.close()
     used = ", ".join(f"{a}: {u}" for a, u in zip(service.quotas.accounts, service.quotas.used))
