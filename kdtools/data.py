@@ -190,6 +190,15 @@ def _from_file(path: Optional[str], split: str, stdin=None) -> ImageSet:
     return ImageSet(name, split, batch["x"], y, header.num_classes, [])
 
 
+def check_finite_rows(x: torch.Tensor, what: str) -> None:
+    """Refuse float rows holding NaN or infinity, naming how many and the first: trained on, they surface only
+    as a NaN loss (blamed on the learning rate), and cast to uint8 they silently become 0."""
+    if x.is_floating_point():
+        bad = ~torch.isfinite(x).flatten(1).all(1)
+        if bad.any():
+            raise KdError(f"{what}: {int(bad.sum())} rows hold NaN or infinite values (first at row {int(bad.nonzero()[0])})")
+
+
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """Images as float32 in [0, 1], whatever their stored dtype."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()

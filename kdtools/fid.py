@@ -171,11 +171,10 @@ def fid(samples: torch.Tensor, reference: torch.Tensor, extractor, batch_size: i
         raise KdError(f"samples have shape {tuple(samples.shape[1:])} but the reference has {tuple(reference.shape[1:])}")
     if samples.dim() == 2 and not isinstance(extractor, RawFeatures):
         raise KdUsageError("these samples are points, not images; use --features raw")
+    from .data import check_finite_rows
+
     for what, x in (("the samples", samples), ("the reference", reference)):
-        if x.is_floating_point():  # a NaN would otherwise surface as a linear-algebra error in sqrtm
-            bad = ~torch.isfinite(x).flatten(1).all(1)
-            if bad.any():
-                raise KdError(f"{what}: {int(bad.sum())} rows hold NaN or infinite values (first at row {int(bad.nonzero()[0])})")
+        check_finite_rows(x, what)  # a NaN would otherwise surface as a linear-algebra error in sqrtm
     fs = extract(extractor, samples, batch_size, progress, "sample features")
     fr = extract(extractor, reference, batch_size, progress, "reference features")
     notes: list = []

@@ -229,6 +229,9 @@ def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig,
         raise KdError(f"{x.shape[0]} images but {targets.labels.shape[0]} targets")
     if x.shape[0] == 0:
         raise KdError("no training data")
+    from .data import check_finite_rows
+
+    check_finite_rows(x, "the training images")
     torch.manual_seed(cfg.seed)
     model.to(device)
     net: nn.Module = model

@@ -285,3 +285,18 @@ def test_train_under_torchrun_two_processes(tmp_path):
     from kdtools.diffusion.teachers import load_diffusion
 
     assert load_diffusion(out).steps == 10
+
+
+def test_a_nan_training_point_is_named(tmp_path):
+    # it diverged the training ("lower --lr"); a NaN pixel was silently cast to 0
+    from kdtools.h5store import write_samples
+    from kdtools.stream import StreamHeader
+
+    x = torch.randn(64, 2)
+    x[7, 0] = float("nan")
+    data = tmp_path / "pts.h5"
+    write_samples(data, StreamHeader("samples", {"x": {"dtype": "float32", "shape": [2]}}), [{"x": x}])
+    p = run("train", "--data", data, "--steps", 10, "--iters", 1, "--hidden-dim", 16, "--num-blocks", 1, "-o", tmp_path / "t")
+    assert p.returncode == 1 and b"1 rows hold NaN or infinite values (first at row 7)" in p.stderr
+    _one_line(p)
+    assert not (tmp_path / "t").exists()

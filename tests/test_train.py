@@ -202,3 +202,18 @@ def test_non_finite_answers_and_bad_labels_are_refused_naming_the_source():
         targets_from({"label": torch.tensor([0, 3])}, 3, "q.h5")
     assert targets_from({"probs": torch.full((2, 3), 1 / 3)}, 3).soft
     assert targets_from({"probs": torch.zeros(0, 3)}, 3).labels.shape == (0,)  # no rows: the caller says so
+
+
+def test_nan_images_and_a_zero_std_are_named_not_blamed_on_the_learning_rate(tmp_path):
+    # a NaN pixel trained on gave "training diverged ... lower --lr"; --normalize 0.5,0 divided by zero
+    from conftest import kd
+    from kdtools.errors import KdError
+    from kdtools.train import TrainConfig, targets_from, train
+
+    x = torch.rand(8, 1, 4, 4)
+    x[3, 0, 0, 0] = float("nan")
+    model = ImageClassifier("mlp", (1, 4, 4), 2)
+    with pytest.raises(KdError, match=r"the training images: 1 rows hold NaN or infinite values \(first at row 3\)"):
+        train(model, x, targets_from({"label": torch.zeros(8, dtype=torch.long)}, 2), TrainConfig(epochs=1), torch.device("cpu"))
+    r = kd("kd-distill", "--data", "digits", "--epochs", 1, "--normalize", "0.5,0", "-o", tmp_path / "w.safetensors")
+    assert r.returncode == 2 and b"STD a positive number" in r.stderr and not (tmp_path / "w.safetensors").exists()

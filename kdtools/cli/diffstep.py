@@ -56,7 +56,7 @@ def _output_dir(output: str, force: bool, inputs=()):
 def _load_training_data(data: str, split: str, n: Optional[int], image_size: Optional[int], channels: Optional[int],
                         data_root_opt: Optional[str], download: bool) -> tuple[torch.Tensor, dict]:
     """(x_0 tensor, data description): uint8 images (N, C, H, W) or float points (N, D)."""
-    from ..data import load_dataset
+    from ..data import check_finite_rows, load_dataset
     from ..diffusion.swissroll import swiss_roll
 
     if n is not None and n < 1:
@@ -69,11 +69,13 @@ def _load_training_data(data: str, split: str, n: Optional[int], image_size: Opt
 
         header, batch = read_all(data)
         x = batch["x"]
+        check_finite_rows(x, data)  # a NaN point diverges the training; a NaN pixel would silently become 0
         if x.dim() == 2:
             x = x.float()[:n] if n else x.float()
             return x, {"name": data, "kind": "tabular", "dim": int(x.shape[1]), "split": split}
     ds = load_dataset(data, split, data_root(data_root_opt), download, image_size=image_size, channels=channels,
                       also_accepted=tuple(f"{t} (2-D points)" for t in TABULAR))
+    check_finite_rows(ds.x, data)
     x = ds.x if ds.x.dtype == torch.uint8 else (ds.x.clamp(0, 1) * 255).round().to(torch.uint8)
     if n:
         x = x[:n]

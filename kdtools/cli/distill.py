@@ -4,6 +4,7 @@ answers (a query log, a stream on stdin): the student / substitute."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +34,8 @@ def _normalization(spec: str, x: torch.Tensor, channels: int):
         m, s = (float(v) for v in spec.split(","))
     except ValueError:
         raise KdUsageError(f"--normalize {spec!r}: expected auto, none or MEAN,STD") from None
+    if not (math.isfinite(m) and math.isfinite(s) and s > 0):
+        raise KdUsageError(f"--normalize {spec!r}: MEAN must be finite and STD a positive number (inputs are divided by it)")
     return [m] * channels, [s] * channels
 
 
