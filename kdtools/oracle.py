@@ -461,7 +461,8 @@ class HttpOracle(Oracle):
             raise KdUsageError("do not put credentials in the oracle URL; pass the key through an environment variable (--api-key-env)")
         self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
         self.base_path = parts.path.rstrip("/")
-        self.identity = f"{parts.scheme}://{parts.netloc}{self.base_path}"  # no query string: it may hold secrets
+        self.url = f"{parts.scheme}://{parts.netloc}{self.base_path}"  # no query string: it may hold secrets
+        self.identity = self.url  # until the server names what answers (below)
         self.sleep = sleep
         self.limiter = RateLimiter(self.options.rate_limit, sleep=sleep)
         self._conn = None
@@ -476,10 +477,15 @@ class HttpOracle(Oracle):
             self.modes = [str(m) for m in info.get("modes") or []]
             self.max_batch = int(info.get("max_batch") or 1024)
         except (KeyError, TypeError, ValueError):
-            raise KdError(f"{self.identity}: /v1/info lacks input_shape or num_classes (is this a kdtools oracle server?)") from None
+            raise KdError(f"{self.url}: /v1/info lacks input_shape or num_classes (is this a kdtools oracle server?)") from None
         if self.options.max_batch:
             self.max_batch = min(self.max_batch, self.options.max_batch)
         self.server_info = info
+        # a kdtools server names the model that answers (its file's hash): a log records that, not the address, so it
+        # resumes on another port and refuses another model served at the same address; other servers keep the URL
+        served = info.get("identity")
+        if isinstance(served, str) and served:
+            self.identity = served
 
     # -- transport ------------------------------------------------------------------------
     def _scrub(self, text: str) -> str:
@@ -560,8 +566,8 @@ class HttpOracle(Oracle):
                     retry_after = None
                 problem = f"rate limited (HTTP 429{': ' + message if message else ''})"
                 continue
-            raise KdError(self._scrub(f"{self.identity}: {_describe_status(status, message)}"))
-        raise KdError(self._scrub(f"{self.identity}: {problem} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"))
+            raise KdError(self._scrub(f"{self.url}: {_describe_status(status, message)}"))
+        raise KdError(self._scrub(f"{self.url}: {problem} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"))
 
     def _json(self, reply: tuple, what: str) -> dict:
         _, data = reply
@@ -569,15 +575,15 @@ class HttpOracle(Oracle):
             obj = json.loads(data)
         except (UnicodeDecodeError, ValueError):
             head = data[:40].decode("utf-8", "replace").replace("\n", " ")
-            raise KdError(self._scrub(f"{self.identity}{what}: the server's answer is not valid JSON (starts {head!r})")) from None
+            raise KdError(self._scrub(f"{self.url}{what}: the server's answer is not valid JSON (starts {head!r})")) from None
         if not isinstance(obj, dict):
-            raise KdError(f"{self.identity}{what}: the server's answer is not a JSON object")
+            raise KdError(f"{self.url}{what}: the server's answer is not a JSON object")
         return obj
 
     # -- queries --------------------------------------------------------------------------
     def _query_chunk(self, x: torch.Tensor, mode: str) -> tuple:
         n = x.shape[0]
-        where = f"{self.identity}/v1/query"
+        where = f"{self.url}/v1/query"
         wx = wire_images(x)
         if self.options.wire == "stream":
             from .stream import StreamHeader, fields_of
@@ -618,7 +624,7 @@ class HttpOracle(Oracle):
     def answer(self, x: torch.Tensor, mode: str) -> dict:
         parse_mode(mode)
         if self.modes and mode not in self.modes:
-            raise KdError(f"{self.identity}: the server answers in mode{'s' if len(self.modes) > 1 else ''} "
+            raise KdError(f"{self.url}: the server answers in mode{'s' if len(self.modes) > 1 else ''} "
                           f"{', '.join(self.modes)}, not {mode!r} (use --mode {self.modes[0]})")
         done: list = []  # answers of the chunks already received: kept if a later chunk fails
         for i in range(0, x.shape[0], self.max_batch):
@@ -636,7 +642,7 @@ class HttpOracle(Oracle):
                     kept = i + first
                     before = (f"the {kept} answered before the first rejection are kept" if kept
                               else "no query before the first rejection was answered")
-                    err = QueryRejected(f"{self.identity}: the server's query defence rejected {int(rejected.sum())} of "
+                    err = QueryRejected(f"{self.url}: the server's query defence rejected {int(rejected.sum())} of "
                                         f"{chunk.shape[0]} queries in a batch; {before} "
                                         "(use --on-rejected flag to record rejected rows as label -1 and go on)")
                     err.partial = cat_answers(done + [slice_answer(answers, 0, first)])

@@ -128,7 +128,8 @@ def test_kd_query_over_http_equals_the_model_file(victim_path, queries_path, tmp
         assert torch.equal(got["x"], q["x"])
         assert torch.allclose(got["probs"], want, atol=1e-6) and torch.equal(got["probs"].argmax(1), want.argmax(1))
         facts = log_info(log)
-        assert facts["rows"] == facts["spent"] == 600 and facts["oracle"] == url
+        # the log names the model that answered (the server's identity, its file's hash), not the address
+        assert facts["rows"] == facts["spent"] == 600 and facts["oracle"] == load_model(victim_path).identity
         # the binary wire (a kdtools stream as the body) gives the same answers
         orc = HttpOracle(url, RemoteOptions(wire="stream", max_batch=256))
         assert torch.allclose(orc.answer(q["x"].float() / 255, "probs")["probs"], want, atol=1e-6)
@@ -376,3 +377,21 @@ def test_a_second_sigterm_during_shutdown_is_quiet(victim_path, tmp_path):
         pass
     assert p.wait(timeout=20) == 0, err.read_text()
     assert "Traceback" not in err.read_text() and "stopped after answering" in err.read_text()
+
+
+def test_an_http_log_follows_the_served_model_not_the_address(victim_path, queries_path, tmp_path):
+    # the same model on another port (kd-serve --port 0 after a restart) continues the log; another model at an
+    # address the log knows is refused (it was accepted, mixing two victims' answers in one log)
+    other = tmp_path / "other.safetensors"
+    kd("kd-distill", "--data", "digits", "--arch", "mlp", "--epochs", 1, "-q", "-o", other, check=True)
+    log = tmp_path / "q.h5"
+    with kd_serve(tmp_path, victim_path, name="a") as (url, _):
+        p = kd("kd-query", url, queries_path, "--budget", 200, "--log", log, "-o", tmp_path / "a.kds")
+        assert p.returncode == 1 and log_info(log)["spent"] == 200  # stopped at its budget
+    with kd_serve(tmp_path, victim_path, name="b") as (url, _):
+        kd("kd-query", url, queries_path, "--budget", 600, "--log", log, "-o", tmp_path / "b.kds", check=True)
+        assert log_info(log)["rows"] == log_info(log)["spent"] == 600
+    with kd_serve(tmp_path, other, name="c") as (url, _):
+        p = kd("kd-query", url, queries_path, "--budget", 700, "--log", log, "-o", tmp_path / "c.kds")
+        assert p.returncode == 1 and b"recorded from another oracle" in p.stderr
+    assert log_info(log)["spent"] == 600

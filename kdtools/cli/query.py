@@ -278,13 +278,13 @@ def report_remote(orc, where: str) -> None:
     """What a remote oracle did beyond answering: retries and rejected queries (on stderr). ``where`` names
     the places the answers went (the log, the output file, stdout)."""
     if getattr(orc, "retried_rows", 0):
-        warn(f"{orc.identity}: {orc.retried_rows} query rows were re-sent after transient errors "
+        warn(f"{getattr(orc, 'url', orc.identity)}: {orc.retried_rows} query rows were re-sent after transient errors "
              "(counted once in the budget; a server that bills failed requests may have charged them)")
     if getattr(orc, "rejected_total", 0):
-        warn(f"{orc.identity}: the server's defence rejected {orc.rejected_total} queries "
+        warn(f"{getattr(orc, 'url', orc.identity)}: the server's defence rejected {orc.rejected_total} queries "
              f"(written as label -1 / empty scores to {where})")
     if getattr(orc, "relayed_rejected", 0):
-        warn(f"{orc.identity}: the oracle process answered {orc.relayed_rejected} queries as refused "
+        warn(f"{getattr(orc, 'url', orc.identity)}: the oracle process answered {orc.relayed_rejected} queries as refused "
              f"(written as label -1 / empty scores to {where})")
     if getattr(orc, "replayed_rejected", 0):
         warn(f"replay:{orc.path}: {orc.replayed_rejected} of the replayed queries were refused by the recorded server's defence "
