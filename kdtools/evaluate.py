@@ -38,7 +38,7 @@ class AccuracyReport:
 def check_input(shape: tuple, data: ImageSet, who: str) -> None:
     if tuple(data.shape) != tuple(shape):
         raise KdError(f"{who} takes {'x'.join(map(str, shape))} images but {data.name} has {'x'.join(map(str, data.shape))} "
-                      "(use --image-size / --channels)")
+                      "(a model takes one image size; resize the data or use a model made for it)")
 
 
 def evaluate_accuracy(model: torch.nn.Module, model_name: str, input_shape: tuple, data: ImageSet, device: torch.device,
@@ -50,8 +50,15 @@ def evaluate_accuracy(model: torch.nn.Module, model_name: str, input_shape: tupl
     pred = predict(model, data.x, device).argmax(1)
     report = AccuracyReport(model_name, f"{data.name} ({data.split})", len(data), (pred == data.y).float().mean().item())
     if reference is not None:
-        check_input(reference_shape or input_shape, data, reference_name or "reference")
-        ref = predict(reference, data.x, device).argmax(1)
+        ref_data = data
+        if reference_shape is not None and tuple(reference_shape) != tuple(data.shape):
+            # the same images at the reference's size (as a dataset is resized for the model itself), so that
+            # a 16x16 substitute and its 28x28 victim are compared image for image
+            from .data import adapt_images
+
+            ref_data = adapt_images(data, image_size=reference_shape[1], channels=reference_shape[0])
+        check_input(reference_shape or input_shape, ref_data, reference_name or "reference")
+        ref = predict(reference, ref_data.x, device).argmax(1)
         report.reference = reference_name
         report.reference_accuracy = (ref == data.y).float().mean().item()
         report.fidelity = (ref == pred).float().mean().item()

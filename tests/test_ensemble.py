@@ -139,3 +139,21 @@ def test_kd_query_and_kd_eval_take_an_ensemble(victim_path, queries_path, tmp_pa
     r = kd("kd-distill", "--data", "digits", "--init", spec, "--epochs", 1, "-o", tmp_path / "s.safetensors", text=True)
     one_error_line(r, 2, "not one model file")
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_a_reference_of_another_image_size_sees_the_same_images_resized():
+    # kd-eval accuracy --reference with a 16x16 model failed, suggesting options kd-eval does not have
+    from kdtools.data import ImageSet
+    from kdtools.evaluate import evaluate_accuracy
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
+    data = ImageSet("toy", "test", x, torch.arange(12) % 3, 3, [])
+    model = ImageClassifier("mlp", (1, 28, 28), 3).eval()
+    small = ImageClassifier("mlp", (1, 16, 16), 3).eval()
+    report = evaluate_accuracy(model, "m", (1, 28, 28), data, torch.device("cpu"), small, "small", (1, 16, 16))
+    from kdtools.data import adapt_images
+    from kdtools.train import predict
+
+    want = predict(small, adapt_images(data, 16, 1).x, torch.device("cpu")).argmax(1)
+    assert report.reference_accuracy == (want == data.y).float().mean().item()
