@@ -506,3 +506,20 @@ def test_a_middle_kd_query_passes_an_early_stop_on(victim_path, queries_path, tm
     assert "stopped early (budget_exhausted)" in second.stderr.decode()
     src = open_samples(out)
     assert sum(b["x"].shape[0] for b in src) == 100 and src.end["status"] == "budget_exhausted"
+
+
+def test_help_into_a_reader_that_stops_early_exits_quietly():
+    # `kd-query --help | head -1` printed "stdout was closed by the reader" and exited 1
+    p = subprocess.Popen(kd_cmd("kd-query") + ["--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(10)
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait() == 0 and b"broken pipe" not in err
+
+
+def test_option_values_are_checked_before_the_work():
+    r = kd("kd-distill", "--data", "digits", "--epochs", 1, "--image-size", 0, "-o", "/dev/null")
+    assert r.returncode == 2 and b"--image-size must be at least 1" in r.stderr
+    # the sampler is checked before the model is even read (it was refused after the sampling)
+    r = kd("kd-diffstep", "sample", "no-such-model", "-n", 4, "--sampler", "bogus", "-o", "/dev/null")
+    assert r.returncode == 2 and b"--sampler 'bogus'" in r.stderr

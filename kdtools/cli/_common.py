@@ -176,6 +176,8 @@ def _broken_pipe() -> None:
         sys.stdout = open(os.devnull, "w")
     except OSError:
         pass
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        raise SystemExit(0)  # `kd-query --help | head`: the reader had what it wanted; help is no data to lose
     fail("stdout was closed by the reader (broken pipe): the output is incomplete", 1)
 
 

@@ -330,6 +330,10 @@ def sample(
         raise KdUsageError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), not {eta}")
     if output is None and grid is None:
         raise KdUsageError("nothing to write: give -o FILE (or -o - for stdout) and/or --grid PNG")
+    from ..diffusion.sampling import SAMPLERS
+
+    if sampler is not None and sampler not in SAMPLERS:  # now, not after minutes of sampling
+        raise KdUsageError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     png_path(grid, "--grid")
     # before minutes of sampling: the outputs are files in folders, not each other, and not inside the model
     check_paths({"-o": output, "--grid": grid}, {})

@@ -79,6 +79,9 @@ def distill(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     debug: bool = DebugOption,
 ):
+    for flag, value in (("--image-size", image_size), ("--channels", channels)):
+        if value is not None and value < 1:
+            raise KdUsageError(f"{flag} must be at least 1, not {value}")
     if output == "-":
         raise KdUsageError("-o -: kd-distill writes a weights file (.safetensors), not a stream; give -o a file name")
     # before any epoch is trained: -o is a file in a folder, and not the data it learns from (--resume FILE -o FILE,
