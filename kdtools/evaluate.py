@@ -46,17 +46,21 @@ def evaluate_accuracy(model: torch.nn.Module, model_name: str, input_shape: tupl
                       reference_shape: Optional[tuple] = None) -> AccuracyReport:
     if data.y is None:
         raise KdError(f"{data.name}: no labels to measure accuracy against")
+    from .data import adapt_images
+
+    # each model sees the data at its own size, resized from the data as given (never twice)
+    original = data
+    if input_shape is not None and tuple(input_shape) != tuple(data.shape):
+        data = adapt_images(original, image_size=input_shape[1], channels=input_shape[0])
     check_input(input_shape, data, model_name)
     pred = predict(model, data.x, device).argmax(1)
     report = AccuracyReport(model_name, f"{data.name} ({data.split})", len(data), (pred == data.y).float().mean().item())
     if reference is not None:
         ref_data = data
         if reference_shape is not None and tuple(reference_shape) != tuple(data.shape):
-            # the same images at the reference's size (as a dataset is resized for the model itself), so that
-            # a 16x16 substitute and its 28x28 victim are compared image for image
-            from .data import adapt_images
-
-            ref_data = adapt_images(data, image_size=reference_shape[1], channels=reference_shape[0])
+            # the same images at the reference's size, so that a 16x16 substitute and its 28x28 victim are
+            # compared image for image
+            ref_data = adapt_images(original, image_size=reference_shape[1], channels=reference_shape[0])
         check_input(reference_shape or input_shape, ref_data, reference_name or "reference")
         ref = predict(reference, ref_data.x, device).argmax(1)
         report.reference = reference_name

@@ -229,7 +229,8 @@ class SampleWriter:
     ``resume=True`` reopens an existing file (same fields required) and continues its accounting.
     """
 
-    def __init__(self, path, header: StreamHeader, oracle: str = "", budget: Optional[int] = None, resume: bool = True):
+    def __init__(self, path, header: StreamHeader, oracle: str = "", budget: Optional[int] = None, resume: bool = True,
+                 oracle_aliases: tuple = ()):
         self.path = Path(path)
         exists = self.path.exists() and self.path.stat().st_size > 0
         if exists and not resume:
@@ -249,7 +250,9 @@ class SampleWriter:
                     raise KdError(f"{self.path}: the log holds {_describe(old.fields)}, this run produces {_describe(header.fields)}; use a new log")
                 if old.mode != header.mode:
                     raise KdError(f"{self.path}: the log was recorded in mode {old.mode!r}, this run asks {header.mode!r}; use a new log")
-                if oracle and self.f.attrs["oracle"] and str(self.f.attrs["oracle"]) != oracle:
+                # ``oracle_aliases``: other names the same oracle was recorded under (an HTTP server's URL, which
+                # logs recorded before they recorded the model the server names)
+                if oracle and self.f.attrs["oracle"] and str(self.f.attrs["oracle"]) not in (oracle, *oracle_aliases):
                     raise KdError(f"{self.path}: the log was recorded from another oracle ({self.f.attrs['oracle']}); use a new log")
                 self.header = old
                 self._drop_uncommitted()

@@ -139,6 +139,7 @@ class Oracle:
     # whether a call that failed cost nothing: true of the oracles on this machine (a model file, a replayed log),
     # whose failed rows are given back to the budget; a remote server may have counted a request that failed
     free_on_failure: bool = False
+    aliases: tuple = ()  # other names a log may have recorded this oracle under (SampleWriter's oracle_aliases)
 
     def answer(self, x: torch.Tensor, mode: str) -> dict:  # pragma: no cover - interface
         raise NotImplementedError
@@ -486,6 +487,7 @@ class HttpOracle(Oracle):
         served = info.get("identity")
         if isinstance(served, str) and served:
             self.identity = served
+            self.aliases = (self.url,)  # logs made before this recorded the address
 
     # -- transport ------------------------------------------------------------------------
     def _scrub(self, text: str) -> str:

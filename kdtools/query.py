@@ -106,7 +106,7 @@ def run_queries(source: SampleSource, oracle: Oracle, mode: str, budget: Optiona
                 error, answer = e, getattr(e, "partial", None) or {}
             got = answer_rows(answer)
             if error is None and got != paid_rows:
-                raise KdError(f"{oracle.identity}: answered {got} rows for {paid_rows} queries")
+                raise KdError(f"{getattr(oracle, 'url', oracle.identity)}: answered {got} rows for {paid_rows} queries")
             if error is not None and oracle.free_on_failure and got < paid_rows:
                 # nothing left this machine: the rows not answered are not spent (the log stays rows == spent)
                 if log:

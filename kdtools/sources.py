@@ -132,7 +132,9 @@ class SampleSink:
     def in_place(self) -> bool:
         """Whether the output is written as it goes (a device, a FIFO, a pipe behind /dev/stdout): there is no
         temporary file to put elsewhere."""
-        return self.path is not None and self._tmp == self._target
+        from .fileio import stream_descriptor
+
+        return self.path is not None and (self._tmp == self._target or stream_descriptor(self._target) is not None)
 
     def retarget(self, path: str | Path) -> None:
         """Put the finished file at ``path`` instead of the path it was opened with (a run that stopped early keeps
@@ -265,7 +267,7 @@ def write_through_partial(batches: Iterator[dict], output: str | Path, generator
 def _place_copy(source: Path, tmp: Path) -> None:
     """Give the temporary file ``tmp`` (made by ``atomic_path``) the contents of ``source``, which stays: a hard
     link where the file system allows it (no copy of a large partial), a copy otherwise (another file system, a
-    device such as /dev/null)."""
+    device such as /dev/null, a FIFO)."""
     import shutil
 
     if tmp.is_file() and not tmp.is_symlink():
@@ -275,4 +277,5 @@ def _place_copy(source: Path, tmp: Path) -> None:
             return
         except OSError:
             pass
-    shutil.copyfile(source, tmp)
+    with open(source, "rb") as src, open(tmp, "wb") as dst:  # not copyfile: it refuses FIFOs
+        shutil.copyfileobj(src, dst)

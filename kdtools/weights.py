@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
 from . import __version__
@@ -81,10 +81,12 @@ def write_safetensors(tensors: dict, path: str | Path, metadata: dict) -> None:
     """A safetensors file written by kdtools' atomic writer. Not ``safetensors.torch.save_file``: it writes
     a temporary file of its own and renames it over the path, which replaces a device (-o /dev/null: as root,
     the machine's) or a FIFO with a regular file."""
-    data = safetensors_bytes(tensors, metadata=metadata)
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        if Path(tmp).is_file() and not Path(tmp).is_symlink():
+            save_file(tensors, str(tmp), metadata=metadata)  # our own temporary file: its rename over it is harmless
+        else:  # a device or a FIFO, written as it is: serialised here (the whole file in memory once)
+            with open(tmp, "wb") as f:
+                f.write(safetensors_bytes(tensors, metadata=metadata))
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -412,7 +412,7 @@ def test_help_starts_with_what_the_command_does(module):
 def paid_log(victim_path, queries_path, tmp_path_factory):
     """A log that paid for 600 answers."""
     paid = tmp_path_factory.mktemp("paid") / "paid.h5"
-    kd("kd-query", victim_path, queries_path, "--budget", 1000, "--log", paid, "-o", "/dev/null", check=True)
+    kd("kd-query", victim_path, queries_path, "--budget", 1000, "--log", paid, "-o", paid.with_suffix(".kds"), check=True)
     return paid
 
 
@@ -468,7 +468,7 @@ def test_kd_distill_checks_its_output_before_training_and_keeps_its_checkpoint_h
         return r.returncode, r.stderr.decode()
 
     log = tmp_path / "paid.h5"
-    kd("kd-query", victim_path, queries_path, "--log", log, "-o", "/dev/null", check=True)
+    kd("kd-query", victim_path, queries_path, "--log", log, "-o", tmp_path / "answers.kds", check=True)
     before = sha(log)
     # the training data, '-', a directory, a path under a file: usage errors before any epoch
     r = kd("kd-distill", log, "--epochs", 1, "-o", log)
@@ -486,9 +486,44 @@ def test_kd_distill_checks_its_output_before_training_and_keeps_its_checkpoint_h
     # another optimiser than the checkpoint's: one line saying which
     rc, err = distill("--epochs", 2, "--optimizer", "adam", "--resume", a, "-o", a)
     assert rc == 2 and "--optimizer sgd" in err and len(err.strip().splitlines()) == 1
+    # a resume into another -o with no epoch left removes that -o's old checkpoint (it belonged to other weights)
+    c = tmp_path / "c.safetensors"
+    assert distill("--seed", 1, "-o", c)[0] == 0 and Path(str(c) + ".ckpt").exists()
+    assert distill("--resume", a, "-o", c)[0] == 0 and not Path(str(c) + ".ckpt").exists()
     # new weights written without a checkpoint remove the old one, which a later --resume would have loaded
     assert distill("--epochs", 0, "--arch", "mlp", "-o", a)[0] == 0
     assert not Path(str(a) + ".ckpt").exists()
+    # -o /dev/fd/1 redirected to a file: the weights arrive there, and no checkpoint is made beside the descriptor
+    with open(tmp_path / "fd.safetensors", "wb") as f:
+        r = subprocess.run(kd_cmd("kd-distill") + ["--data", "digits", "--epochs", "1", "-q", "-o", "/dev/fd/1"], stdout=f,
+                           stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr.decode()
+    from kdtools.weights import load_model
+    assert load_model(tmp_path / "fd.safetensors").num_classes == 10
+
+
+def test_kd_query_stopped_early_into_a_redirected_descriptor_keeps_its_rows(victim_path, queries_path, tmp_path):
+    # the rows went to "/dev/fd/1.partial" (a path that cannot exist) and the redirected file stayed empty
+    from kdtools.sources import open_samples
+
+    out = tmp_path / "red.kds"
+    with open(out, "wb") as f:
+        r = subprocess.run(kd_cmd("kd-query") + [str(victim_path), str(queries_path), "--budget", "100", "-o", "/dev/fd/1"],
+                           stdout=f, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1 and b"budget of 100 reached" in r.stderr
+    src = open_samples(out)
+    assert sum(b["x"].shape[0] for b in src) == 100 and src.end["status"] == "budget_exhausted"
+
+
+def test_kd_gen_queries_refuses_an_output_that_is_an_input(victim_path, tmp_path):
+    victim = tmp_path / "v.safetensors"
+    shutil.copy(victim_path, victim)
+    before = sha(victim)
+    r = kd("kd-gen-queries", "noise", "-n", 10, "--like", victim, "-o", victim)
+    assert r.returncode == 2 and b"overwrite the input" in r.stderr and sha(victim) == before
+    (tmp_path / "d").mkdir()
+    r = kd("kd-gen-queries", "noise", "-n", 10, "--shape", "1x4x4", "-o", tmp_path / "d")
+    assert r.returncode == 2 and b"is a directory" in r.stderr
 
 
 def test_a_middle_kd_query_passes_an_early_stop_on(victim_path, queries_path, tmp_path):
@@ -517,9 +552,10 @@ def test_help_into_a_reader_that_stops_early_exits_quietly():
     assert p.wait() == 0 and b"broken pipe" not in err
 
 
-def test_option_values_are_checked_before_the_work():
-    r = kd("kd-distill", "--data", "digits", "--epochs", 1, "--image-size", 0, "-o", "/dev/null")
+def test_option_values_are_checked_before_the_work(tmp_path):
+    # (outputs in a temporary folder: a regressed writer must never meet the machine's /dev/null)
+    r = kd("kd-distill", "--data", "digits", "--epochs", 1, "--image-size", 0, "-o", tmp_path / "w.safetensors")
     assert r.returncode == 2 and b"--image-size must be at least 1" in r.stderr
     # the sampler is checked before the model is even read (it was refused after the sampling)
-    r = kd("kd-diffstep", "sample", "no-such-model", "-n", 4, "--sampler", "bogus", "-o", "/dev/null")
+    r = kd("kd-diffstep", "sample", "no-such-model", "-n", 4, "--sampler", "bogus", "-o", tmp_path / "s.h5")
     assert r.returncode == 2 and b"--sampler 'bogus'" in r.stderr

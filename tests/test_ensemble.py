@@ -157,3 +157,8 @@ def test_a_reference_of_another_image_size_sees_the_same_images_resized():
 
     want = predict(small, adapt_images(data, 16, 1).x, torch.device("cpu")).argmax(1)
     assert report.reference_accuracy == (want == data.y).float().mean().item()
+    # the other way round: the 28x28 reference sees the original images, not ones resized to 16 and back
+    report = evaluate_accuracy(small, "small", (1, 16, 16), data, torch.device("cpu"), model, "m", (1, 28, 28))
+    want = predict(model, x, torch.device("cpu")).argmax(1)
+    assert report.reference_accuracy == (want == data.y).float().mean().item()
+    assert report.accuracy == (predict(small, adapt_images(data, 16, 1).x, torch.device("cpu")).argmax(1) == data.y).float().mean().item()

@@ -7,6 +7,7 @@ a write that fails are removed again, and a second run on a locked state file is
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -298,12 +299,19 @@ def test_describe_unexpected_is_one_line_naming_the_file():
     assert "\n" not in line and line.startswith("ValueError: first line second line") and "--debug" in line
 
 
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
-@pytest.mark.parametrize("args", [["-o", "/dev/full"], ["--confusion", "/dev/full", "-o", "/dev/null"]])
-def test_a_full_device_is_one_line_naming_it(tmp_path, args):
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="making a device node needs root")
+@pytest.mark.parametrize("which", ["-o", "--confusion"])
+def test_a_full_device_is_one_line_naming_it(tmp_path, which):
+    # a device node of our own (the kernel's "full" device, 1:7): a regressed writer that renamed over it would
+    # replace this node, never the machine's /dev/full
+    full, null = tmp_path / "full", tmp_path / "null"
+    os.mknod(full, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     labels = tmp_path / "l.csv"
     labels.write_text("task,worker,label\n1,a,0\n1,b,1\n2,a,1\n2,b,1\n")
-    r = subprocess.run([sys.executable, "-m", "kdtools.cli.aggregate", str(labels), "--method", "mv", *args],
+    args = ["-o", full] if which == "-o" else ["--confusion", full, "-o", null]
+    r = subprocess.run([sys.executable, "-m", "kdtools.cli.aggregate", str(labels), "--method", "mv", *map(str, args)],
                        capture_output=True, text=True)
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == ["error: /dev/full: No space left on device"]
+    assert r.stderr.strip().splitlines() == [f"error: {full}: No space left on device"]
+    assert stat.S_ISCHR(os.lstat(full).st_mode) and stat.S_ISCHR(os.lstat(null).st_mode)

@@ -264,3 +264,19 @@ def test_a_log_open_for_writing_elsewhere_is_a_clear_error(tmp_path):
     assert r.returncode == 1, r.stderr
     assert b"another process has it open for writing" in r.stderr and b"Traceback" not in r.stderr
     assert kd("kd-eval", "log", p).returncode == 0  # closed: readable again
+
+
+def test_a_log_recorded_under_an_oracle_alias_still_resumes(tmp_path):
+    # HTTP logs recorded the server's URL before they recorded the model the server names: they still continue
+    from kdtools.h5store import SampleWriter
+    from kdtools.stream import StreamHeader
+
+    header = StreamHeader("samples", {"x": {"dtype": "uint8", "shape": [1, 2, 2]}, "label": {"dtype": "int64", "shape": []}},
+                          num_classes=2, mode="label")
+    with SampleWriter(tmp_path / "q.h5", header, oracle="http://127.0.0.1:8080") as w:
+        w.reserve(1)
+        w.append({"x": torch.zeros(1, 1, 2, 2, dtype=torch.uint8), "label": torch.tensor([1])})
+    with SampleWriter(tmp_path / "q.h5", header, oracle="sha256:ab", oracle_aliases=("http://127.0.0.1:8080",)) as w:
+        assert w.rows == 1
+    with pytest.raises(KdError, match="recorded from another oracle"):
+        SampleWriter(tmp_path / "q.h5", header, oracle="sha256:ab", oracle_aliases=("http://127.0.0.1:9999",))

@@ -171,3 +171,19 @@ def test_a_retargeted_sink_keeps_the_earlier_file_and_writes_beside_it(tmp_path,
     assert out.read_bytes() == b"earlier run"
     assert read_all(partial)[1]["x"].shape == (2, 1, 3, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, partial.name])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_write_through_partial_into_a_fifo_named_h5(tmp_path):
+    import threading
+
+    from kdtools.sources import partial_path, write_through_partial
+
+    fifo = tmp_path / "q.h5"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()))
+    reader.start()
+    assert write_through_partial(iter(_sink_batches()), fifo, {"method": "test"}, "v", 4) == 6
+    reader.join(timeout=30)
+    assert received and received[0][:8] == b"\x89HDF\r\n\x1a\n" and not partial_path(fifo).exists()

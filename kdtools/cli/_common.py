@@ -328,7 +328,8 @@ def file_key(path: str):
     return ("path", os.path.realpath(path))
 
 
-def check_paths(outputs: dict[str, Optional[str]], inputs: dict[str, list] = {}, stdout_flag: Optional[str] = "-o") -> None:
+def check_paths(outputs: dict[str, Optional[str]], inputs: dict[str, list] = {}, stdout_flag: Optional[str] = "-o",
+                stdout_carries: str = "the data") -> None:
     """Output paths are checked before any work: '-' only for ``stdout_flag`` (stdout carries the data), none
     is a directory or under a file, no two are the same file, and none is one of the inputs.
 
@@ -342,7 +343,8 @@ def check_paths(outputs: dict[str, Optional[str]], inputs: dict[str, list] = {},
         if path == "-":
             if flag == stdout_flag:
                 continue
-            raise KdUsageError(f"{flag} -: '-' would be a file named '-' (stdout carries the data); give {flag} a file name")
+            why = f" (stdout carries {stdout_carries})" if stdout_flag else ""
+            raise KdUsageError(f"{flag} -: '-' would be a file named '-'{why}; give {flag} a file name")
         if Path(path).is_dir():
             raise KdUsageError(f"{flag} {path}: is a directory; give a file name")
         parent = Path(path).parent

@@ -306,7 +306,7 @@ def aggregate(
         raise KdUsageError("--plot needs --gold (the plot shows error rates)")
     check_gold_and_plot(gold, plot)
     check_paths({"-o": output, "--confusion": confusion, "--plot": plot, "--state": state},
-                {"the label file": inputs, "--gold": [gold]})
+                {"the label file": inputs, "--gold": [gold]}, stdout_carries="the labels")
     seen_inputs: dict = {}
     for i, p in enumerate(inputs):
         if p != "-" and Path(p).is_file():
@@ -564,7 +564,7 @@ def simulate(
     check_number("--noise", noise, 0, 1)
     check_number("--missing", missing, 0, 1, high_open=True)
     check_seed(seed)
-    check_paths({"-o": output, "--truth-out": truth_out}, {"--truth": [truth]})
+    check_paths({"-o": output, "--truth-out": truth_out}, {"--truth": [truth]}, stdout_carries="the labels")
     if draw not in ("pmf", "rounded"):
         raise KdUsageError("--draw must be pmf or rounded")
     if workers < 1 or (limit is not None and limit < 1):

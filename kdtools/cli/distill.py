@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +19,7 @@ from ..models import ImageClassifier, count_parameters
 from ..sources import collect, open_samples
 from ..oracle import without_rejected
 from ..train import TrainConfig, data_normalization, load_checkpoint, targets_from, train
+from ..fileio import stream_descriptor
 from ..weights import load_model, save_model
 from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, check_paths, data_root, distributed_setup, info, make_app,
                       parse_arch_args, progress_bars, run_app, stdin_if, warn)
@@ -139,13 +141,17 @@ def distill(
     #    initial weights too, or two runs of the same command train different students.
     torch.manual_seed(seed)
     # the training state goes beside the weights; an output that is no regular file (-o /dev/null) gets none
-    ckpt_path = None if Path(output).exists() and not Path(output).is_file() else Path(output + ".ckpt")
+    # (/dev/stdout or /dev/fd/N redirected to a file included: no checkpoint beside a descriptor's name)
+    ckpt_path = (None if stream_descriptor(output) is not None or (Path(output).exists() and not Path(output).is_file())
+                 else Path(output + ".ckpt"))
     resume_state = None
+    resumed_ckpt = None
     if resume:
         rp = Path(resume)
         cp = rp if rp.suffix == ".ckpt" else Path(resume + ".ckpt")
         if cp.is_file():
             resume_state = load_checkpoint(cp)
+            resumed_ckpt = cp
             weights_src = Path(str(cp)[:-5])
             if not weights_src.is_file():
                 raise KdError(f"{cp}: checkpoint without its weights file {weights_src}")
@@ -211,7 +217,7 @@ def distill(
                 warn(f"--epochs {epochs}: {resume} has already done {last.epoch} epochs, so none was trained; "
                      f"{output} holds its weights (give a larger --epochs to train on)")
             save_model(model, output, options, record_extra(last) if last is not None else None)
-            if resume_state is None and ckpt_path is not None and ckpt_path.exists():
+            if ckpt_path is not None and ckpt_path.exists() and (resume_state is None or not _same_file(ckpt_path, resumed_ckpt)):
                 ckpt_path.unlink()  # it belonged to the weights just replaced: a later --resume must not load it
         line = f"kd-distill: wrote {output} in {result.seconds:.1f} s"
         if last is not None:
@@ -223,6 +229,13 @@ def distill(
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _same_file(a: Path, b: Optional[Path]) -> bool:
+    try:
+        return b is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _warn_ignored_arch(arch, args, model, source) -> None:

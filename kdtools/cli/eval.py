@@ -42,10 +42,12 @@ def accuracy(
     shape = parse_shape(input_shape) if input_shape else None
     m = load_classifier(model, input_shape=shape)
     mshape = m.input_shape or shape
-    ds = load_dataset(data, split, data_root(data_root_opt), download,
-                      image_size=mshape[1] if mshape else None, channels=mshape[0] if mshape else None,
-                      stdin=stdin_if(data) if data == "-" else None)
     ref = load_classifier(reference, input_shape=shape) if reference else None
+    # with a reference of another size the data stay as they are: each model gets them resized once, to its size
+    same_size = mshape is not None and (ref is None or ref.input_shape is None or tuple(ref.input_shape) == tuple(mshape))
+    ds = load_dataset(data, split, data_root(data_root_opt), download,
+                      image_size=mshape[1] if same_size else None, channels=mshape[0] if same_size else None,
+                      stdin=stdin_if(data) if data == "-" else None)
     report = evaluate_accuracy(m.module.to(dev), model, mshape or ds.shape, ds, dev,
                                ref.module.to(dev) if ref else None, reference, ref.input_shape if ref else None)
     if as_json:

@@ -15,7 +15,8 @@ from ..queries import dataset_batches, noise_batches
 from ..stream import StreamHeader, fields_of
 from ..weights import load_model, parse_shape
 from .query import ApiKeyEnvOption, MaxBatchOption, RateLimitOption, RetriesOption, TimeoutOption, WireOption, remote_options, warn_http_only
-from ._common import STOP_HINT, DataRootOption, DebugOption, DeviceOption, data_root, info, make_app, open_sink, parse_arch_args, run_app, stderr, warn
+from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, check_paths, data_root, info, make_app, open_sink,
+                      oracle_files, parse_arch_args, run_app, stderr, warn)
 
 app = make_app("Synthesise queries: noise, public data, the data-free attacks TandemGAN, DFME and IDEAL, AEDM (a steered diffusion "
                "prior), or CAKE (white-box: samples diffused towards a teacher's decision boundaries).\n\n"
@@ -26,7 +27,14 @@ app = make_app("Synthesise queries: noise, public data, the data-free attacks Ta
 Output = typer.Option("-", "-o", "--output", help="Output file (.h5 -> HDF5, else stream file); '-' = stdout.")
 
 
-def _write(batches, n: int, source: dict, output: str) -> None:
+def _check_output(output: str, inputs) -> None:
+    """-o is a file in a folder and none of the files the command reads (--like, a dataset FILE, --teacher, the
+    --generator): checked before the first query is made."""
+    check_paths({"-o": output}, {"the input file": [p for p in inputs if p]})
+
+
+def _write(batches, n: int, source: dict, output: str, inputs=()) -> None:
+    _check_output(output, inputs)
     first = next(batches, None)
     if first is None:
         raise KdUsageError("-n must be positive")
@@ -70,7 +78,7 @@ def noise(
     if n <= 0:
         raise KdUsageError("-n must be positive")
     options = {"method": "noise", "n": n, "shape": list(s), "dist": dist, "seed": seed}
-    _write(noise_batches(s, n, batch_size, dist, seed), n, options, output)
+    _write(noise_batches(s, n, batch_size, dist, seed), n, options, output, [like])
 
 
 @app.command()
@@ -115,7 +123,7 @@ def dataset(
                       also_accepted=("swissroll (2-D points)",))
     options = {"method": "dataset", "data": data, "split": split, "n": n, "augment": augment, "hflip": hflip,
                "seed": seed, "shape": list(ds.shape)}
-    _write(dataset_batches(ds, n, batch_size, not no_shuffle, augment, seed, hflip), n, options, output)
+    _write(dataset_batches(ds, n, batch_size, not no_shuffle, augment, seed, hflip), n, options, output, [data, like])
 
 
 # --- data-free attacks (issue #4): attack mode and generator mode -----------------------------------------
@@ -167,7 +175,7 @@ def _generate(method: str, generator: str, n: Optional[int], output: Optional[st
 
     options = {"method": method, "generator": generator, "generator_arch": meta.get("arch"), "n": n, "seed": seed,
                "trained_by": meta.get("kdtools.version")}
-    _write(batches(), n, options, output or "-")
+    _write(batches(), n, options, output or "-", [generator])
 
 
 def _attack(method: str, common: dict, config, make=None, substitute=None, client=None) -> None:
@@ -481,9 +489,10 @@ def cake(
     # the teacher's identity (file hash) is recorded beside the path it was given by: a resume must use the very
     # same teacher, wherever it is named from
     source = {**options_record(cfg), "teacher": teacher, "teacher_identity": loaded.identity, "n": n, "shape": list(shape)}
+    _check_output(output, oracle_files(teacher))
     if output == "-":
         with progress_reporter(not quiet, "kd-gen-queries cake") as progress:
-            _write(synthesise(loaded.module, shape, classes, n, cfg, dev, progress), n, source, output)
+            _write(synthesise(loaded.module, shape, classes, n, cfg, dev, progress), n, source, output, oracle_files(teacher))
         return
     # a file output keeps every finished set in FILE.partial.h5, so a stopped run (minutes a set on a CPU)
     # loses at most the set in flight; sets are independently seeded, so skipping the kept ones is exact
@@ -692,7 +701,7 @@ def _aedm_stream(prior, prior_path: str, substitute: str, follow: bool, n: Optio
     current = follower.current if follow else (lambda: model)
     options = {"method": "aedm", "diffusion": prior_path, "substitute": substitute, "follow": follow, "n": n, "seed": seed,
                "sampler_steps": steerer.sampler_steps, "steer_steps": steer_steps, "lr_steer": lr_steer}
-    _write(steered_batches(steerer, current, n, batch_size, seed), n, options, output)
+    _write(steered_batches(steerer, current, n, batch_size, seed), n, options, output, [substitute, follow])
     if follow and not quiet:
         info(f"kd-gen-queries aedm: substitute reloaded {follower.reloads} times"
              + (f", {follower.skipped} unreadable versions skipped" if follower.skipped else ""))

@@ -91,7 +91,7 @@ def _run(orc, oracle: str, input, mode, budget, log, output, remote: RemoteOptio
     new_log = bool(log) and not os.path.exists(log)
     # --budget N > 0 is recorded in the log (and refused below what it already spent); --budget 0 pays for nothing
     # and leaves the recorded budget as it was; no --budget keeps to the recorded one (run_queries)
-    writer = SampleWriter(log, header, oracle=orc.identity, budget=budget or None) if log else None
+    writer = SampleWriter(log, header, oracle=orc.identity, budget=budget or None, oracle_aliases=orc.aliases) if log else None
     limit = budget if budget is not None else (writer.budget if writer else None)
     spent_before = writer.spent if writer else 0
     sink = None

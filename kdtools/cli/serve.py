@@ -64,7 +64,7 @@ def serve(
         raise KdUsageError("--defense-data/--defense-load need --defense entropy")
 
     check_paths({"--defense-save": defense_save, "--port-file": port_file},
-                {"the model file": oracle_files(model), "--keys-file": [keys_file], "--defense-load": [defense_load]},
+                {"the model file": oracle_files(model), "--keys-file": [keys_file]},
                 stdout_flag=None)
     oracle = open_oracle(model, resolve_device(device), trust_pickle, parse_shape(input_shape) if input_shape else None)
     keys = read_keys_file(keys_file) if keys_file else None

@@ -168,7 +168,7 @@ def open_attack_log(path, oracle: Oracle, mode: str, budget: int, x_dtype: str, 
     header = StreamHeader("samples", fields, oracle.num_classes, (0.0, 1.0), mode,
                           {"oracle": oracle.identity, "oracle_kind": oracle.kind, "method": options.get("method"),
                            "options": options, "kdtools": __version__})
-    return SampleWriter(path, header, oracle=oracle.identity, budget=budget)
+    return SampleWriter(path, header, oracle=oracle.identity, budget=budget, oracle_aliases=oracle.aliases)
 
 
 class AnswerPool:
