@@ -246,17 +246,22 @@ def test_outputs_never_destroy_inputs_or_other_work(tabular_teacher, tmp_path):
     assert run("distill", teacher, "--steps", 5, "--method", "ddim", "-o", student).returncode == 0
     index = sha(student / "kdtools.json")
     (tmp_path / "afile").write_text("x\n")
+    # the rules, on the function train and distill call before any work (a process each would cost seconds)
+    from kdtools.diffusion.teachers import check_output_dir
+    from kdtools.errors import KdUsageError
+
+    for out, force, inputs, why in ((tmp_path / "w", True, [teacher], "holds the input"),
+                                    (teacher, True, [teacher], "is the input"),
+                                    (tmp_path / "w", True, [], "replaces only a model directory"),
+                                    (tmp_path / "afile" / "t", False, [], "is not a directory")):
+        with pytest.raises(KdUsageError, match=why):
+            check_output_dir(out, force, inputs)
+    assert check_output_dir(student, True, [teacher]) == student  # a model directory may be replaced
+    # and through the commands
     cases = [
         (["distill", teacher, "--steps", 5, "--method", "ddim", "-o", tmp_path / "w", "--force"], "holds the input"),
-        (["distill", teacher, "--steps", 5, "--method", "ddim", "-o", teacher, "--force"], "is the input"),
-        (["train", "--data", "swissroll", "--steps", 10, "--iters", 1, "-n", 100, "-o", tmp_path / "w", "--force"],
-         "replaces only a model directory"),
-        (["train", "--data", "swissroll", "--steps", 10, "--iters", 1, "-n", 100, "-o", tmp_path / "afile" / "t"],
-         "is not a directory"),
         (["sample", student, "-n", 4, "-o", student / "kdtools.json"], "inside the model directory"),
         (["sample", student, "-n", 4, "--grid", student / "grid.png"], "inside the model directory"),
-        (["sample", student, "-n", 4, "-o", student], "is a directory"),
-        (["sample", student, "-n", 4, "-o", tmp_path / "afile" / "x.h5"], "is not a directory"),
     ]
     for args, why in cases:
         p = run(*args)
