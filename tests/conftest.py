@@ -120,3 +120,20 @@ def one_error_line(r, code, *needles):
         assert needle in lines[0], lines[0]
     assert "Traceback" not in r.stderr
     return lines[0]
+
+
+def through_fifo(fifo: Path, write) -> bytes:
+    """Make ``fifo`` a named pipe, run ``write(fifo)`` while a thread reads it, and return what arrived. Asserts
+    that the path is still a FIFO afterwards (a writer that renames a temporary file over its output replaces it)."""
+    import stat
+    import threading
+
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()))
+    reader.start()
+    write(fifo)
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), f"{fifo} is no longer a FIFO"
+    assert received, f"nothing was read from {fifo}"
+    return received[0]

@@ -180,23 +180,14 @@ def test_an_argument_the_architecture_does_not_take_is_named():
 
 
 def _into_fifo(tmp_path, write):
-    import os
-    import stat
-    import threading
-
     from safetensors.torch import load
 
+    from conftest import through_fifo
+
     tmp_path.mkdir()
-    fifo = tmp_path / "out.safetensors"
-    os.mkfifo(fifo)
-    received = []
-    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()))
-    reader.start()
-    write(fifo)
-    reader.join(timeout=30)
-    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    received = through_fifo(tmp_path / "out.safetensors", write)
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
-    return load(received[0])
+    return load(received)
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs")

@@ -120,18 +120,10 @@ def test_sample_sink_writes_through_a_symlink(tmp_path, name):
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
 def test_sample_sink_writes_into_a_fifo_and_leaves_it_a_fifo(tmp_path):
-    import stat
-    import threading
+    from conftest import through_fifo
 
-    fifo = tmp_path / "q.kds"
-    os.mkfifo(fifo)
-    received = []
-    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()))
-    reader.start()
-    _write_sink(fifo)
-    reader.join(timeout=30)
-    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # the old writer renamed a regular file over it
-    assert StreamReader(io.BytesIO(received[0])).header.kind == "queries"
+    received = through_fifo(tmp_path / "q.kds", _write_sink)  # the old writer renamed a regular file over it
+    assert StreamReader(io.BytesIO(received)).header.kind == "queries"
     assert [p.name for p in tmp_path.iterdir()] == ["q.kds"]
 
 
@@ -175,15 +167,10 @@ def test_a_retargeted_sink_keeps_the_earlier_file_and_writes_beside_it(tmp_path,
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
 def test_write_through_partial_into_a_fifo_named_h5(tmp_path):
-    import threading
-
+    from conftest import through_fifo
     from kdtools.sources import partial_path, write_through_partial
 
     fifo = tmp_path / "q.h5"
-    os.mkfifo(fifo)
-    received = []
-    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()))
-    reader.start()
-    assert write_through_partial(iter(_sink_batches()), fifo, {"method": "test"}, "v", 4) == 6
-    reader.join(timeout=30)
-    assert received and received[0][:8] == b"\x89HDF\r\n\x1a\n" and not partial_path(fifo).exists()
+    rows = []
+    received = through_fifo(fifo, lambda p: rows.append(write_through_partial(iter(_sink_batches()), p, {"method": "test"}, "v", 4)))
+    assert rows == [6] and received[:8] == b"\x89HDF\r\n\x1a\n" and not partial_path(fifo).exists()
