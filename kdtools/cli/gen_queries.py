@@ -30,7 +30,7 @@ Output = typer.Option("-", "-o", "--output", help="Output file (.h5 -> HDF5, els
 def _check_output(output: str, inputs) -> None:
     """-o is a file in a folder and none of the files the command reads (--like, a dataset FILE, --teacher, the
     --generator): checked before the first query is made."""
-    check_paths({"-o": output}, {"the input file": [p for p in inputs if p]})
+    check_paths({"-o": output}, {"the input file": [str(p) for p in inputs if isinstance(p, (str, Path)) and p]})
 
 
 def _write(batches, n: int, source: dict, output: str, inputs=()) -> None:
@@ -701,7 +701,7 @@ def _aedm_stream(prior, prior_path: str, substitute: str, follow: bool, n: Optio
     current = follower.current if follow else (lambda: model)
     options = {"method": "aedm", "diffusion": prior_path, "substitute": substitute, "follow": follow, "n": n, "seed": seed,
                "sampler_steps": steerer.sampler_steps, "steer_steps": steer_steps, "lr_steer": lr_steer}
-    _write(steered_batches(steerer, current, n, batch_size, seed), n, options, output, [substitute, follow])
+    _write(steered_batches(steerer, current, n, batch_size, seed), n, options, output, [substitute, prior_path])
     if follow and not quiet:
         info(f"kd-gen-queries aedm: substitute reloaded {follower.reloads} times"
              + (f", {follower.skipped} unreadable versions skipped" if follower.skipped else ""))
