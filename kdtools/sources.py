@@ -160,9 +160,11 @@ class SampleSink:
 
         # retargeted: the finished temporary file is linked (or copied) to the new path through the same writer,
         # then dropped from the old one's folder; the path it was opened with stays as it was
-        with atomic_path(self.path) as tmp:
-            _place_copy(self._tmp, tmp)
-        self._atomic.__exit__(KdError, KdError("moved"), None)
+        try:
+            with atomic_path(self.path) as tmp:
+                _place_copy(self._tmp, tmp)
+        finally:  # placed or not, the first temporary file goes now (not whenever the sink is collected)
+            self._atomic.__exit__(KdError, KdError("moved"), None)
 
     def abort(self, message: str = "the writer failed") -> None:
         """Drop a file output (the previous file, if any, stays as it was); end a stream as failed."""
