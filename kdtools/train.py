@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,6 +59,10 @@ class TrainConfig:
     # shuffling), 1 = every class equally often, 0.5 = square-root balancing. For query logs whose
     # answers pile onto a few classes (kd-eval log shows the spread): an epoch keeps its length.
     class_balance: float = 0.0
+    # mixup (Zhang et al., ICLR 2018): each batch is mixed with a shuffled copy of itself, images and
+    # targets alike, with one weight lam ~ Beta(mixup, mixup) per batch; 0 = off. Targets mix as
+    # distributions (one-hot for hard labels), so the loss sees lam*y_i + (1-lam)*y_j.
+    mixup: float = 0.0
 
     def loss_for(self, soft: bool) -> str:
         """The loss actually used: "auto" is KL on soft answers, cross-entropy on hard labels."""
@@ -78,6 +83,8 @@ class TrainConfig:
                 raise KdUsageError(f"{flag} {value}: must be {want}")
         if not 0.0 <= self.class_balance <= 1.0:
             raise KdUsageError(f"--class-balance {self.class_balance}: expected a number from 0 (off) to 1 (every class equally often)")
+        if not (self.mixup >= 0 and math.isfinite(self.mixup)):
+            raise KdUsageError(f"--mixup {self.mixup}: expected the Beta distribution's alpha, > 0 (or 0 = off)")
 
 
 @dataclass
@@ -141,6 +148,21 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, probs:
         teacher_log = torch.log_softmax(torch.log(probs.clamp_min(1e-12)) / t, 1)
     student_log = torch.log_softmax(student_logits / t, 1)
     return F.kl_div(student_log, teacher_log, log_target=True, reduction="batchmean") * t * t
+
+
+def mixup_loss(student_logits: torch.Tensor, labels: torch.Tensor, probs: Optional[torch.Tensor],
+               partner: torch.Tensor, lam: float, loss: str, temperature: float) -> torch.Tensor:
+    """The loss on a mixed batch (inputs already mixed as lam*x + (1-lam)*x[partner]).
+
+    Hard labels with ``ce``: lam*CE(y) + (1-lam)*CE(y[partner]), which is cross-entropy against the mixed
+    one-hot target. Soft targets: the teacher distributions mixed the same way (in probability space, where
+    a mixture of two answers lives), then the usual loss."""
+    if loss == "ce":
+        return lam * F.cross_entropy(student_logits, labels) + (1 - lam) * F.cross_entropy(student_logits, labels[partner])
+    if probs is None:
+        raise KdUsageError(f"--loss {loss} needs soft targets (probs/logits), but the data has hard labels only")
+    mixed = lam * probs + (1 - lam) * probs[partner]
+    return distillation_loss(student_logits, labels, mixed, None, loss, temperature)
 
 
 @dataclass
@@ -265,6 +287,9 @@ def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig,
         # augmentation draws from its own per-epoch, per-rank generator so a resumed run repeats it exactly
         g = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) * 64 + rank + 1)
         steps = math.ceil(perm.numel() / cfg.batch_size)
+        if cfg.mixup:
+            # one Beta draw per step, from the same per-epoch seed (torch has no seeded Beta sampler)
+            lams = np.random.default_rng((cfg.seed * 100003 + epoch) * 64 + rank + 1).beta(cfg.mixup, cfg.mixup, size=steps)
         net.train()
         loss_sum, correct, seen = 0.0, 0, 0
         for step in range(steps):
@@ -276,8 +301,19 @@ def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig,
             yb = labels[idx].to(device)
             pb = probs[idx].to(device) if probs is not None else None
             lb = logits[idx].to(device) if logits is not None else None
-            out = net(xb)
-            loss = distillation_loss(out, yb, pb, lb, loss_name, cfg.temperature)
+            if cfg.mixup:
+                lam = float(lams[step])
+                partner = torch.randperm(idx.numel(), generator=g).to(device)
+                xb = lam * xb + (1 - lam) * xb[partner]
+                out = net(xb)
+                loss = mixup_loss(out, yb, pb if lb is None else torch.softmax(lb.float(), 1), partner, lam,
+                                  loss_name, cfg.temperature)
+                # train accuracy against the label with the larger share of each mixed image
+                if lam < 0.5:
+                    yb = yb[partner]
+            else:
+                out = net(xb)
+                loss = distillation_loss(out, yb, pb, lb, loss_name, cfg.temperature)
             if not torch.isfinite(loss):
                 raise KdError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -350,6 +386,8 @@ def train_online(model: nn.Module, batches, num_classes: int, cfg: TrainConfig, 
     schedule: the stream's length is unknown."""
     if cfg.class_balance:
         raise KdUsageError("class balancing needs every answer before an epoch starts: not with online training")
+    if cfg.mixup:
+        raise KdUsageError("--mixup is for training on a whole log or dataset: not with online training (--save-every)")
     cfg.validate()
     if save_every < 1 or replay_steps < 0:
         raise KdUsageError("--save-every must be >= 1 and --replay-steps >= 0")

@@ -5,7 +5,8 @@ import torch
 
 from kdtools.errors import KdUsageError
 from kdtools.models import ImageClassifier
-from kdtools.train import (TrainConfig, distillation_loss, epoch_order, load_checkpoint, lr_factor, targets_from, train)
+from kdtools.train import (TrainConfig, distillation_loss, epoch_order, load_checkpoint, lr_factor, mixup_loss, targets_from,
+                           train, train_online)
 
 
 def test_cross_entropy_matches_hand_computation():
@@ -88,7 +89,9 @@ def skewed_blobs():
     (blobs, TrainConfig(epochs=4, lr=0.05, batch_size=32, augment=True), 2),
     # the balanced draw of an epoch depends on the seed and the epoch only: a resumed run draws the same rows
     (skewed_blobs, TrainConfig(epochs=3, lr=0.05, batch_size=32, class_balance=1.0), 1),
-], ids=["augment", "class-balance"])
+    # mixup's weights and partners come from per-epoch seeds as well
+    (blobs, TrainConfig(epochs=3, lr=0.05, batch_size=32, mixup=0.4), 1),
+], ids=["augment", "class-balance", "mixup"])
 def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, data, cfg, killed_after):
     x, y = data()
     t = targets_from({"label": y}, 2)
@@ -180,6 +183,46 @@ def test_class_balance_lifts_a_rare_class():
         with torch.no_grad():
             recall[power] = (m(x[n_common:]).argmax(1) == 1).float().mean().item()
     assert recall[1.0] > recall[0.0] + 0.3, recall
+
+
+def test_mixup_loss_matches_hand_computation():
+    # both rows' logits give softmax [1/4, 3/4]: CE is ln 4 for class 0 and ln(4/3) for class 1
+    logits = torch.log(torch.tensor([[1.0, 3.0], [1.0, 3.0]]))
+    labels, partner, lam = torch.tensor([0, 1]), torch.tensor([1, 0]), 0.3
+    # row 0: 0.3 ln 4 + 0.7 ln(4/3); row 1: 0.3 ln(4/3) + 0.7 ln 4; the mean is (ln 4 + ln(4/3)) / 2
+    expected = (math.log(4) + math.log(4 / 3)) / 2
+    assert mixup_loss(logits, labels, None, partner, lam, "ce", 1.0).item() == pytest.approx(expected, rel=1e-6)
+    # soft answers mix as distributions: row 0's target 0.3 [0.9, 0.1] + 0.7 [0.2, 0.8] = [0.41, 0.59]
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    got = mixup_loss(logits, labels, probs, partner, lam, "l1", 1.0).item()
+    # L1 row 0: |0.25 - 0.41| + |0.75 - 0.59| = 0.32; row 1 (target [0.69, 0.31]): 0.44 + 0.44 = 0.88
+    assert got == pytest.approx((0.32 + 0.88) / 2, rel=1e-5)
+    # lam = 1 is no mixing at all
+    plain = distillation_loss(logits, labels, probs, None, "kl", 2.0)
+    assert mixup_loss(logits, labels, probs, partner, 1.0, "kl", 2.0).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_mixup_trains_learns_and_is_refused_where_it_cannot_apply():
+    x, y = blobs()
+    m = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [16]})
+    res = train(m, x, targets_from({"label": y}, 2), TrainConfig(epochs=5, lr=0.1, batch_size=32, mixup=0.4),
+                torch.device("cpu"), eval_set=blobs(200, 1))
+    assert res.last.eval_accuracy > 0.95
+    # not the plain run: the batches it learned from were mixed
+    p = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [16]})
+    torch.manual_seed(0)
+    train(p, x, targets_from({"label": y}, 2), TrainConfig(epochs=1, lr=0.1, batch_size=32), torch.device("cpu"))
+    q = ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [16]})
+    q.load_state_dict(p.state_dict())
+    for mixup, model in ((0.0, p), (0.4, q)):
+        train(model, x, targets_from({"label": y}, 2), TrainConfig(epochs=1, lr=0.1, batch_size=32, mixup=mixup, seed=3),
+              torch.device("cpu"))
+    assert not torch.allclose(next(p.parameters()), next(q.parameters()))
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(KdUsageError, match="--mixup"):
+            TrainConfig(mixup=bad).validate()
+    with pytest.raises(KdUsageError, match="--mixup"):
+        train_online(m, iter(()), 2, TrainConfig(mixup=0.4), torch.device("cpu"), save=lambda model, info: None)
 
 
 def test_auto_loss_is_kl_on_soft_answers_and_cross_entropy_on_labels():

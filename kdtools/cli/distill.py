@@ -63,6 +63,8 @@ def distill(
     class_balance: float = typer.Option(0.0, "--class-balance", help="Draw each epoch's rows with probability ~ count(class)^-P "
                                         "(with replacement): 0 = off, 1 = classes equally often, 0.5 = square root. For logs "
                                         "whose answers pile onto a few classes."),
+    mixup: float = typer.Option(0.0, "--mixup", help="mixup's alpha: train on lam*x_i + (1-lam)*x_j against the same mix of "
+                                "their targets, lam ~ Beta(alpha, alpha) per batch (0 = off; 0.2-1 are usual)."),
     normalize: str = typer.Option("auto", "--normalize", help="Input normalisation: auto (from the data) | none | MEAN,STD"),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled dataset to test on after every epoch."),
     eval_split: str = typer.Option("test", "--eval-split"),
@@ -92,7 +94,7 @@ def distill(
     rank, world, dev = distributed_setup(device)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                       weight_decay=weight_decay, schedule=schedule, loss=loss, temperature=temperature,
-                      augment=augment, hflip=hflip, seed=seed, class_balance=class_balance)
+                      augment=augment, hflip=hflip, seed=seed, class_balance=class_balance, mixup=mixup)
     cfg.validate()
     args = parse_arch_args(arch_args, "--arch-args")
     root = data_root(data_root_opt)
@@ -101,6 +103,8 @@ def distill(
             raise KdUsageError("--save-every (online training) reads a stream or file: not with --data, --resume or torchrun")
         if class_balance:
             raise KdUsageError("--class-balance needs every answer before an epoch starts: not with --save-every (online training)")
+        if mixup:
+            raise KdUsageError("--mixup is for training on a whole log or dataset: not with --save-every (online training)")
         _online(input, output, init, arch, args, normalize, cfg, save_every, replay_steps, dev, quiet)
         return
     if replay_steps:
