@@ -200,13 +200,34 @@ def check_exported(program: "torch.export.ExportedProgram", path) -> None:
                           "keep batch norm's running statistics")
 
 
-def model_from_metadata(meta: dict) -> ImageClassifier:
+def model_from_metadata(meta: dict, where: str | Path = "the weights file") -> ImageClassifier:
+    """Rebuild the network a weights file describes. Anything wrong in its metadata is the file's fault, not
+    the command line's: a KdError (exit 1) naming the file and the field, whatever the builder raised."""
+    field = "arch"
     try:
+        arch = meta["arch"]
+        field = "input_shape"
+        shape = json.loads(meta["input_shape"])
+        if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+            raise ValueError(f"{meta['input_shape']!r} is not [channels, height, width]")
+        field = "num_classes"
+        num_classes = int(meta["num_classes"])
+        if num_classes < 1:
+            raise ValueError(f"{num_classes} classes")
+        field = "arch_args"
+        args = json.loads(meta.get("arch_args", "{}"))
+        if not isinstance(args, dict):
+            raise ValueError(f"{meta['arch_args']!r} is not a JSON object")
+        field = "normalization"
         norm = json.loads(meta.get("normalization", "{}"))
-        return ImageClassifier(meta["arch"], json.loads(meta["input_shape"]), int(meta["num_classes"]),
-                               json.loads(meta.get("arch_args", "{}")), norm.get("mean"), norm.get("std"))
-    except (KeyError, ValueError, TypeError) as e:
-        raise KdError(f"weights metadata is incomplete or malformed ({e})") from None
+        if not isinstance(norm, dict):
+            raise ValueError(f"{meta['normalization']!r} is not a JSON object")
+        field = "arch with its arch_args"
+        return ImageClassifier(arch, shape, num_classes, args, norm.get("mean"), norm.get("std"))
+    except KeyError as e:
+        raise KdError(f"{where}: weights metadata lacks {e.args[0]!r} (kdtools files record arch, input_shape and num_classes)") from None
+    except Exception as e:  # the builders raise many types; the message is the useful part
+        raise KdError(f"{where}: weights metadata field {field!r} is unusable ({short_error(e)})") from None
 
 
 def load_model(path: str | Path, trust_pickle: bool = False, arch: Optional[str] = None,
@@ -226,7 +247,7 @@ def load_model(path: str | Path, trust_pickle: bool = False, arch: Optional[str]
         meta = read_metadata(path)
         if meta.get("kdtools.schema", "1") != WEIGHTS_SCHEMA:
             raise KdError(f"{path}: weights schema {meta.get('kdtools.schema')} is not supported by kdtools {__version__}")
-        model = model_from_metadata(meta)
+        model = model_from_metadata(meta, path)
         try:
             state = load_file(str(path))
             model.net.load_state_dict(state)

@@ -164,6 +164,37 @@ def test_truncated_weights_file(tmp_path):
         load_model(p)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("arch", "nosuch", "field 'arch with its arch_args' is unusable (unknown architecture 'nosuch'"),
+    ("input_shape", "[1, 4]", "field 'input_shape' is unusable ('[1, 4]' is not [channels, height, width])"),
+    ("input_shape", "[1, 4, 4", "field 'input_shape' is unusable (Expecting ',' delimiter"),
+    ("num_classes", "x", "field 'num_classes' is unusable (invalid literal"),
+    ("arch_args", '{"hidden": "x"}', "field 'arch with its arch_args' is unusable (architecture mlp cannot be built"),
+    ("normalization", "[1]", "field 'normalization' is unusable ('[1]' is not a JSON object)"),
+    ("num_classes", None, "weights metadata lacks 'num_classes'"),
+])
+def test_bad_weights_metadata_is_a_data_error_naming_the_file_and_field(tmp_path, field, value, message):
+    """Every builder error, whatever its type (IndexError, AttributeError, KdUsageError before), is the file's fault:
+    KdError (exit 1), one line naming the file and the field."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = tmp_path / "ok.safetensors"
+    save_model(ImageClassifier("mlp", (1, 4, 4), 3, {"hidden": [5]}), good)
+    with safe_open(str(good), "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    if value is None:
+        del meta[field]
+    else:
+        meta[field] = value
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(KdError) as info:
+        load_model(bad)
+    assert type(info.value) is KdError and str(info.value).startswith(f"{bad}: ")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
 def test_an_argument_the_architecture_does_not_take_is_named():
     from kdtools.models import build_network
 
