@@ -416,6 +416,7 @@ class RemoteOptions:
     wire: str = "json"  # json | stream (the binary application/x-kdtools-stream body)
     on_rejected: str = "error"  # error | flag (see the module docstring)
     max_batch: Optional[int] = None  # rows per request; default the server's max_batch
+    api_key_env: Optional[str] = None  # the NAME of the variable the key came from (for error messages only)
 
     def public(self) -> dict:
         """What may be recorded in a log: everything but the key."""
@@ -490,6 +491,15 @@ class HttpOracle(Oracle):
             self.aliases = (self.url,)  # logs made before this recorded the address
 
     # -- transport ------------------------------------------------------------------------
+    def _key_source(self) -> str:
+        """Where the API key was looked for, for a 401/403 message: the variable's name, and whether it held one."""
+        env = self.options.api_key_env
+        if not env:
+            return ""
+        if self.options.api_key:
+            return f"the key sent came from the environment variable {env} (--api-key-env)"
+        return f"no key was sent: the environment variable {env} (--api-key-env) is not set or empty"
+
     def _scrub(self, text: str) -> str:
         key = self.options.api_key
         return text.replace(key, "***") if key else text
@@ -568,7 +578,7 @@ class HttpOracle(Oracle):
                     retry_after = None
                 problem = f"rate limited (HTTP 429{': ' + message if message else ''})"
                 continue
-            raise KdError(self._scrub(f"{self.url}: {_describe_status(status, message)}"))
+            raise KdError(self._scrub(f"{self.url}: {_describe_status(status, message, self._key_source())}"))
         raise KdError(self._scrub(f"{self.url}: {problem} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"))
 
     def _json(self, reply: tuple, what: str) -> dict:
@@ -670,12 +680,14 @@ def _server_message(data: bytes) -> str:
     return data[:120].decode("utf-8", "replace").strip().splitlines()[0] if data.strip() else ""
 
 
-def _describe_status(status: int, message: str) -> str:
+def _describe_status(status: int, message: str, key_source: str = "") -> str:
+    """One line for an HTTP error status; ``key_source`` says where the API key came from (never the key)."""
     why = f": {message}" if message else ""
     if status == 401:
-        return f"the server wants a valid API key (HTTP 401{why}); put it in the environment variable named by --api-key-env"
+        return (f"the server wants a valid API key (HTTP 401{why}); "
+                + (key_source or "put it in the environment variable named by --api-key-env"))
     if status == 403:
-        return f"the server refused this API key (HTTP 403{why})"
+        return f"the server refused this API key (HTTP 403{why})" + (f"; {key_source}" if key_source else "")
     if status == 429:
         return (f"the server's query quota for this key is exhausted (HTTP 429{why}); if the key still has fewer "
                 "queries left than one request holds, smaller requests spend them: --max-batch N")

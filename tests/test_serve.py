@@ -146,6 +146,14 @@ def test_quota_exhaustion_keeps_the_log_and_never_writes_the_key(victim_path, qu
     with kd_serve(tmp_path, victim_path, "--mode", "label", "--keys-file", keys, "--access-log") as (url, err):
         with pytest.raises(KdError, match="wants a valid API key"):  # no key
             HttpOracle(url).answer(torch.zeros(1, 1, 28, 28), "label")
+        # the message names the variable the key was looked for in, and whether it held one (never the key)
+        with pytest.raises(KdError, match=r"HTTP 401.*no key was sent: the environment variable MY_KEY \(--api-key-env\) is not set"):
+            HttpOracle(url, RemoteOptions(api_key_env="MY_KEY")).answer(torch.zeros(1, 1, 28, 28), "label")
+        with pytest.raises(KdError, match=r"HTTP 401.*the key sent came from the environment variable MY_KEY") as info:
+            HttpOracle(url, RemoteOptions(api_key="notthekey9", api_key_env="MY_KEY")).answer(torch.zeros(1, 1, 28, 28), "label")
+        assert "notthekey9" not in str(info.value)
+        p = kd("kd-query", url, queries_path, "--api-key-env", "MY_KEY", "-o", tmp_path / "nokey.kds", env={"MY_KEY": ""})
+        assert p.returncode == 1 and b"MY_KEY (--api-key-env) is not set or empty" in p.stderr, p.stderr
         with pytest.raises(KdError, match="HTTP 415"):  # refused requests are in the access log too
             HttpOracle(url, RemoteOptions(api_key=SECRET))._request("POST", "/v1/query", b"x", "text/plain")
         # the query stream holds batches of 100: two are answered, the third exceeds the quota of 250

@@ -255,7 +255,8 @@ def remote_options(api_key_env: str, timeout: float, retries: int, rate_limit: O
     if on_rejected not in ("error", "flag"):
         raise KdUsageError(f"--on-rejected {on_rejected!r}: expected error or flag")
     return RemoteOptions(api_key=os.environ.get(api_key_env) or None, timeout=timeout, retries=retries,
-                         rate_limit=rate_limit, wire=wire, on_rejected=on_rejected, max_batch=max_batch)
+                         rate_limit=rate_limit, wire=wire, on_rejected=on_rejected, max_batch=max_batch,
+                         api_key_env=api_key_env)
 
 
 def warn_http_only(orc, remote: RemoteOptions) -> None:
