@@ -929,18 +929,25 @@ def open_oracle(spec: str, device: torch.device, trust_pickle: bool = False, inp
                 remote: Optional[RemoteOptions] = None) -> Oracle:
     """Open an oracle from its spec: a model file, ensemble:F1,F2,..., http(s)://, exec:CMD or replay:LOG.h5
     (module docstring)."""
-    if spec.startswith(("http://", "https://")):
-        orc = HttpOracle(spec, remote)
-        if input_shape is not None and tuple(input_shape) != orc.input_shape:
-            raise KdUsageError(f"--input-shape {'x'.join(map(str, input_shape))}: the server takes {'x'.join(map(str, orc.input_shape))}")
+    def fmt(shape) -> str:
+        return "x".join(map(str, shape))
+
+    def agree(orc, where: str):
+        # an --input-shape the oracle does not take is a mistake to name, not a flag to ignore
+        if input_shape is not None and tuple(input_shape) != tuple(orc.input_shape):
+            raise KdUsageError(f"--input-shape {fmt(input_shape)}: {where} takes {fmt(orc.input_shape)}")
         return orc
+
+    if spec.startswith(("http://", "https://")):
+        return agree(HttpOracle(spec, remote), "the server")
     if spec.startswith("exec:"):
         return ExecOracle(spec[len("exec:"):], input_shape, remote)
     if spec.startswith("replay:"):
-        return ReplayOracle(spec[len("replay:"):])
+        return agree(ReplayOracle(spec[len("replay:"):]), "the replayed log")
     loaded = load_classifier(spec, trust_pickle=trust_pickle, input_shape=input_shape, num_classes=num_classes)
     if loaded.input_shape is None:
         raise KdUsageError(f"{spec}: a {loaded.source} model does not record its input shape; pass --input-shape CxHxW")
+    agree(loaded, f"{spec} (the shape its file records)")
     try:
         return ModelOracle(loaded, device)
     except KdError as e:

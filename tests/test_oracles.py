@@ -256,6 +256,13 @@ def test_open_oracle_refuses_keys_in_urls_and_shapeless_exec():
         open_oracle("http://127.0.0.1:9", torch.device("cpu"), remote=RemoteOptions(retries=0, timeout=2))
 
 
+def test_an_input_shape_the_oracle_does_not_take_is_named_not_ignored(victim_path):
+    # the victim file records 1x28x28: another --input-shape was silently ignored before
+    with pytest.raises(KdUsageError, match=r"--input-shape 3x32x32: .*victim.* \(the shape its file records\) takes 1x28x28"):
+        open_oracle(str(victim_path), torch.device("cpu"), input_shape=(3, 32, 32))
+    assert open_oracle(str(victim_path), torch.device("cpu"), input_shape=(1, 28, 28)).input_shape == (1, 28, 28)
+
+
 CHILD = textwrap.dedent("""
     # A stand-in victim speaking kdtools streams: label = 3 for every row. It dies (exit 7) on batch DIE.
     import sys, torch
