@@ -971,7 +971,8 @@ class BudgetedOracle:
     ``query(x, mode)`` takes float images in [0, 1]. Every row counts against the budget, gradient-
     estimation probes included. The count is reserved in the log (persisted) *before* the oracle is
     called, and the answers are appended to the log before they are returned, so a crash can waste
-    queries but never overspend or lose a paid answer. When fewer rows remain than asked for, the
+    queries but never overspend or lose a paid answer (the rows a local model or a replayed log failed to answer
+    cost nothing and are given back). When fewer rows remain than asked for, the
     rows that fit are answered and logged, then BudgetExhausted is raised (its ``partial`` attribute
     holds those answers). An oracle error carrying ``partial`` answers (a remote oracle that failed
     part-way, a query defence) has those rows logged before it propagates.
@@ -1011,8 +1012,15 @@ class BudgetedOracle:
             except BaseException as e:
                 # a remote oracle that failed (or was stopped) part-way hands back what it did answer: paid for, so logged
                 partial = getattr(e, "partial", None)
+                got = answer_rows(partial) if partial else 0
                 if partial and self.log is not None:
-                    self.log.append({"x": stored[:answer_rows(partial)], **partial})
+                    self.log.append({"x": stored[:got], **partial})
+                if self.oracle.free_on_failure and got < fit:
+                    # nothing left this machine (a model file, a replayed log): the rows not answered cost nothing,
+                    # so they go back to the budget and a --resume can still ask them (as kd-query does)
+                    if self.log is not None:
+                        self.log.release(fit - got)
+                    self.spent -= fit - got
                 raise
             if self.log is not None:
                 self.log.append({"x": stored, **answers})

@@ -193,6 +193,27 @@ def test_a_failure_part_way_keeps_what_was_answered_in_the_log(fake, tmp_path, t
     assert torch.equal(next(iter_batches(tmp_path / "q.h5"))["label"], want[:4])
 
 
+def test_an_attacks_local_oracle_that_fails_gives_its_rows_back_to_the_budget(tmp_path):
+    """A model file that fails (out of memory, a bad batch) cost nothing: the attack's budget gets the rows back,
+    as kd-query's does, so a --resume can still ask them; a remote oracle's failed rows stay spent (above)."""
+
+    class Failing(ModelOracle):
+        def __init__(self):
+            self.identity, self.input_shape, self.num_classes = "sha256:x", (1, 4, 4), 10
+
+        def answer(self, x, mode):
+            raise KdError("out of memory")
+
+    header = StreamHeader("samples", {"x": {"dtype": "float32", "shape": [1, 4, 4]}, "label": {"dtype": "int64", "shape": []}}, 10, mode="label")
+    with SampleWriter(tmp_path / "q.h5", header, "sha256:x", budget=10) as log:
+        bo = BudgetedOracle(Failing(), "label", budget=10, log=log)
+        with pytest.raises(KdError, match="out of memory"):
+            bo.query(queries(6)[0])
+        assert bo.spent == 0 and bo.remaining == 10
+    facts = log_info(tmp_path / "q.h5")
+    assert facts["rows"] == facts["spent"] == 0
+
+
 def test_budget_reached_mid_batch_answers_and_logs_what_fits(fake, tmp_path):
     s = fake(["ok"])
     orc = HttpOracle(s.url, opts())
