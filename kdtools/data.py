@@ -44,6 +44,11 @@ class ImageSet:
     def shape(self) -> tuple:
         return tuple(self.x.shape[1:])
 
+    @property
+    def title(self) -> str:
+        """How reports name it: "mnist (test)"; a file or stream has no splits, so just its name."""
+        return f"{self.name} ({self.split})" if self.split else self.name
+
 
 def load_dataset(name: str, split: str = "train", root: Optional[str | Path] = None, download: bool = False,
                  image_size: Optional[int] = None, channels: Optional[int] = None,
@@ -187,7 +192,7 @@ def _from_file(path: Optional[str], split: str, stdin=None) -> ImageSet:
             y = None
     else:
         y = batch["label"].long()
-    return ImageSet(name, split, batch["x"], y, header.num_classes, [])
+    return ImageSet(name, "", batch["x"], y, header.num_classes, [])  # a file has no splits: --split does not apply
 
 
 def check_finite_rows(x: torch.Tensor, what: str) -> None:

@@ -54,7 +54,7 @@ def evaluate_accuracy(model: torch.nn.Module, model_name: str, input_shape: tupl
         data = adapt_images(original, image_size=input_shape[1], channels=input_shape[0])
     check_input(input_shape, data, model_name)
     pred = predict(model, data.x, device).argmax(1)
-    report = AccuracyReport(model_name, f"{data.name} ({data.split})", len(data), (pred == data.y).float().mean().item())
+    report = AccuracyReport(model_name, f"{data.title}", len(data), (pred == data.y).float().mean().item())
     if reference is not None:
         ref_data = data
         if reference_shape is not None and tuple(reference_shape) != tuple(data.shape):

@@ -50,7 +50,7 @@ def dataset_batches(data: ImageSet, n: int, batch_size: int = 256, shuffle: bool
                     seed: int = 0, hflip: bool = False) -> Iterator[dict]:
     """``n`` images drawn from ``data`` (cycling through it when n exceeds its size), optionally augmented."""
     if len(data) == 0:
-        raise KdUsageError(f"dataset {data.name} ({data.split}) is empty")
+        raise KdUsageError(f"dataset {data.title} is empty")
     if batch_size < 1:  # a zero or negative step would never finish
         raise KdUsageError(f"--batch-size must be at least 1, not {batch_size}")
     g = torch.Generator().manual_seed(seed)

@@ -88,7 +88,10 @@ def test_sample_files_that_hold_nothing_to_score_are_one_clear_error(tmp_path):
     with pytest.raises(KdError, match="all 2 rows are queries a defence refused"):
         load_dataset(str(tmp_path / "refused.h5"))
     _labelled_file(tmp_path / "ok.h5", [-1, 2])
-    assert load_dataset(str(tmp_path / "ok.h5")).y.tolist() == [2]
+    ok = load_dataset(str(tmp_path / "ok.h5"), "test")
+    assert ok.y.tolist() == [2]
+    # a file has no splits: reports name the file alone (they said "ok.h5 (test)")
+    assert ok.title == str(tmp_path / "ok.h5") and load_dataset("digits", "test").title == "digits (test)"
 
 
 def test_a_labelled_stream_on_stdin(tmp_path):

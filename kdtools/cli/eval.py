@@ -164,12 +164,12 @@ def curve(
         series.append((name, points))
     options = {"inputs": inputs, "data": data, "split": split, "reference": reference, "plot": plot}
     if plot:
-        plot_curves(series, plot, title or f"{ds.name} ({ds.split})", ref_acc, options)
+        plot_curves(series, plot, title or f"{ds.title}", ref_acc, options)
     if as_json:
-        doc = curve_json(series, f"{ds.name} ({ds.split})", reference, ref_acc, options)
+        doc = curve_json(series, f"{ds.title}", reference, ref_acc, options)
         sys.stdout.write(json.dumps(doc) + "\n")
         return
-    table = Table(title=f"kd-eval curve: {ds.name} ({ds.split}), {len(ds)} images")
+    table = Table(title=f"kd-eval curve: {ds.title}, {len(ds)} images")
     if len(series) > 1:
         table.add_column("run")
     table.add_column("queries", justify="right")

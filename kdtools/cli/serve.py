@@ -77,7 +77,7 @@ def serve(
 
             c, h, _ = oracle.input_shape
             ds = load_dataset(defense_data, defense_split, data_root(data_root_opt), image_size=h, channels=c)
-            guard = EntropyDefense.fit(ds.x, defense_quantile, defense_sides, f"{ds.name} ({ds.split}), {len(ds)} images")
+            guard = EntropyDefense.fit(ds.x, defense_quantile, defense_sides, f"{ds.title}, {len(ds)} images")
         if defense_save:
             guard.save(defense_save, {"model": model, "defense_data": defense_data, "defense_split": defense_split,
                                       "defense_quantile": defense_quantile, "defense_sides": defense_sides})
