@@ -81,6 +81,13 @@ def read_header(path) -> StreamHeader:
         return _header_from_attrs(f)
 
 
+def read_end(path) -> dict:
+    """How a samples file ended: {"status": "complete", ...} unless its writer recorded an early stop (mark_end),
+    in the form of a stream's end record."""
+    with _open(path, "r") as f:
+        return {"status": str(f.attrs.get("end_status", "complete")), "message": str(f.attrs.get("end_message", ""))}
+
+
 def _header_from_attrs(f: h5py.File) -> StreamHeader:
     a = f.attrs
     return StreamHeader(kind=str(a["kind"]), fields=json.loads(a["fields"]),
@@ -366,6 +373,13 @@ class SampleWriter:
         if self.budget_before is not None and self.f.id.valid:
             self.f.attrs["budget"] = self.budget_before
             self.f.flush()
+
+    def mark_end(self, status: str, message: str = "") -> None:
+        """Record that the rows stop early (a stream's end record, for a file that has none): the kd-query before
+        this one reached its budget, say. Readers see it as ``read_end``; without it a file is complete."""
+        self.f.attrs["end_status"] = status
+        self.f.attrs["end_message"] = message
+        self.f.flush()
 
     def close(self) -> None:
         if self.f.id.valid:

@@ -24,18 +24,20 @@ from .stream import StreamHeader, StreamReader, fields_of
 class SampleSource:
     """A header plus an iterator of batches (dicts of tensors). ``end`` is the stream's end record."""
 
-    def __init__(self, header: StreamHeader, batches: Iterator[dict], where: str, reader: Optional[StreamReader] = None):
+    def __init__(self, header: StreamHeader, batches: Iterator[dict], where: str, reader: Optional[StreamReader] = None,
+                 end: Optional[dict] = None):
         self.header = header
         self._batches = batches
         self.where = where
         self.reader = reader
+        self._end = end or {"status": "complete", "message": ""}  # a file's recorded end (HDF5 has no end record)
 
     def __iter__(self):
         return iter(self._batches)
 
     @property
     def end(self) -> Optional[dict]:
-        return self.reader.end if self.reader else {"status": "complete", "message": ""}
+        return self.reader.end if self.reader else self._end
 
 
 def open_samples(path: Optional[str | Path], stdin: Optional[BinaryIO] = None, batch_size: int = h5store.READ_CHUNK) -> SampleSource:
@@ -51,7 +53,7 @@ def open_samples(path: Optional[str | Path], stdin: Optional[BinaryIO] = None, b
     kind = sniff(p)
     if kind == "hdf5":
         header = h5store.read_header(p)
-        return SampleSource(header, h5store.iter_batches(p, batch_size), str(p))
+        return SampleSource(header, h5store.iter_batches(p, batch_size), str(p), end=h5store.read_end(p))
     if kind == "safetensors":
         f = open(p, "rb")
         reader = StreamReader(f, str(p))
@@ -150,6 +152,8 @@ class SampleSink:
         if self.path is None:
             return
         if self._h5 is not None:
+            if status != "complete":
+                self._h5.mark_end(status, message)  # what a stream's end record says, for the file's readers
             self._h5.close()
         if self._file is not None:
             self._file.close()

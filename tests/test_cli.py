@@ -111,6 +111,7 @@ def test_budget_reached_keeps_answers_and_exits_1(victim_path, queries_path, tmp
     # HDF5 has no end record to say it stopped early: a stopped run's HDF5 output is always named .partial
     p = kd("kd-query", victim_path, queries_path, "--budget", 300, "--log", log, "-o", tmp_path / "a.h5")
     assert p.returncode == 1 and (tmp_path / "a.partial.h5").is_file() and not (tmp_path / "a.h5").exists()
+    assert open_samples(tmp_path / "a.partial.h5").end["status"] == "budget_exhausted"  # and its attributes say so
 
 
 def test_bad_inputs_give_one_line_and_leave_outputs_intact(victim_path, queries_path, tmp_path):
@@ -526,12 +527,14 @@ def test_kd_gen_queries_refuses_an_output_that_is_an_input(victim_path, tmp_path
     assert r.returncode == 2 and b"is a directory" in r.stderr
 
 
-def test_a_middle_kd_query_passes_an_early_stop_on(victim_path, queries_path, tmp_path):
+@pytest.mark.parametrize("suffix", [".kds", ".h5"])
+def test_a_middle_kd_query_passes_an_early_stop_on(victim_path, queries_path, tmp_path, suffix):
     # the first stage stops at its budget; the second answered what it got and used to end its stream "complete",
-    # so kd-distill at the end no longer warned that it trained on less than was asked for
+    # so kd-distill at the end no longer warned that it trained on less than was asked for. An HDF5 output has no
+    # end record: the stop is recorded in its attributes (it said nothing before)
     from kdtools.sources import open_samples
 
-    out = tmp_path / "out.kds"
+    out = tmp_path / f"out{suffix}"
     first = subprocess.Popen(kd_cmd("kd-query") + [str(victim_path), str(queries_path), "--budget", "100", "-q"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     second = subprocess.run(kd_cmd("kd-query") + [str(victim_path), "--mode", "probs", "-q", "-o", str(out)],
@@ -541,6 +544,7 @@ def test_a_middle_kd_query_passes_an_early_stop_on(victim_path, queries_path, tm
     assert "stopped early (budget_exhausted)" in second.stderr.decode()
     src = open_samples(out)
     assert sum(b["x"].shape[0] for b in src) == 100 and src.end["status"] == "budget_exhausted"
+    assert "query budget of 100 reached" in src.end["message"]
 
 
 def test_help_into_a_reader_that_stops_early_exits_quietly():
