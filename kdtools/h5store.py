@@ -377,8 +377,9 @@ class SampleWriter:
     def mark_end(self, status: str, message: str = "") -> None:
         """Record that the rows stop early (a stream's end record, for a file that has none): the kd-query before
         this one reached its budget, say. Readers see it as ``read_end``; without it a file is complete."""
-        self.f.attrs["end_status"] = status
-        self.f.attrs["end_message"] = message
+        # HDF5 strings cannot hold NUL (a server's error text may): the record must never cost the rows it describes
+        self.f.attrs["end_status"] = status.replace("\x00", "")
+        self.f.attrs["end_message"] = message.replace("\x00", "\\0")[:1000]
         self.f.flush()
 
     def close(self) -> None:

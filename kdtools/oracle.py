@@ -64,6 +64,7 @@ import io
 import json
 import math
 import os
+import re
 import select
 import shlex
 import subprocess
@@ -492,13 +493,16 @@ class HttpOracle(Oracle):
 
     # -- transport ------------------------------------------------------------------------
     def _key_source(self) -> str:
-        """Where the API key was looked for, for a 401/403 message: the variable's name, and whether it held one."""
+        """Where the API key was looked for, for a 401/403 message: the variable's name, and whether it held one.
+        The name is echoed only when it looks like one (upper-case letters, digits, '_'): a key pasted where its
+        variable's name belongs must not be printed."""
         env = self.options.api_key_env
         if not env:
             return ""
+        named = f"the environment variable {env}" if re.fullmatch(r"[A-Z_][A-Z0-9_]{0,63}", env) else "the environment variable named by"
         if self.options.api_key:
-            return f"the key sent came from the environment variable {env} (--api-key-env)"
-        return f"no key was sent: the environment variable {env} (--api-key-env) is not set or empty"
+            return f"the key sent came from {named} (--api-key-env)"
+        return f"no key was sent: {named} (--api-key-env) is not set or empty"
 
     def _scrub(self, text: str) -> str:
         key = self.options.api_key
@@ -935,6 +939,9 @@ def open_oracle(spec: str, device: torch.device, trust_pickle: bool = False, inp
     def agree(orc, where: str):
         # an --input-shape the oracle does not take is a mistake to name, not a flag to ignore
         if input_shape is not None and tuple(input_shape) != tuple(orc.input_shape):
+            close = getattr(orc, "close", None)
+            if callable(close):
+                close()
             raise KdUsageError(f"--input-shape {fmt(input_shape)}: {where} takes {fmt(orc.input_shape)}")
         return orc
 

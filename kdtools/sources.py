@@ -152,9 +152,11 @@ class SampleSink:
         if self.path is None:
             return
         if self._h5 is not None:
-            if status != "complete":
-                self._h5.mark_end(status, message)  # what a stream's end record says, for the file's readers
-            self._h5.close()
+            try:
+                if status != "complete":
+                    self._h5.mark_end(status, message)  # what a stream's end record says, for the file's readers
+            finally:
+                self._h5.close()
         if self._file is not None:
             self._file.close()
         if self.path == self._target:

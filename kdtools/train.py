@@ -151,16 +151,24 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, probs:
 
 
 def mixup_loss(student_logits: torch.Tensor, labels: torch.Tensor, probs: Optional[torch.Tensor],
-               partner: torch.Tensor, lam: float, loss: str, temperature: float) -> torch.Tensor:
+               partner: torch.Tensor, lam: float, loss: str, temperature: float,
+               teacher_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loss on a mixed batch (inputs already mixed as lam*x + (1-lam)*x[partner]).
 
     Hard labels with ``ce``: lam*CE(y) + (1-lam)*CE(y[partner]), which is cross-entropy against the mixed
     one-hot target. Soft targets: the teacher distributions mixed the same way (in probability space, where
-    a mixture of two answers lives), then the usual loss."""
+    a mixture of two answers lives), then the usual loss. From teacher logits the mixture is formed in log
+    space (log(lam p_i + (1-lam) p_j) by logsumexp), so no probability is clamped and lam = 1 is exactly the
+    unmixed loss at any temperature."""
     if loss == "ce":
         return lam * F.cross_entropy(student_logits, labels) + (1 - lam) * F.cross_entropy(student_logits, labels[partner])
     if probs is None:
         raise KdUsageError(f"--loss {loss} needs soft targets (probs/logits), but the data has hard labels only")
+    if teacher_logits is not None:
+        log_p = torch.log_softmax(teacher_logits.float(), 1)
+        weights = torch.tensor([lam, 1 - lam], dtype=log_p.dtype, device=log_p.device).log().view(2, 1, 1)
+        mixed_log = torch.logsumexp(torch.stack([log_p, log_p[partner]]) + weights, 0)  # log of the mixed distribution
+        return distillation_loss(student_logits, labels, mixed_log.exp(), mixed_log, loss, temperature)
     mixed = lam * probs + (1 - lam) * probs[partner]
     return distillation_loss(student_logits, labels, mixed, None, loss, temperature)
 
@@ -289,7 +297,7 @@ def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig,
         steps = math.ceil(perm.numel() / cfg.batch_size)
         if cfg.mixup:
             # one Beta draw per step, from the same per-epoch seed (torch has no seeded Beta sampler)
-            lams = np.random.default_rng((cfg.seed * 100003 + epoch) * 64 + rank + 1).beta(cfg.mixup, cfg.mixup, size=steps)
+            lams = np.random.default_rng(((cfg.seed * 100003 + epoch) * 64 + rank + 1) % 2 ** 63).beta(cfg.mixup, cfg.mixup, size=steps)
         net.train()
         loss_sum, correct, seen = 0.0, 0, 0
         for step in range(steps):
@@ -306,8 +314,7 @@ def train(model: nn.Module, x: torch.Tensor, targets: Targets, cfg: TrainConfig,
                 partner = torch.randperm(idx.numel(), generator=g).to(device)
                 xb = lam * xb + (1 - lam) * xb[partner]
                 out = net(xb)
-                loss = mixup_loss(out, yb, pb if lb is None else torch.softmax(lb.float(), 1), partner, lam,
-                                  loss_name, cfg.temperature)
+                loss = mixup_loss(out, yb, pb, partner, lam, loss_name, cfg.temperature, lb)
                 # train accuracy against the label with the larger share of each mixed image
                 if lam < 0.5:
                     yb = yb[partner]

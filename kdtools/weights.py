@@ -208,7 +208,8 @@ def model_from_metadata(meta: dict, where: str | Path = "the weights file") -> I
         arch = meta["arch"]
         field = "input_shape"
         shape = json.loads(meta["input_shape"])
-        if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+        if not (isinstance(shape, list) and len(shape) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
             raise ValueError(f"{meta['input_shape']!r} is not [channels, height, width]")
         field = "num_classes"
         num_classes = int(meta["num_classes"])
@@ -222,6 +223,11 @@ def model_from_metadata(meta: dict, where: str | Path = "the weights file") -> I
         norm = json.loads(meta.get("normalization", "{}"))
         if not isinstance(norm, dict):
             raise ValueError(f"{meta['normalization']!r} is not a JSON object")
+        for key in ("mean", "std"):
+            v = norm.get(key)
+            if v is not None and not (isinstance(v, list) and len(v) == shape[0]
+                                      and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v)):
+                raise ValueError(f"its {key} {v!r} is not {shape[0]} number{'s' if shape[0] > 1 else ''}, one per channel")
         field = "arch with its arch_args"
         return ImageClassifier(arch, shape, num_classes, args, norm.get("mean"), norm.get("std"))
     except KeyError as e:

@@ -103,6 +103,23 @@ def test_stream_file_and_hdf5_read_the_same(tmp_path):
     assert torch.equal(a["x"], b["x"]) and torch.equal(a["probs"], b["probs"])
 
 
+def test_an_hdf5_output_that_stopped_early_says_so_like_a_streams_end_record(tmp_path):
+    from kdtools.sources import SampleSink
+
+    for name in ("a.h5", "a.kds"):
+        sink = SampleSink(header(), path=tmp_path / name)
+        sink.write(batch(4, 1))
+        # a server's error text may hold NUL, which an HDF5 string cannot: the rows must be kept all the same
+        sink.close("error", "bad\x00row")
+        src = open_samples(tmp_path / name)
+        assert sum(b["x"].shape[0] for b in src) == 4
+        assert src.end["status"] == "error" and src.end["message"] in ("bad\\0row", "bad\x00row")
+    sink = SampleSink(header(), path=tmp_path / "whole.h5")
+    sink.write(batch(2))
+    sink.close()
+    assert open_samples(tmp_path / "whole.h5").end == {"status": "complete", "message": ""}
+
+
 def test_answer_counts_by_class_and_refused_rows(tmp_path):
     from kdtools.h5store import answer_counts
 

@@ -171,6 +171,9 @@ def test_truncated_weights_file(tmp_path):
     ("num_classes", "x", "field 'num_classes' is unusable (invalid literal"),
     ("arch_args", '{"hidden": "x"}', "field 'arch with its arch_args' is unusable (architecture mlp cannot be built"),
     ("normalization", "[1]", "field 'normalization' is unusable ('[1]' is not a JSON object)"),
+    ("normalization", '{"mean": "x", "std": [1]}', "field 'normalization' is unusable (its mean 'x' is not 1 number, one per channel)"),
+    ("normalization", '{"mean": [0.5, 0.5], "std": [1]}', "field 'normalization' is unusable (its mean [0.5, 0.5] is not 1 number"),
+    ("input_shape", "[true, 4, 4]", "field 'input_shape' is unusable"),
     ("num_classes", None, "weights metadata lacks 'num_classes'"),
 ])
 def test_bad_weights_metadata_is_a_data_error_naming_the_file_and_field(tmp_path, field, value, message):

@@ -152,6 +152,11 @@ def test_quota_exhaustion_keeps_the_log_and_never_writes_the_key(victim_path, qu
         with pytest.raises(KdError, match=r"HTTP 401.*the key sent came from the environment variable MY_KEY") as info:
             HttpOracle(url, RemoteOptions(api_key="notthekey9", api_key_env="MY_KEY")).answer(torch.zeros(1, 1, 28, 28), "label")
         assert "notthekey9" not in str(info.value)
+        # a key pasted where the variable's name belongs (the CLI lets names of letters, digits and '_' through)
+        # is not printed back
+        with pytest.raises(KdError, match=r"no key was sent: the environment variable named by \(--api-key-env\)") as info:
+            HttpOracle(url, RemoteOptions(api_key_env="sk_live_4eC39Hq")).answer(torch.zeros(1, 1, 28, 28), "label")
+        assert "sk_live" not in str(info.value)
         p = kd("kd-query", url, queries_path, "--api-key-env", "MY_KEY", "-o", tmp_path / "nokey.kds", env={"MY_KEY": ""})
         assert p.returncode == 1 and b"MY_KEY (--api-key-env) is not set or empty" in p.stderr, p.stderr
         with pytest.raises(KdError, match="HTTP 415"):  # refused requests are in the access log too

@@ -186,20 +186,30 @@ def test_class_balance_lifts_a_rare_class():
 
 
 def test_mixup_loss_matches_hand_computation():
-    # both rows' logits give softmax [1/4, 3/4]: CE is ln 4 for class 0 and ln(4/3) for class 1
-    logits = torch.log(torch.tensor([[1.0, 3.0], [1.0, 3.0]]))
-    labels, partner, lam = torch.tensor([0, 1]), torch.tensor([1, 0]), 0.3
-    # row 0: 0.3 ln 4 + 0.7 ln(4/3); row 1: 0.3 ln(4/3) + 0.7 ln 4; the mean is (ln 4 + ln(4/3)) / 2
-    expected = (math.log(4) + math.log(4 / 3)) / 2
+    # student softmaxes [1/4, 3/4], [1/2, 1/2], [3/4, 1/4]; partners cycle (0 <- 1, 1 <- 2, 2 <- 0), so no pair
+    # cancels and swapping lam and 1 - lam changes every figure below
+    logits = torch.log(torch.tensor([[1.0, 3.0], [1.0, 1.0], [3.0, 1.0]]))
+    labels, partner, lam = torch.tensor([0, 1, 1]), torch.tensor([1, 2, 0]), 0.3
+    # CE: row 0 0.3 ln 4 + 0.7 ln(4/3) (labels 0 and 1), row 1 ln 2 (1 and 1), row 2 0.3 ln 4 + 0.7 ln(4/3) (1 and 0)
+    expected = (2 * (0.3 * math.log(4) + 0.7 * math.log(4 / 3)) + math.log(2)) / 3
     assert mixup_loss(logits, labels, None, partner, lam, "ce", 1.0).item() == pytest.approx(expected, rel=1e-6)
-    # soft answers mix as distributions: row 0's target 0.3 [0.9, 0.1] + 0.7 [0.2, 0.8] = [0.41, 0.59]
-    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
-    got = mixup_loss(logits, labels, probs, partner, lam, "l1", 1.0).item()
-    # L1 row 0: |0.25 - 0.41| + |0.75 - 0.59| = 0.32; row 1 (target [0.69, 0.31]): 0.44 + 0.44 = 0.88
-    assert got == pytest.approx((0.32 + 0.88) / 2, rel=1e-5)
-    # lam = 1 is no mixing at all
-    plain = distillation_loss(logits, labels, probs, None, "kl", 2.0)
-    assert mixup_loss(logits, labels, probs, partner, 1.0, "kl", 2.0).item() == pytest.approx(plain.item(), rel=1e-6)
+    assert mixup_loss(logits, labels, None, partner, 0.7, "ce", 1.0).item() != pytest.approx(expected, rel=1e-3)
+    # soft answers mix as distributions: targets 0.3 p_i + 0.7 p_partner = [0.41, 0.59], [0.41, 0.59], [0.78, 0.22];
+    # L1 to the student: 0.32, 0.18, 0.06
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
+    assert mixup_loss(logits, labels, probs, partner, lam, "l1", 1.0).item() == pytest.approx(0.56 / 3, rel=1e-5)
+    # lam = 1 is no mixing at all, from probabilities and from teacher logits, at any temperature: confident
+    # logits (probabilities far below the 1e-12 clamp of the probability path) give the unmixed loss exactly
+    teacher = torch.tensor([[40.0, 0.0], [0.0, 3.0], [-35.0, 2.0]])
+    for t in (1.0, 4.0, 10.0):
+        plain = distillation_loss(logits, labels, torch.softmax(teacher, 1), teacher, "kl", t).item()
+        assert mixup_loss(logits, labels, torch.softmax(teacher, 1), partner, 1.0, "kl", t, teacher).item() == pytest.approx(plain, rel=1e-6)
+    # and lam = 0.3 from logits is KL to the mixed distribution (computed here in float64)
+    p64 = torch.softmax(teacher.double(), 1)
+    mixed = 0.3 * p64 + 0.7 * p64[partner]
+    want = distillation_loss(logits.double(), labels, mixed, None, "kl", 4.0).item()
+    got = mixup_loss(logits, labels, torch.softmax(teacher, 1), partner, lam, "kl", 4.0, teacher).item()
+    assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_mixup_trains_learns_and_is_refused_where_it_cannot_apply():
@@ -218,6 +228,9 @@ def test_mixup_trains_learns_and_is_refused_where_it_cannot_apply():
         train(model, x, targets_from({"label": y}, 2), TrainConfig(epochs=1, lr=0.1, batch_size=32, mixup=mixup, seed=3),
               torch.device("cpu"))
     assert not torch.allclose(next(p.parameters()), next(q.parameters()))
+    # a negative --seed works as without mixup (numpy's generator refuses negative seeds)
+    train(ImageClassifier("mlp", (1, 4, 4), 2, {"hidden": [4]}), x[:64], targets_from({"label": y[:64]}, 2),
+          TrainConfig(epochs=1, batch_size=32, mixup=0.4, seed=-1), torch.device("cpu"))
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(KdUsageError, match="--mixup"):
             TrainConfig(mixup=bad).validate()

@@ -213,8 +213,9 @@ def _finish_early(sink, status: str, why: str, output: str) -> str:
     """Finish the -o file of a run that stopped before its input ended (a failure, a stop, the budget).
 
     Its rows were paid for, so they are kept, but never in place of an earlier file: when OUTPUT exists
-    they go to a free OUTPUT-stem.partial[-N].suffix beside it. An HDF5 output has no end record to say it
-    stopped early, so it always gets the .partial name. A run with no row leaves no file."""
+    they go to a free OUTPUT-stem.partial[-N].suffix beside it. An HDF5 output has no end record (its attributes
+    say why it stopped, end_status and end_message), so it always gets the .partial name too, which a reader sees
+    without opening it. A run with no row leaves no file."""
     if not sink.rows:
         sink.abort(why)
         return ""
@@ -232,7 +233,8 @@ def _finish_early(sink, status: str, why: str, output: str) -> str:
     except OSError as e:  # the output itself failed (a full disk): say so, the original error stays the one reported
         return f"{sink.path} could not be finished ({e.strerror or e})"
     return (f"the {sink.rows} queries answered in this run are kept in {sink.path}"
-            + (" (its end record says why it stopped)" if sink.path.suffix.lower() not in (".h5", ".hdf5") else "")
+            + (" (its end record says why it stopped)" if sink.path.suffix.lower() not in (".h5", ".hdf5")
+               else " (its end_status attribute says why it stopped)")
             + (f"; {output}, from before, is left as it was" if previous else ""))
 
 
