@@ -120,9 +120,12 @@ def log_info(path) -> dict:
 
 
 def _facts(f: h5py.File, rows: int) -> dict:
-    return {"rows": rows, "spent": int(f.attrs["spent"]), "budget": int(f.attrs["budget"]),
-            "oracle": str(f.attrs["oracle"]), "mode": str(f.attrs["mode"]), "batches": int(f["batch_start"].shape[0]),
-            "kdtools_version": str(f.attrs["kdtools.version"])}
+    facts = {"rows": rows, "spent": int(f.attrs["spent"]), "budget": int(f.attrs["budget"]),
+             "oracle": str(f.attrs["oracle"]), "mode": str(f.attrs["mode"]), "batches": int(f["batch_start"].shape[0]),
+             "kdtools_version": str(f.attrs["kdtools.version"])}
+    if "end_status" in f.attrs:  # an output whose run (or the one before it in a pipeline) stopped early
+        facts["stopped_early"] = f"{f.attrs['end_status']}: {f.attrs.get('end_message', '')}"
+    return facts
 
 
 def _answer_field(header: StreamHeader) -> Optional[str]:

@@ -114,10 +114,12 @@ def test_an_hdf5_output_that_stopped_early_says_so_like_a_streams_end_record(tmp
         src = open_samples(tmp_path / name)
         assert sum(b["x"].shape[0] for b in src) == 4
         assert src.end["status"] == "error" and src.end["message"] in ("bad\\0row", "bad\x00row")
+    assert log_info(tmp_path / "a.h5")["stopped_early"] == "error: bad\\0row"  # kd-eval log shows it
     sink = SampleSink(header(), path=tmp_path / "whole.h5")
     sink.write(batch(2))
     sink.close()
     assert open_samples(tmp_path / "whole.h5").end == {"status": "complete", "message": ""}
+    assert "stopped_early" not in log_info(tmp_path / "whole.h5")
 
 
 def test_answer_counts_by_class_and_refused_rows(tmp_path):
