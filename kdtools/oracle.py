@@ -699,6 +699,8 @@ def _describe_status(status: int, message: str, key_source: str = "") -> str:
         return f"the batch is too large for the server (HTTP 413{why}); lower --max-batch"
     if status == 400:
         return f"the server rejected the request (HTTP 400{why})"
+    if status == 422:
+        return f"the server cannot answer these queries (HTTP 422{why}); asking again would give the same"
     return f"unexpected answer HTTP {status}{why}"
 
 

@@ -424,8 +424,12 @@ class _Handler(BaseHTTPRequestHandler):
         except ServeError as e:
             self._error(e.status, e.message)
             return
-        except KdError as e:  # the oracle behind the server failed (e.g. a proxied remote oracle)
-            self._error(502, str(e))
+        except KdError as e:
+            # the oracle behind the server failed. A remote one (a proxied URL, exec:) may do better next time: 502,
+            # which clients retry. A model file or a replayed log fails the same way every time (a query the log
+            # does not hold): 422, which they do not
+            deterministic = getattr(self.service.oracle, "free_on_failure", False)
+            self._error(422 if deterministic else 502, str(e))
             return
         except Exception as e:  # a bug: answer 500, keep serving
             self._error(500, f"internal error ({type(e).__name__})")

@@ -315,6 +315,32 @@ def test_access_log_has_one_event_per_request_whatever_its_status(tmp_path):
     assert SECRET not in json.dumps(events)
 
 
+def test_a_local_oracle_that_cannot_answer_is_422_and_not_retried(tmp_path):
+    # a served model file or replay: log fails the same way every time (a query the log does not hold): it answered
+    # 502, which clients retried (with backoff) for the same answer; now 422, asked once, and the quota refunded
+    import threading
+
+    from kdtools.serve import make_server
+
+    class FailingLocal(_Failing):
+        free_on_failure = True
+
+    events = []
+    svc = VictimService(FailingLocal(), ["label"], Quotas({SECRET: 5}), max_batch=8, on_request=events.append)
+    server = make_server(svc)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        orc = HttpOracle(url, RemoteOptions(api_key=SECRET, retries=3), sleep=lambda d: None)
+        with pytest.raises(KdError, match=r"cannot answer these queries \(HTTP 422: the proxied oracle is down\); asking again"):
+            orc.answer(torch.full((2, 1, 2, 2), 0.5), "label")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [e["status"] for e in events if e["path"] == "/v1/query"] == [422]  # one request, no retry
+    assert svc.quotas.left(svc.quotas.account(SECRET)) == 5
+
+
 def test_access_log_never_names_the_previous_requests_account_on_a_kept_alive_connection():
     # one socket, three requests: a keyed query, then one whose header line is too long (431) and one whose
     # request line is too long (414); http.server refuses both before their headers parse, so the log must
