@@ -833,6 +833,24 @@ class ExecOracle(Oracle):
         if any(f not in tensors for f in self.fields):
             raise KdError(f"{self.where}: an answer batch lacks the fields of mode {self.mode}")
         got = {f: tensors[f] for f in self.fields}
+        rows = {int(t.shape[0]) for t in got.values() if t.ndim >= 1}
+        if len(rows) == 1 and (k := rows.pop()) < n:
+            # a child that ran out of its own budget mid-batch (exec:kd-query ... --budget) answers the rows that
+            # fit, then ends its stream saying why: that is an early stop with k paid answers, not a count mismatch
+            following = None
+            try:
+                following = read_record(self.reader, self.where)
+            except KdError:
+                pass
+            if following is not None and following[0].get("kdtools.record") == "end":
+                self.close()
+                end = following[0]
+                err = KdError(f"{self.where}: ended its answers early after {k} of the {n} queries of this batch "
+                              f"({end.get('status')}: {end.get('message', '')})")
+                refused = exact_placeholder_rows(got)
+                self.relayed_rejected += int(refused.sum())
+                err.partial = derive_answer(check_answer(got, self.mode, k, self.num_classes, self.where, refused), self.mode, mode)
+                raise err
         # a child that relays a defence's refusals (kd-query --on-rejected flag) sends the placeholders: they
         # stay refused (and derive to refused rows), they are not range errors
         whole = all(t.ndim >= 1 and t.shape[0] == n for t in got.values())  # else check_answer says what is wrong

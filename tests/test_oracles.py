@@ -356,6 +356,22 @@ def test_exec_kd_query_child_equals_the_model_file(victim_path, queries_path):
     assert orc.proc.returncode == 0
 
 
+def test_an_exec_child_that_reaches_its_own_budget_mid_batch_is_an_early_stop_with_its_answers(victim_path, queries_path):
+    # the child answers the 30 rows its budget allows, then ends its stream: that used to be reported as "answered 30
+    # rows for 50 queries"; now it says why, and hands the 30 paid answers on (logged by kd-query or an attack)
+    local = ModelOracle(load_model(victim_path))
+    x = next(iter(open_samples(queries_path)))["x"][:50].float() / 255
+    orc = open_oracle(f"exec:{sys.executable} -m kdtools.cli.query {victim_path} --mode probs --budget 30 -q",
+                      torch.device("cpu"), input_shape=(1, 28, 28))
+    try:
+        with pytest.raises(KdError, match=r"ended its answers early after 30 of the 50 queries of this batch "
+                                          r"\(budget_exhausted: query budget of 30 reached") as info:
+            orc.answer(x, "label")
+    finally:
+        orc.close()
+    assert torch.equal(info.value.partial["label"], local.answer(x[:30], "label")["label"])
+
+
 def test_replay_round_trip_and_unknown_queries(victim_path, queries_path, tmp_path):
     local = ModelOracle(load_model(victim_path))
     src = open_samples(queries_path)
