@@ -26,6 +26,7 @@ def tabular_teacher(tmp_path_factory) -> Path:
     p = run("train", "--data", "swissroll", "-n", 2000, "--steps", 40, "--hidden-dim", 32, "--num-blocks", 1,
             "--iters", 150, "--batch-size", 128, "--lr", 2e-3, "-o", out)
     assert p.returncode == 0, p.stderr.decode()
+    assert not Path(str(out) + ".ckpt").exists()  # a finished run leaves no checkpoint behind
     return out
 
 
@@ -220,7 +221,13 @@ def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
         # a bad training flag is named with its value
         (["train", "--data", "swissroll", "--steps", 10, "--iters", 5, "--lr", 0, "-o", tmp_path / "t3"], 2,
          b"--lr must be > 0, not 0.0", "t3"),
+        # a stopped run's checkpoint is never started over silently, and --resume needs one
+        (["train", "--data", "swissroll", "--steps", 10, "--iters", 5, "-o", tmp_path / "t4"], 2,
+         b"t4.ckpt holds a stopped run of this output: add --resume", "t4"),
+        (["train", "--data", "swissroll", "--steps", 10, "--iters", 5, "--resume", "-o", tmp_path / "t5"], 2,
+         b"--resume: there is no", "t5"),
     ]
+    (tmp_path / "t4.ckpt").write_bytes(b"a stopped run")
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda case: run(*case[0]), cases))
     for (args, code, what, out), p in zip(cases, results):
@@ -271,6 +278,37 @@ def test_outputs_never_destroy_inputs_or_other_work(tabular_teacher, tmp_path):
     assert sha(student / "kdtools.json") == index and not (student / "grid.png").exists()
     # a model directory is still replaced with --force, as before
     assert run("distill", teacher, "--steps", 4, "--method", "ddim", "-o", student, "--force").returncode == 0
+
+
+def test_a_stopped_train_keeps_its_steps_and_resumes(tmp_path):
+    # SIGTERM (a scheduler's time limit) used to lose every step of a teacher's training; now the step under way
+    # finishes, OUTPUT.ckpt is written, and --resume continues from it (equal to the uninterrupted run: the library
+    # test in test_diffusion_core checks that weight for weight)
+    import signal
+    import time
+
+    from conftest import kd_cmd
+
+    out, err = tmp_path / "t", tmp_path / "err.txt"
+    args = ["train", "--data", "swissroll", "-n", 500, "--steps", 10, "--hidden-dim", 16, "--num-blocks", 1,
+            "--iters", 3000, "--batch-size", 16, "-o", out]
+    with open(err, "wb") as f:
+        p = subprocess.Popen(kd_cmd("kd-diffstep") + [str(a) for a in args], stderr=f, env={**os.environ, **FAST})
+        deadline = time.monotonic() + 120
+        while b"steps 1/3000" not in err.read_bytes() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # training has started (its first progress line)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 143
+    assert b"the run is kept in" in err.read_bytes() and not out.exists()
+    state = torch.load(Path(str(out) + ".ckpt"), weights_only=True)
+    assert 1 <= state["iter"] < 3000
+    r = run(*args)  # without --resume: the stopped run is not started over
+    assert r.returncode == 2 and b"holds a stopped run" in r.stderr
+    r = run(*args, "--iters", 3001, "--resume")  # other options: named
+    assert r.returncode == 2 and b"iters 3000 -> 3001" in r.stderr
+    r = run(*args, "--resume")
+    assert r.returncode == 0 and f"resumed at step {state['iter']}".encode() in r.stderr, r.stderr
+    assert (out / "model_index.json").is_file() and not Path(str(out) + ".ckpt").exists()
 
 
 def test_train_under_torchrun_two_processes(tmp_path):

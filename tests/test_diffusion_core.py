@@ -161,3 +161,43 @@ def test_sfddm_loss_uses_the_aligned_teacher_step():
     loss = sfddm_loss(t, phi, 0.5, 0.0, "aligned")(aligned_net, x0, torch.Generator().manual_seed(3))
     (xt_aligned, ta), = aligned_net.calls
     assert torch.equal(ta, teacher_t) and torch.equal(xt_aligned, x_t) and loss.item() == 0.0
+
+
+def test_a_stopped_training_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(tmp_path):
+    """kd-diffstep train keeps OUTPUT.ckpt: a stop (Ctrl-C, SIGTERM) writes it at the step reached, and the resumed
+    run ends with the weights (EMA included) of the run that was never stopped."""
+    import copy
+
+    import pytest
+
+    from kdtools.diffusion.schedules import Chain
+    from kdtools.diffusion.training import TrainingStopped, denoising_loss, fit, load_fit_checkpoint
+    from kdtools.errors import KdError, KdUsageError
+    from kdtools.progress import ProgressEvent
+
+    t = tiny_teacher()
+    chain, data, cfg = Chain(list(range(24)), t.chain.alphas_cumprod), swiss_roll(300), FitConfig(iters=120, batch_size=16)
+    whole, _ = fit(copy.deepcopy(t.net), denoising_loss(chain), data, cfg, CPU)
+
+    seen = []
+
+    def after_51_steps(event: ProgressEvent):
+        seen.append(event.completed)  # progress is reported after steps 1, 51, 101, ...
+
+    ckpt = tmp_path / "teacher.ckpt"
+    with pytest.raises(TrainingStopped, match="stopped after step 51 of 120"):
+        # the stop is asked for between two steps (the CLI defers Ctrl-C and SIGTERM to that point)
+        fit(copy.deepcopy(t.net), denoising_loss(chain), data, cfg, CPU, after_51_steps, checkpoint=ckpt,
+            save_every_s=1e9, stop_requested=lambda: 51 in seen)
+    state = load_fit_checkpoint(ckpt, cfg)
+    assert state["iter"] == 51
+    resumed, stats = fit(copy.deepcopy(t.net), denoising_loss(chain), data, cfg, CPU, checkpoint=ckpt, resume=state)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert stats["iters"] == 120
+    # other training options are named; a file that is not a checkpoint is a data error
+    with pytest.raises(KdUsageError, match=r"other training options \(iters 120 -> 200\)"):
+        load_fit_checkpoint(ckpt, FitConfig(iters=200, batch_size=16))
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(KdError, match="not a readable training checkpoint"):
+        load_fit_checkpoint(tmp_path / "junk.ckpt", cfg)

@@ -60,6 +60,42 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+class StopsAtBoundaries:
+    """Ctrl-C and SIGTERM held until the work reaches a safe point: the handlers only note the signal, the work
+    polls ``requested()`` between two steps (kdtools.diffusion.training.fit's ``stop_requested``), saves, and
+    stops; ``stop()`` then raises what the signal would have (KeyboardInterrupt, Terminated). A second Ctrl-C
+    while waiting stops at once, for work whose step never ends."""
+
+    def __init__(self):
+        self.signum = None
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _note(self, signum, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
+
+    def stop(self) -> None:
+        """Raise what the noted signal stands for (after the work saved its state)."""
+        if self.signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as _raise_terminated: one is enough
+            raise Terminated()
+        raise KeyboardInterrupt
+
+
 def _stopped(what: str) -> str:
     return what + (f"; {STOP_HINT['text']}" if STOP_HINT["text"] else "")
 

@@ -25,7 +25,7 @@ from rich.table import Table
 from .. import __version__
 from ..device import resolve_device
 from ..errors import KdUsageError
-from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, check_paths, data_root, distributed_setup, info, make_app,
+from ._common import (STOP_HINT, StopsAtBoundaries, DataRootOption, DebugOption, DeviceOption, check_paths, data_root, distributed_setup, info, make_app,
                       open_sink, png_path, progress_reporter, run_app, warn)
 
 app = make_app("Diffusion step distillation: train a teacher, distill it to any number of steps (SFDDM) or "
@@ -51,6 +51,35 @@ def _output_dir(output: str, force: bool, inputs=()):
     out = check_output_dir(output, force, inputs)
     STOP_HINT["text"] = f"nothing was written to {output} (an output directory appears only complete); run the command again"
     return out
+
+
+def _resume_record(options: dict) -> dict:
+    """The options a resumed run must share with the stopped one (not where it runs or whether it may replace)."""
+    return {k: v for k, v in options.items() if k not in ("device", "force", "download", "data_root_opt")}
+
+
+def _training_checkpoint(out: Path, resume: bool, cfg, record: dict):
+    """(OUTPUT.ckpt, its loaded state or None). A checkpoint left by a stopped run is never started over silently:
+    without --resume it is a usage error, as is --resume without one, or with other options."""
+    from ..diffusion.training import load_fit_checkpoint
+
+    ckpt = Path(str(out) + ".ckpt")
+    if not resume:
+        if ckpt.exists():
+            raise KdUsageError(f"{ckpt} holds a stopped run of this output: add --resume to continue it, "
+                               "or remove it to start over")
+        return ckpt, None
+    if not ckpt.is_file():
+        raise KdUsageError(f"--resume: there is no {ckpt} to continue (it is written every minute while training runs)")
+    state = load_fit_checkpoint(ckpt, cfg)
+    theirs = json.loads(state.get("record") or "{}")
+    ours = json.loads(json.dumps(record, sort_keys=True, default=str))
+    if theirs != ours:
+        differ = ", ".join(f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
+                           if theirs.get(k) != ours.get(k))
+        raise KdUsageError(f"{ckpt} was made with other options ({differ}): resume with the options it was made with")
+    info(f"kd-diffstep train: resuming {ckpt} at step {state['iter']} of {cfg.iters}")
+    return ckpt, state
 
 
 def _load_training_data(data: str, split: str, n: Optional[int], image_size: Optional[int], channels: Optional[int],
@@ -134,15 +163,17 @@ def train(
     ema: float = typer.Option(0.999, "--ema"),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped run from OUTPUT.ckpt (written every "
+                                "minute and when stopped), with the same options."),
     data_root_opt: Optional[str] = DataRootOption,
     download: bool = typer.Option(False, "--download"),
     device: str = DeviceOption,
     debug: bool = DebugOption,
 ):
     """Train a DDPM (a teacher, or a from-scratch model with few steps) on images or 2-D points.
-    Runs under torchrun (DistributedDataParallel; gloo on CPU)."""
+    Runs under torchrun (DistributedDataParallel; gloo on CPU). A stopped run continues with --resume."""
     # the resolved options, taken before the imports below add their names to locals()
-    options = {k: v for k, v in locals().items() if k not in ("debug",) and not k.startswith("_")}
+    options = {k: v for k, v in locals().items() if k not in ("debug", "resume") and not k.startswith("_")}
     from ..diffusion.schedules import Chain, alphas_cumprod_from_betas, make_betas
     from ..diffusion.teachers import DiffusionModel, MLPDenoiser, build_unet, save_diffusion, scheduler_config_for
     from ..diffusion.training import denoising_loss, fit
@@ -164,6 +195,8 @@ def train(
         _check_unet_size(image_size, widths)
     out = _output_dir(output, force, [data])
     cfg = _fit_config(iters, batch_size, lr, ema, seed)
+    record = _resume_record(options)  # as given: the resolved defaults are added to ``options`` below
+    ckpt, resume_state = _training_checkpoint(out, resume, cfg, record)
     rank, world, dev = distributed_setup(device)
     x, described = _load_training_data(data, split, n, image_size, channels, data_root_opt, download)
     if described["kind"] == "image":
@@ -183,8 +216,17 @@ def train(
         net = MLPDenoiser(data_dim=described["dim"], hidden_dim=hidden_dim, num_blocks=num_blocks)
     else:
         net = build_unet(described["image_size"], described["channels"], widths, layers_per_block, attention)
-    with progress_reporter(rank == 0, "kd-diffstep train") as progress:
-        net, stats = fit(net, denoising_loss(chain), x, cfg, dev, progress, f"DDPM {steps} steps", rank, world)
+    STOP_HINT["text"] = (f"nothing was written to {output} yet; the run is kept in {ckpt} (every minute and on a stop): "
+                         "rerun with the same options and --resume to continue it")
+    from ..diffusion.training import TrainingStopped
+
+    # Ctrl-C and SIGTERM wait for the step under way to finish: the checkpoint is then written between two steps
+    with progress_reporter(rank == 0, "kd-diffstep train") as progress, StopsAtBoundaries() as stops:
+        try:
+            net, stats = fit(net, denoising_loss(chain), x, cfg, dev, progress, f"DDPM {steps} steps", rank, world,
+                             checkpoint=ckpt, resume=resume_state, record=record, stop_requested=stops.requested)
+        except TrainingStopped:
+            stops.stop()
     if rank == 0:
         # predicted x_0 is clipped to the data range while sampling: [-1, 1] for images, the points' range
         # (5 % margin) for tabular data, where a few off-manifold DDIM trajectories otherwise run away
@@ -195,7 +237,9 @@ def train(
                       "default_sampler": "ddpm", "fit": cfg.to_json(), "stats": stats, "world_size": world,
                       "options": options}
         save_diffusion(DiffusionModel(net.cpu(), chain, model_info, sched), out)
-        info(f"kd-diffstep train: wrote {out} ({steps} steps, loss {stats['loss']:.4f}, {stats['seconds']:.0f} s)")
+        ckpt.unlink(missing_ok=True)  # the model is complete: nothing left to resume
+        info(f"kd-diffstep train: wrote {out} ({steps} steps, loss {stats['loss']:.4f}, {stats['seconds']:.0f} s)"
+             + (f"; resumed at step {resume_state['iter']}" if resume_state is not None else ""))
     _finish_distributed(world)
 
 

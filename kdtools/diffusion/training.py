@@ -5,11 +5,20 @@ weights, which is what gets saved (standard for diffusion models).
 Runs unchanged under torchrun: the caller initialises the process group and passes rank / world_size;
 the network is wrapped in DistributedDataParallel (gradients averaged), each rank draws its own batches
 from a rank-seeded generator, and only rank 0 reports progress.
+
+Long runs keep a checkpoint (``checkpoint``: the network, its EMA, Adam's state, the step, the batch
+generator), rewritten atomically every ``save_every_s`` seconds, always between two steps (a state taken
+mid-step would repeat or skip part of one). A caller that defers Ctrl-C and SIGTERM to step boundaries passes
+``stop_requested``: when it says so, the checkpoint is written and ``TrainingStopped`` raised, so a stop loses
+no step. ``resume`` (that checkpoint, loaded) continues from its step: on one process exactly the
+uninterrupted run; under torchrun the other ranks' batch generators are re-seeded from the step (only rank 0's
+is saved), so it continues correctly but draws other batches than an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -61,9 +70,42 @@ def to_model_space(x: torch.Tensor) -> torch.Tensor:
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
 
 
+class TrainingStopped(Exception):
+    """``stop_requested`` said stop: the checkpoint (if any) holds every step done."""
+
+
+def save_fit_checkpoint(path, state: dict) -> None:
+    """Write a training checkpoint atomically (a kill mid-write leaves the previous one)."""
+    from ..fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_fit_checkpoint(path, cfg: FitConfig) -> dict:
+    """A checkpoint ``fit`` wrote, checked against the configuration it is to continue with."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not ours: torch raises many types
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise KdError(f"{path}: not a readable training checkpoint ({why})") from None
+    if not isinstance(state, dict) or state.get("kind") != "kdtools.diffusion.fit":
+        raise KdError(f"{path}: not a kd-diffstep training checkpoint")
+    theirs, ours = state.get("fit") or {}, cfg.to_json()
+    if theirs != ours:
+        differ = ", ".join(f"{k} {theirs.get(k)!r} -> {ours[k]!r}" for k in ours if theirs.get(k) != ours[k])
+        raise KdUsageError(f"{path} was made with other training options ({differ}): resume with the options it was "
+                           "made with, or remove it to start over")
+    return state
+
+
 def fit(net: nn.Module, loss_fn: LossFn, data: torch.Tensor, cfg: FitConfig, device: torch.device,
-        progress: ProgressCallback = no_progress, task: str = "training", rank: int = 0, world_size: int = 1) -> tuple[nn.Module, dict]:
-    """Train ``net`` on ``loss_fn``; returns (the EMA network, stats {loss, seconds, iters})."""
+        progress: ProgressCallback = no_progress, task: str = "training", rank: int = 0, world_size: int = 1,
+        checkpoint=None, resume: dict | None = None, save_every_s: float = 60.0,
+        record: dict | None = None, stop_requested: Callable[[], bool] | None = None) -> tuple[nn.Module, dict]:
+    """Train ``net`` on ``loss_fn``; returns (the EMA network, stats {loss, seconds, iters}). With ``checkpoint``
+    (a path; rank 0 writes it) the run keeps a checkpoint there, with ``record`` (the caller's options, for it
+    to check on resume); ``resume`` continues one (module docstring)."""
     cfg.validate()
     if data.shape[0] == 0:
         raise KdError("no training data")
@@ -74,9 +116,29 @@ def fit(net: nn.Module, loss_fn: LossFn, data: torch.Tensor, cfg: FitConfig, dev
     ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema > 0 else None
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed * 7919 + rank + 1)  # each rank its own batches
+    running, done, before = None, 0, 0.0  # done: optimiser steps finished (of cfg.iters)
+    if resume is not None:
+        net.load_state_dict(resume["net"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        opt.load_state_dict(resume["opt"])
+        done, running, before = int(resume["iter"]), resume["running"], float(resume["seconds"])
+        if rank == 0:
+            g.set_state(resume["rng"])
+        else:  # only rank 0's generator is saved: the others go on with a fresh, step-seeded stream
+            g.manual_seed((cfg.seed * 7919 + rank + 1) * 1000003 + done)
     t0 = time.perf_counter()
-    running = None
-    for it in range(cfg.iters):
+    keep = checkpoint is not None and rank == 0
+
+    def save() -> None:
+        save_fit_checkpoint(checkpoint, {
+            "kind": "kdtools.diffusion.fit", "fit": cfg.to_json(), "iter": done, "net": net.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "opt": opt.state_dict(), "rng": g.get_state(),
+            "running": running, "seconds": before + time.perf_counter() - t0, "world_size": world_size,
+            "record": json.dumps(record or {}, sort_keys=True, default=str)})
+
+    saved_at = time.perf_counter()
+    for it in range(done, cfg.iters):
         lr = cfg.lr * min(1.0, (it + 1) / max(1, cfg.warmup)) * (0.55 + 0.45 * math.cos(math.pi * it / cfg.iters))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -98,13 +160,20 @@ def fit(net: nn.Module, loss_fn: LossFn, data: torch.Tensor, cfg: FitConfig, dev
                 for be, b in zip(ema.buffers(), net.buffers()):
                     be.copy_(b)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        done = it + 1
         if rank == 0 and (it % 50 == 0 or it == cfg.iters - 1):
-            progress(ProgressEvent(task, it + 1, cfg.iters, {"loss": running}))
+            progress(ProgressEvent(task, done, cfg.iters, {"loss": running}))
+        stop = stop_requested is not None and stop_requested()
+        if keep and (stop or time.perf_counter() - saved_at >= save_every_s):
+            save()
+            saved_at = time.perf_counter()
+        if stop:
+            raise TrainingStopped(f"{task}: stopped after step {done} of {cfg.iters}")
     if rank == 0:
         progress(ProgressEvent(task, cfg.iters, cfg.iters, {"loss": running}, done=True))
     out = ema if ema is not None else net
     out.eval()
-    return out, {"loss": running, "seconds": time.perf_counter() - t0, "iters": cfg.iters}
+    return out, {"loss": running, "seconds": before + time.perf_counter() - t0, "iters": cfg.iters}
 
 
 def rand_steps(n_steps: int, batch: int, g: torch.Generator) -> torch.Tensor:
