@@ -37,8 +37,9 @@ HTTP protocol, version 1 (served by ``kdtools.serve``; docs/oracles.md has examp
         -> 200 the same as a stream: a header, one batch with the answer fields and ``rejected``
            (uint8 0/1), an end record
   Errors: a non-200 status with JSON {"error": "one line"}: 400 bad request, 401 missing or unknown
-  API key (sent as ``Authorization: Bearer KEY``), 413 batch too large, 429 query quota of the key
-  exhausted, 5xx server trouble. The client retries 5xx, timeouts and connection errors with
+  API key (sent as ``Authorization: Bearer KEY``), 413 batch too large, 422 the server's model or replayed
+  log cannot answer these queries (the same every time), 429 query quota of the key exhausted, 5xx server
+  trouble. The client retries 5xx, timeouts and connection errors with
   exponential backoff (and a 429 that carries Retry-After, i.e. a rate limit); every other error,
   a malformed answer or a wrong number of answers is a KdError at once.
 
@@ -837,11 +838,16 @@ class ExecOracle(Oracle):
         if len(rows) == 1 and (k := rows.pop()) < n:
             # a child that ran out of its own budget mid-batch (exec:kd-query ... --budget) answers the rows that
             # fit, then ends its stream saying why: that is an early stop with k paid answers, not a count mismatch
-            following = None
+            following, patience = None, self.reader.timeout
             try:
+                # a child that ends early sends its end record right after the short batch: wait a moment, not the
+                # whole --timeout (a child that just answered too few rows is reported below as such)
+                self.reader.timeout = min(patience, 2.0) if patience else 2.0
                 following = read_record(self.reader, self.where)
             except KdError:
                 pass
+            finally:
+                self.reader.timeout = patience
             if following is not None and following[0].get("kdtools.record") == "end":
                 self.close()
                 end = following[0]

@@ -547,6 +547,26 @@ def test_a_middle_kd_query_passes_an_early_stop_on(victim_path, queries_path, tm
     assert "query budget of 100 reached" in src.end["message"]
 
 
+def test_work_that_stops_at_step_boundaries_holds_signals_then_ignores_a_second_sigterm():
+    import os
+    import signal
+
+    from kdtools.cli._common import StopsAtBoundaries, Terminated, _raise_terminated
+
+    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        with pytest.raises(Terminated):
+            with StopsAtBoundaries() as stops:
+                assert not stops.requested()
+                os.kill(os.getpid(), signal.SIGTERM)  # noted, not raised: the step under way finishes
+                assert stops.requested()
+                stops.stop()
+        # the first SIGTERM is being reported: a second one (a scheduler and torchrun both forwarding it) is ignored
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_help_into_a_reader_that_stops_early_exits_quietly():
     # `kd-query --help | head -1` printed "stdout was closed by the reader" and exited 1
     p = subprocess.Popen(kd_cmd("kd-query") + ["--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -201,3 +201,53 @@ def test_a_stopped_training_run_resumes_from_its_checkpoint_to_the_uninterrupted
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(KdError, match="not a readable training checkpoint"):
         load_fit_checkpoint(tmp_path / "junk.ckpt", cfg)
+
+
+def _ddp_stop_worker(rank, world, port, stop_after, ckpt, results):
+    """One rank of test_ranks_stop_after_the_same_step: its stop signal is noticed after stop_after[rank] steps."""
+    import os
+
+    import torch.distributed as dist
+
+    from kdtools.diffusion.schedules import Chain
+    from kdtools.diffusion.training import TrainingStopped, denoising_loss, fit
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = MLPDenoiser(hidden_dim=16, num_blocks=1)
+    chain = Chain(list(range(10)), alphas_cumprod_from_betas(make_betas(10, "linear", 1e-2, 0.2)))
+    polls = {"n": 0}
+
+    def stop_requested():
+        polls["n"] += 1
+        return polls["n"] >= stop_after[rank]
+
+    try:
+        fit(net, denoising_loss(chain), swiss_roll(200), FitConfig(iters=1000, batch_size=8), CPU, rank=rank,
+            world_size=world, checkpoint=ckpt if rank == 0 else None, save_every_s=1e9, stop_requested=stop_requested)
+        results[rank] = "finished"
+    except TrainingStopped as e:
+        results[rank] = str(e)
+    except Exception as e:  # the failure this test guards against: a rank stranded in an all-reduce
+        results[rank] = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_stop_after_the_same_step_and_rank_0_saves(tmp_path):
+    """Under torchrun each rank gets the signal at its own moment: rank 1 noticing it a step before rank 0 used to
+    leave rank 0 in the next all-reduce (a gloo error, no checkpoint). The ranks now agree on the step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    ckpt = tmp_path / "ddp.ckpt"
+    mp.spawn(_ddp_stop_worker, args=(2, port, {0: 12, 1: 10}, ckpt, results), nprocs=2, join=True)
+    assert dict(results) == {0: "training: stopped after step 10 of 1000", 1: "training: stopped after step 10 of 1000"}
+    assert torch.load(ckpt, weights_only=True)["iter"] == 10

@@ -372,6 +372,31 @@ def test_an_exec_child_that_reaches_its_own_budget_mid_batch_is_an_early_stop_wi
     assert torch.equal(info.value.partial["label"], local.answer(x[:30], "label")["label"])
 
 
+def test_an_exec_child_that_answers_too_few_rows_and_stays_is_reported_without_waiting_out_the_timeout(tmp_path):
+    # looking for an end record after a short batch must not wait the whole --timeout (60 s by default)
+    script = tmp_path / "short.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import torch
+        from kdtools.stream import StreamHeader, StreamReader, StreamWriter
+        w = StreamWriter(sys.stdout.buffer, StreamHeader("samples", {{"label": {{"dtype": "int64", "shape": []}}}}, 10, mode="label"))
+        sys.stdout.buffer.flush()
+        for batch in StreamReader(sys.stdin.buffer, "in"):
+            w.write({{"label": torch.zeros(batch["x"].shape[0] - 1, dtype=torch.long)}})  # one row short, stream open
+            sys.stdout.buffer.flush()
+    """))
+    orc = ExecOracle(f"{sys.executable} {script}", (1, 2, 2), RemoteOptions(timeout=60))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(KdError, match="3 rows for 4 queries"):
+            orc.answer(torch.rand(4, 1, 2, 2), "label")
+        assert time.monotonic() - t0 < 15
+    finally:
+        orc.proc.kill()
+        orc.close()
+
+
 def test_replay_round_trip_and_unknown_queries(victim_path, queries_path, tmp_path):
     local = ModelOracle(load_model(victim_path))
     src = open_samples(queries_path)

@@ -87,13 +87,14 @@ class StopsAtBoundaries:
         if self.active:
             for s, handler in self.previous.items():
                 signal.signal(s, handler)
+            if self.signum == signal.SIGTERM:
+                # as _raise_terminated: one is enough; a second (a scheduler and torchrun both forwarding one) must
+                # not interrupt the one-line report of the first
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def stop(self) -> None:
         """Raise what the noted signal stands for (after the work saved its state)."""
-        if self.signum == signal.SIGTERM:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as _raise_terminated: one is enough
-            raise Terminated()
-        raise KeyboardInterrupt
+        raise Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _stopped(what: str) -> str:

@@ -216,8 +216,8 @@ def train(
         net = MLPDenoiser(data_dim=described["dim"], hidden_dim=hidden_dim, num_blocks=num_blocks)
     else:
         net = build_unet(described["image_size"], described["channels"], widths, layers_per_block, attention)
-    STOP_HINT["text"] = (f"nothing was written to {output} yet; the run is kept in {ckpt} (every minute and on a stop): "
-                         "rerun with the same options and --resume to continue it")
+    STOP_HINT["text"] = (f"nothing was written to {output} yet; {ckpt} holds the run as of its last save (every minute), "
+                         "if it got that far: rerun with the same options and --resume to continue it")
     from ..diffusion.training import TrainingStopped
 
     # Ctrl-C and SIGTERM wait for the step under way to finish: the checkpoint is then written between two steps
@@ -225,7 +225,10 @@ def train(
         try:
             net, stats = fit(net, denoising_loss(chain), x, cfg, dev, progress, f"DDPM {steps} steps", rank, world,
                              checkpoint=ckpt, resume=resume_state, record=record, stop_requested=stops.requested)
-        except TrainingStopped:
+        except TrainingStopped as stopped:
+            done = str(stopped).rsplit("stopped after ", 1)[-1]
+            STOP_HINT["text"] = (f"nothing was written to {output} yet; {ckpt} holds the run after {done}: "
+                                 "rerun with the same options and --resume to continue it")
             stops.stop()
     if rank == 0:
         # predicted x_0 is clipped to the data range while sampling: [-1, 1] for images, the points' range

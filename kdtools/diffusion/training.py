@@ -164,6 +164,14 @@ def fit(net: nn.Module, loss_fn: LossFn, data: torch.Tensor, cfg: FitConfig, dev
         if rank == 0 and (it % 50 == 0 or it == cfg.iters - 1):
             progress(ProgressEvent(task, done, cfg.iters, {"loss": running}))
         stop = stop_requested is not None and stop_requested()
+        if stop_requested is not None and world_size > 1:
+            # every rank must stop after the same step: one that left early would strand the others in the next
+            # step's gradient all-reduce, and rank 0 (which saves) would fail instead of saving
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if stop else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
         if keep and (stop or time.perf_counter() - saved_at >= save_every_s):
             save()
             saved_at = time.perf_counter()
