@@ -227,7 +227,14 @@ def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
         (["train", "--data", "swissroll", "--steps", 10, "--iters", 5, "--resume", "-o", tmp_path / "t5"], 2,
          b"--resume: there is no", "t5"),
     ]
+    cases += [
+        (["distill", tabular_teacher, "--steps", 4, "--iters", 5, "-o", tmp_path / "d1"], 2,
+         b"d1.ckpt holds a stopped run of this output: add --resume", "d1"),
+        (["distill", tabular_teacher, "--steps", 4, "--method", "progressive", "--resume", "-o", tmp_path / "d2"], 2,
+         b"--method progressive keeps no checkpoint", "d2"),
+    ]
     (tmp_path / "t4.ckpt").write_bytes(b"a stopped run")
+    (tmp_path / "d1.ckpt").write_bytes(b"a stopped run")
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda case: run(*case[0]), cases))
     for (args, code, what, out), p in zip(cases, results):
@@ -299,9 +306,9 @@ def test_a_stopped_train_keeps_its_steps_and_resumes(tmp_path):
             time.sleep(0.1)  # training has started (its first progress line)
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=120) == 143
-    assert b"the run is kept in" in err.read_bytes() and not out.exists()
     state = torch.load(Path(str(out) + ".ckpt"), weights_only=True)
-    assert 1 <= state["iter"] < 3000
+    assert 1 <= state["iter"] < 3000 and not out.exists()
+    assert f"t.ckpt holds the run after step {state['iter']} of 3000".encode() in err.read_bytes()
     r = run(*args)  # without --resume: the stopped run is not started over
     assert r.returncode == 2 and b"holds a stopped run" in r.stderr
     r = run(*args, "--iters", 3001, "--resume")  # other options: named

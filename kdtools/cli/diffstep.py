@@ -58,7 +58,7 @@ def _resume_record(options: dict) -> dict:
     return {k: v for k, v in options.items() if k not in ("device", "force", "download", "data_root_opt")}
 
 
-def _training_checkpoint(out: Path, resume: bool, cfg, record: dict):
+def _training_checkpoint(out: Path, resume: bool, cfg, record: dict, prog: str = "kd-diffstep train"):
     """(OUTPUT.ckpt, its loaded state or None). A checkpoint left by a stopped run is never started over silently:
     without --resume it is a usage error, as is --resume without one, or with other options."""
     from ..diffusion.training import load_fit_checkpoint
@@ -78,7 +78,7 @@ def _training_checkpoint(out: Path, resume: bool, cfg, record: dict):
         differ = ", ".join(f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
                            if theirs.get(k) != ours.get(k))
         raise KdUsageError(f"{ckpt} was made with other options ({differ}): resume with the options it was made with")
-    info(f"kd-diffstep train: resuming {ckpt} at step {state['iter']} of {cfg.iters}")
+    info(f"{prog}: resuming {ckpt} at step {state['iter']} of {cfg.iters}")
     return ckpt, state
 
 
@@ -273,14 +273,17 @@ def distill(
     noise_iters: int = typer.Option(100, "--noise-iters"),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    resume: bool = typer.Option(False, "--resume", help="sfddm, scratch: continue a stopped run from OUTPUT.ckpt "
+                                "(written every minute and when stopped), with the same options."),
     data_root_opt: Optional[str] = DataRootOption,
     download: bool = typer.Option(False, "--download"),
     device: str = DeviceOption,
     debug: bool = DebugOption,
 ):
-    """Shorten TEACHER to --steps sampling steps: SFDDM in one fold, or a baseline on the same teacher."""
+    """Shorten TEACHER to --steps sampling steps: SFDDM in one fold, or a baseline on the same teacher.
+    A stopped sfddm or scratch run continues with --resume."""
     # the resolved options, taken before the imports below add their names to locals()
-    options = {k: v for k, v in locals().items() if k not in ("debug",) and not k.startswith("_")}
+    options = {k: v for k, v in locals().items() if k not in ("debug", "resume") and not k.startswith("_")}
     from ..diffusion.baselines import METHODS, ddim_skipping, from_scratch, progressive_distillation
     from ..diffusion.schedules import check_student_steps, make_subsequence
     from ..diffusion.sfddm import STUDENT_TIMESTEPS, distill_sfddm, select_input_noise
@@ -307,10 +310,15 @@ def distill(
                            "images (the student keeps the teacher's size; drop --image-size or give the same)")
     if n is not None and n < 1:
         raise KdUsageError(f"-n must be at least 1, not {n} (leave it out to use every point/image)")
-    rank, world, dev = distributed_setup(device)
-    options["device"] = str(dev)
     # DDIM step skipping trains nothing: the training flags neither apply nor are checked
     cfg = _fit_config(iters, batch_size, lr, ema, seed, hidden_weight, data_weight) if method != "ddim" else None
+    record, ckpt, resume_state = _resume_record(options), None, None
+    if method in ("sfddm", "scratch"):  # one fit: a checkpoint continues it (progressive's folds keep none yet)
+        ckpt, resume_state = _training_checkpoint(out, resume, cfg, record, "kd-diffstep distill")
+    elif resume:
+        raise KdUsageError(f"--resume: --method {method} keeps no checkpoint (only sfddm and scratch do)")
+    rank, world, dev = distributed_setup(device)
+    options["device"] = str(dev)
     x = None
     if method != "ddim":
         name = data or d.get("name")
@@ -322,17 +330,32 @@ def distill(
         if described["kind"] != d.get("kind", described["kind"]) or tuple(x.shape[1:]) != tuple(t.sample_shape if tab else
                                                                                                (d["channels"], d["image_size"], d["image_size"])):
             raise KdUsageError(f"--data {name}: rows of shape {tuple(x.shape[1:])} do not fit the teacher's {tuple(t.sample_shape)}")
-    with progress_reporter(rank == 0, "kd-diffstep distill") as progress:
-        if method == "sfddm":
-            student = distill_sfddm(t, x, phi, cfg, dev, init, progress, rank, world, student_timesteps)
-            if noise_bank and rank == 0:
-                student.noise_bank = select_input_noise(student, x, noise_bank, noise_iters, seed=seed, device=dev, progress=progress)
-        elif method == "ddim":
-            student = ddim_skipping(t, phi)
-        elif method == "progressive":
-            student = progressive_distillation(t, x, steps, cfg, dev, progress, rank, world)
-        else:
-            student = from_scratch(t, x, phi, cfg, dev, progress, rank, world)
+    from ..diffusion.training import TrainingStopped
+
+    if ckpt is not None:
+        STOP_HINT["text"] = (f"nothing was written to {output} yet; {ckpt} holds the run as of its last save (every "
+                             "minute), if it got that far: rerun with the same options and --resume to continue it")
+    # Ctrl-C and SIGTERM wait for the step under way to finish: the checkpoint is then written between two steps
+    with progress_reporter(rank == 0, "kd-diffstep distill") as progress, StopsAtBoundaries() as stops:
+        fit_options = ({"checkpoint": ckpt, "resume": resume_state, "record": record, "stop_requested": stops.requested}
+                       if ckpt is not None else None)
+        try:
+            if method == "sfddm":
+                student = distill_sfddm(t, x, phi, cfg, dev, init, progress, rank, world, student_timesteps, fit_options)
+            elif method == "ddim":
+                student = ddim_skipping(t, phi)
+            elif method == "progressive":
+                student = progressive_distillation(t, x, steps, cfg, dev, progress, rank, world)
+            else:
+                student = from_scratch(t, x, phi, cfg, dev, progress, rank, world, fit_options)
+        except TrainingStopped as stopped:
+            done = str(stopped).rsplit("stopped after ", 1)[-1]
+            STOP_HINT["text"] = (f"nothing was written to {output} yet; {ckpt} holds the run after {done}: "
+                                 "rerun with the same options and --resume to continue it")
+            stops.stop()
+    if method == "sfddm" and noise_bank and rank == 0:
+        with progress_reporter(True, "kd-diffstep distill") as progress:
+            student.noise_bank = select_input_noise(student, x, noise_bank, noise_iters, seed=seed, device=dev, progress=progress)
     if rank == 0:
         student.info["options"] = options
         student.info["teacher"] = str(teacher)
@@ -344,8 +367,11 @@ def distill(
         else:  # DDIM step skipping trains on nothing
             student.info["data"] = {**d, "name": None, "note": "no training data (ddim step skipping)"}
         save_diffusion(student, out)
+        if ckpt is not None:
+            ckpt.unlink(missing_ok=True)  # the student is complete: nothing left to resume
         secs = student.info.get("stats", {}).get("seconds", 0.0)
-        info(f"kd-diffstep distill: wrote {out}: {method}, {t.steps} -> {student.steps} steps ({secs:.0f} s of training)")
+        info(f"kd-diffstep distill: wrote {out}: {method}, {t.steps} -> {student.steps} steps ({secs:.0f} s of training)"
+             + (f"; resumed at step {resume_state['iter']}" if resume_state is not None else ""))
     _finish_distributed(world)
 
 

@@ -130,12 +130,14 @@ def _with_seed(cfg: FitConfig, seed: int) -> FitConfig:
 
 
 def from_scratch(teacher: DiffusionModel, data: torch.Tensor, phi: Sequence[int], cfg: FitConfig, device: torch.device,
-                 progress: ProgressCallback = no_progress, rank: int = 0, world_size: int = 1) -> DiffusionModel:
-    """A fresh T'-step model trained on data only, with the SFDDM student's noise levels."""
+                 progress: ProgressCallback = no_progress, rank: int = 0, world_size: int = 1,
+                 fit_options: dict | None = None) -> DiffusionModel:
+    """A fresh T'-step model trained on data only, with the SFDDM student's noise levels. ``fit_options`` go to
+    ``fit`` (checkpoint, resume, record, stop_requested)."""
     chain = student_chain(teacher, phi)
     torch.manual_seed(cfg.seed)
     net, stats = fit(fresh_copy(teacher.net), denoising_loss(chain), data, cfg, device, progress,
-                     f"from scratch, {len(chain)} steps", rank, world_size)
+                     f"from scratch, {len(chain)} steps", rank, world_size, **(fit_options or {}))
     info = {"kind": "student", "method": "scratch", "teacher_steps": teacher.steps, "phi": list(phi), **teacher.inherited(),
             "default_sampler": "ddpm", "fit": cfg.to_json(),
             "stats": stats}

@@ -79,8 +79,10 @@ def sfddm_loss(teacher: DiffusionModel, phi: Sequence[int], hidden_weight: float
 
 def distill_sfddm(teacher: DiffusionModel, data: torch.Tensor, phi: Sequence[int], cfg: FitConfig,
                   device: torch.device, init: str = "teacher", progress: ProgressCallback = no_progress,
-                  rank: int = 0, world_size: int = 1, timesteps: str = "aligned") -> DiffusionModel:
-    """Train a len(phi)-1 step SFDDM student of ``teacher`` on images/points ``data`` (the teacher's data)."""
+                  rank: int = 0, world_size: int = 1, timesteps: str = "aligned",
+                  fit_options: dict | None = None) -> DiffusionModel:
+    """Train a len(phi)-1 step SFDDM student of ``teacher`` on images/points ``data`` (the teacher's data).
+    ``fit_options`` go to ``fit`` (checkpoint, resume, record, stop_requested)."""
     if init not in INITS:
         raise KdUsageError(f"--init {init!r}: expected one of {', '.join(INITS)}")
     chain = student_chain(teacher, phi, timesteps)
@@ -91,7 +93,7 @@ def distill_sfddm(teacher: DiffusionModel, data: torch.Tensor, phi: Sequence[int
     student_net = copy.deepcopy(teacher.net) if init == "teacher" else fresh_copy(teacher.net)
     teacher.net.to(device).eval().requires_grad_(False)
     net, stats = fit(student_net, sfddm_loss(teacher, phi, cfg.hidden_weight, cfg.data_weight, timesteps), data, cfg,
-                     device, progress, f"SFDDM {teacher.steps}->{len(chain)}", rank, world_size)
+                     device, progress, f"SFDDM {teacher.steps}->{len(chain)}", rank, world_size, **(fit_options or {}))
     info = {"kind": "student", "method": "sfddm", "teacher_steps": teacher.steps, "phi": list(phi), **teacher.inherited(),
             "default_sampler": "ddpm", "fit": cfg.to_json(), "init": init, "student_timesteps": timesteps, "stats": stats}
     if timesteps == "aligned":
