@@ -318,6 +318,25 @@ def test_a_stopped_train_keeps_its_steps_and_resumes(tmp_path):
     assert (out / "model_index.json").is_file() and not Path(str(out) + ".ckpt").exists()
 
 
+def test_sigterm_stops_a_progressive_distillation_at_once(tabular_teacher, tmp_path):
+    # progressive's folds keep no checkpoint: its stop must not be deferred to a step boundary nobody polls
+    import signal
+    import time
+
+    from conftest import kd_cmd
+
+    err = tmp_path / "err.txt"
+    with open(err, "wb") as f:
+        p = subprocess.Popen(kd_cmd("kd-diffstep") + ["distill", str(tabular_teacher), "--steps", "5", "--method", "progressive",
+                             "--iters", "1000000", "-o", str(tmp_path / "p")], stderr=f, env={**os.environ, **FAST})
+        deadline = time.monotonic() + 120
+        while b"progressive fold 1" not in err.read_bytes() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 143
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.ckpt").exists()
+
+
 def test_train_under_torchrun_two_processes(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():

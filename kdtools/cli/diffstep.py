@@ -10,6 +10,7 @@ baseline), sample from it, and compare a student with its teacher.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -336,7 +337,9 @@ def distill(
         STOP_HINT["text"] = (f"nothing was written to {output} yet; {ckpt} holds the run as of its last save (every "
                              "minute), if it got that far: rerun with the same options and --resume to continue it")
     # Ctrl-C and SIGTERM wait for the step under way to finish: the checkpoint is then written between two steps
-    with progress_reporter(rank == 0, "kd-diffstep distill") as progress, StopsAtBoundaries() as stops:
+    # (only where a checkpoint is kept: progressive's folds never ask, and a deferred stop would never come)
+    with progress_reporter(rank == 0, "kd-diffstep distill") as progress, \
+            (StopsAtBoundaries() if ckpt is not None else contextlib.nullcontext()) as stops:
         fit_options = ({"checkpoint": ckpt, "resume": resume_state, "record": record, "stop_requested": stops.requested}
                        if ckpt is not None else None)
         try:
