@@ -26,7 +26,8 @@ from rich.table import Table
 from .. import __version__
 from ..device import resolve_device
 from ..errors import KdUsageError
-from ._common import (STOP_HINT, StopsAtBoundaries, DataRootOption, DebugOption, DeviceOption, check_paths, data_root, distributed_setup, info, make_app,
+from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, StopsAtBoundaries, check_paths, data_root,
+                      distributed_setup, info, make_app,
                       open_sink, png_path, progress_reporter, run_app, warn)
 
 app = make_app("Diffusion step distillation: train a teacher, distill it to any number of steps (SFDDM) or "
@@ -57,6 +58,14 @@ def _output_dir(output: str, force: bool, inputs=()):
 def _resume_record(options: dict) -> dict:
     """The options a resumed run must share with the stopped one (not where it runs or whether it may replace)."""
     return {k: v for k, v in options.items() if k not in ("device", "force", "download", "data_root_opt")}
+
+
+def _checkpoint_hint(output: str, ckpt: Path, stopped=None) -> str:
+    """What a stop keeps (STOP_HINT): the step the checkpoint holds when the stop came at a step boundary
+    (``stopped``: TrainingStopped), else its last periodic save, if there was one."""
+    held = (f"holds the run after step {stopped.done} of {stopped.total}" if stopped is not None
+            else "holds the run as of its last save (every minute), if it got that far")
+    return f"nothing was written to {output} yet; {ckpt} {held}: rerun with the same options and --resume to continue it"
 
 
 def _training_checkpoint(out: Path, resume: bool, cfg, record: dict, prog: str = "kd-diffstep train"):
@@ -217,8 +226,7 @@ def train(
         net = MLPDenoiser(data_dim=described["dim"], hidden_dim=hidden_dim, num_blocks=num_blocks)
     else:
         net = build_unet(described["image_size"], described["channels"], widths, layers_per_block, attention)
-    STOP_HINT["text"] = (f"nothing was written to {output} yet; {ckpt} holds the run as of its last save (every minute), "
-                         "if it got that far: rerun with the same options and --resume to continue it")
+    STOP_HINT["text"] = _checkpoint_hint(output, ckpt)
     from ..diffusion.training import TrainingStopped
 
     # Ctrl-C and SIGTERM wait for the step under way to finish: the checkpoint is then written between two steps
@@ -227,9 +235,7 @@ def train(
             net, stats = fit(net, denoising_loss(chain), x, cfg, dev, progress, f"DDPM {steps} steps", rank, world,
                              checkpoint=ckpt, resume=resume_state, record=record, stop_requested=stops.requested)
         except TrainingStopped as stopped:
-            done = str(stopped).rsplit("stopped after ", 1)[-1]
-            STOP_HINT["text"] = (f"nothing was written to {output} yet; {ckpt} holds the run after {done}: "
-                                 "rerun with the same options and --resume to continue it")
+            STOP_HINT["text"] = _checkpoint_hint(output, ckpt, stopped)
             stops.stop()
     if rank == 0:
         # predicted x_0 is clipped to the data range while sampling: [-1, 1] for images, the points' range
@@ -334,8 +340,7 @@ def distill(
     from ..diffusion.training import TrainingStopped
 
     if ckpt is not None:
-        STOP_HINT["text"] = (f"nothing was written to {output} yet; {ckpt} holds the run as of its last save (every "
-                             "minute), if it got that far: rerun with the same options and --resume to continue it")
+        STOP_HINT["text"] = _checkpoint_hint(output, ckpt)
     # Ctrl-C and SIGTERM wait for the step under way to finish: the checkpoint is then written between two steps
     # (only where a checkpoint is kept: progressive's folds never ask, and a deferred stop would never come)
     with progress_reporter(rank == 0, "kd-diffstep distill") as progress, \
@@ -352,9 +357,7 @@ def distill(
             else:
                 student = from_scratch(t, x, phi, cfg, dev, progress, rank, world, fit_options)
         except TrainingStopped as stopped:
-            done = str(stopped).rsplit("stopped after ", 1)[-1]
-            STOP_HINT["text"] = (f"nothing was written to {output} yet; {ckpt} holds the run after {done}: "
-                                 "rerun with the same options and --resume to continue it")
+            STOP_HINT["text"] = _checkpoint_hint(output, ckpt, stopped)
             stops.stop()
     if method == "sfddm" and noise_bank and rank == 0:
         with progress_reporter(True, "kd-diffstep distill") as progress:

@@ -71,7 +71,11 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
 
 
 class TrainingStopped(Exception):
-    """``stop_requested`` said stop: the checkpoint (if any) holds every step done."""
+    """``stop_requested`` said stop: the checkpoint (if any) holds every step done (``done`` of ``total``)."""
+
+    def __init__(self, task: str, done: int, total: int):
+        super().__init__(f"{task}: stopped after step {done} of {total}")
+        self.done, self.total = done, total
 
 
 def save_fit_checkpoint(path, state: dict) -> None:
@@ -176,7 +180,7 @@ def fit(net: nn.Module, loss_fn: LossFn, data: torch.Tensor, cfg: FitConfig, dev
             save()
             saved_at = time.perf_counter()
         if stop:
-            raise TrainingStopped(f"{task}: stopped after step {done} of {cfg.iters}")
+            raise TrainingStopped(task, done, cfg.iters)
     if rank == 0:
         progress(ProgressEvent(task, cfg.iters, cfg.iters, {"loss": running}, done=True))
     out = ema if ema is not None else net
