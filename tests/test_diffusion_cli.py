@@ -333,7 +333,11 @@ def test_sigterm_stops_a_progressive_distillation_at_once(tabular_teacher, tmp_p
         while b"progressive fold 1" not in err.read_bytes() and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=30) == 143
+        try:
+            assert p.wait(timeout=30) == 143
+        finally:
+            p.kill()  # a regressed run that ignores SIGTERM must not train on after the test
+            p.wait()
     assert not (tmp_path / "p").exists() and not (tmp_path / "p.ckpt").exists()
 
 
