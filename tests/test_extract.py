@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, counting_exec_oracle, kd, kd_cmd, rows_received, sha
 from kdtools.errors import KdError
 from kdtools.extract import DFME, IDEAL, AttackOptions, AttackRun, DFMEConfig, IDEALConfig, TandemConfig, TandemGAN
-from kdtools.extract.common import forward_difference
+from kdtools.extract.common import forward_difference, quantize
 from kdtools.extract.generators import build_generator
 from kdtools.extract.genweights import load_generator, save_generator
 from kdtools.h5store import log_info
@@ -309,6 +309,7 @@ def test_generator_mode_pipes_into_kd_query_and_kd_distill(victim_path, tmp_path
     (["ideal", "--oracle", "VICTIM", "--budget", "10", "-o", "X", "--substitute", "lenet5", "--substitute-args", '{"width": "2"}'],
      2, "cannot be built with arguments"),
     (["ideal", "--generator", "G", "-n", "5", "--substitute-args", '{"width": 2}'], 2, "--substitute-args"),
+    (["ideal", "--oracle", "VICTIM", "--budget", "10", "-o", "X", "--select-from", "0"], 2, "--select-from 0"),
 ])
 def test_bad_command_lines_give_one_line_and_the_right_exit_code(victim_path, tmp_path, args, code, message):
     args = [str(victim_path) if a == "VICTIM" else str(tmp_path / "x") if a == "X" else a for a in args]
@@ -432,3 +433,32 @@ def test_substitute_args_shape_the_substitute_and_a_resume_must_keep_them(victim
     p = kd("kd-gen-queries", *base, "--budget", 80, "--resume", "--substitute-args", '{"width": 2}')
     assert p.returncode == 0, p.stderr.decode()
     assert log_info(out / "queries.h5")["spent"] == 80
+
+
+def test_ideal_select_from_asks_the_candidates_the_substitute_is_least_sure_of(victim_path, tmp_path):
+    oracle, attack = _attack(IDEAL, IDEALConfig(g_steps=1, select_from=4), victim_path, tmp_path, "label", 100, 50)
+    attack.generate()
+
+    def entropy(x):
+        with torch.no_grad():
+            p = torch.softmax(attack.substitute(x), 1)
+        return -(p * torch.log(p.clamp_min(1e-12))).sum(1)
+
+    torch.manual_seed(5)
+    asked = attack.generated_queries(50)
+    torch.manual_seed(5)  # the same 200 candidates again, drawn in one batch as the attack draws them
+    with torch.no_grad():
+        candidates = quantize(attack.G(torch.randn(200, attack.config.z_dim)))
+    h = entropy(candidates)
+    assert asked.shape == (50, 1, 28, 28) and torch.equal(asked, (asked * 255).round() / 255)
+    # exactly the 50 most uncertain of the 200, and the rest all below the least uncertain asked
+    chosen = torch.topk(h, 50).indices
+    assert torch.equal(asked, candidates[chosen])
+    rest = torch.ones(200, dtype=torch.bool)
+    rest[chosen] = False
+    assert float(h[rest].max()) <= float(entropy(asked).min())
+    # a whole run: one query per asked sample, the candidates not asked cost nothing
+    result = attack.run_attack()
+    assert sum(oracle.calls) == result.spent == 100 and all(c == 50 for c in oracle.calls)
+    info = log_info(tmp_path / "run" / "queries.h5")
+    assert info["rows"] == info["spent"] == 100

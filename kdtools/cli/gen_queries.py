@@ -383,6 +383,8 @@ def ideal(
     mix_fraction: float = typer.Option(0.0, "--mix-fraction", help="kdtools, experimental: this share of each epoch's queries are mixes "
                                        "of two answered samples in different classes (boundary queries; 0 = the paper's). Measured "
                                        "worse on Fashion-MNIST at 0.5 (docs/extraction-benchmarks.md)."),
+    select_from: int = typer.Option(1, "--select-from", help="kdtools, experimental: draw this many generated candidates per query "
+                                    "and ask the ones the substitute is least sure of (uncertainty sampling; 1 = the paper's)."),
     checkpoint_every: Optional[int] = CheckpointEvery, state_every: float = StateEvery, final_epochs: int = FinalEpochs,
     final_lr: float = FinalLr, final_optimizer: str = FinalOptimizer, input_shape: Optional[str] = InputShape, trust_pickle: bool = TrustPickle,
     pixel_mean: Optional[float] = PixelMean, pixel_std: Optional[float] = PixelStd, augment: bool = Augment,
@@ -397,8 +399,10 @@ def ideal(
         raise KdUsageError("--g-steps, --pool-epochs and --pool-steps must be >= 0")
     if not 0.0 <= mix_fraction <= 1.0:
         raise KdUsageError(f"--mix-fraction {mix_fraction}: expected a share between 0 and 1")
+    if select_from < 1:
+        raise KdUsageError(f"--select-from {select_from}: expected at least 1 candidate per query")
     cfg = IDEALConfig(g_steps, lr_g, lr_s, lambda_info, z_dim, pool_epochs, s_optimizer=s_optimizer, balance_pool=balance_pool,
-                      pool_steps=pool_steps, mix_fraction=mix_fraction)
+                      pool_steps=pool_steps, mix_fraction=mix_fraction, select_from=select_from)
     _dispatch("ideal", _common(locals()),
               cfg, generator, n)
 

@@ -27,6 +27,12 @@ where the student is wrong, and a mix of two answered images of those classes la
 query per sample; the mixes are paid for and logged like every other query. Measured once (Fashion-MNIST,
 hard labels, 100 000, f = 0.5): worse than without (81.31 % against 83.91 % post-trained): the victim
 calls most mixes "bag" or "sandal" too. Kept as an experimental option, off by default.
+
+kdtools addition, off by default: ``select_from`` K draws K candidates per query from the epoch's generator
+(free: no oracle call) and asks only the 1/K on which the student is least certain (highest entropy of its
+softmax): uncertainty sampling, as in ActiveThief (Pal et al., AAAI 2020). The generator makes images the
+student is sure of; the victim's answer teaches most where the student is not. Still one query per asked
+sample; the candidates not asked are thrown away.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class IDEALConfig:
     balance_pool: bool = False  # kdtools: draw the generator's target classes against the pool's label counts
     pool_steps: int = 0  # kdtools: at most this many random pool mini-batches per epoch (0: pool_epochs full passes)
     mix_fraction: float = 0.0  # kdtools: share of each epoch's queries that are mixes of two differently answered samples
+    select_from: int = 1  # kdtools: candidates drawn per query; the most uncertain 1/K for the student are asked
 
     def queries_per_epoch(self, batch_size: int) -> int:
         return batch_size
@@ -139,14 +146,26 @@ class IDEAL(Attack):
         xi, xj = self.pool.x[i].float() / 255, self.pool.x[j].float() / 255
         return quantize(lam * xi + (1 - lam) * xj).to(self.device)
 
+    def generated_queries(self, n: int) -> torch.Tensor:
+        """n queries from the epoch's generator, on the 8-bit grid; with ``select_from`` K > 1 the n of
+        K x n candidates on which the student's prediction has the highest entropy."""
+        k = max(1, self.config.select_from)
+        with torch.no_grad():
+            x = quantize(self.G(torch.randn(k * n, self.config.z_dim, device=self.device)))
+            if k == 1 or n == 0:
+                return x
+            self.substitute.eval()
+            p = torch.softmax(self.substitute(x), 1)
+            entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(1)
+            return x[torch.topk(entropy, n).indices]
+
     def iteration(self) -> None:
         c, b = self.config, self.options.batch_size
         self.generate()
         # stage 2: one query per new sample (a share of them boundary mixes, with --mix-fraction)
         n = min(b, self.oracle.remaining)
         mixes = self.boundary_queries(int(round(c.mix_fraction * n)))
-        with torch.no_grad():
-            x = quantize(self.G(torch.randn(n - mixes.shape[0], c.z_dim, device=self.device)))
+        x = self.generated_queries(n - mixes.shape[0])
         x = torch.cat([x, mixes])
         t = self.target_of(self.ask(x))
         if c.pool_epochs <= 0:
