@@ -19,3 +19,8 @@ class KdUsageError(KdError):
 
 class BudgetExhausted(KdError):
     """The query budget ran out; everything answered before that point has been recorded."""
+
+
+class UnanswerableQueries(KdError):
+    """The oracle cannot answer these queries and would fail the same way if asked again (a server's HTTP 422,
+    a replayed log that does not hold them): callers should not retry, and a server passing it on says 422."""

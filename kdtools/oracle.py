@@ -79,7 +79,7 @@ from typing import Callable, Optional
 import torch
 
 from . import __version__
-from .errors import KdError, KdUsageError
+from .errors import KdError, KdUsageError, UnanswerableQueries
 from .weights import LoadedModel, load_classifier, probe_num_classes
 
 STREAM_CONTENT_TYPE = "application/x-kdtools-stream"
@@ -583,7 +583,8 @@ class HttpOracle(Oracle):
                     retry_after = None
                 problem = f"rate limited (HTTP 429{': ' + message if message else ''})"
                 continue
-            raise KdError(self._scrub(f"{self.url}: {_describe_status(status, message, self._key_source())}"))
+            error = UnanswerableQueries if status == 422 else KdError
+            raise error(self._scrub(f"{self.url}: {_describe_status(status, message, self._key_source())}"))
         raise KdError(self._scrub(f"{self.url}: {problem} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"))
 
     def _json(self, reply: tuple, what: str) -> dict:

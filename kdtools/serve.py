@@ -44,7 +44,7 @@ import torch
 
 from . import __version__
 from .data import to_float
-from .errors import KdError, KdUsageError
+from .errors import KdError, KdUsageError, UnanswerableQueries
 from .fileio import atomic_path
 from .oracle import (PROTOCOL_VERSION, STREAM_CONTENT_TYPE, Oracle, decode_array, encode_array, parse_mode,
                      read_stream_bytes, rejected_rows, response_fields, stream_bytes)
@@ -427,8 +427,8 @@ class _Handler(BaseHTTPRequestHandler):
         except KdError as e:
             # the oracle behind the server failed. A remote one (a proxied URL, exec:) may do better next time: 502,
             # which clients retry. A model file or a replayed log fails the same way every time (a query the log
-            # does not hold): 422, which they do not
-            deterministic = getattr(self.service.oracle, "free_on_failure", False)
+            # does not hold), and so does a proxied server that said 422 itself: 422, which they do not retry
+            deterministic = isinstance(e, UnanswerableQueries) or getattr(self.service.oracle, "free_on_failure", False)
             self._error(422 if deterministic else 502, str(e))
             return
         except Exception as e:  # a bug: answer 500, keep serving

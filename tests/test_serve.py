@@ -341,6 +341,38 @@ def test_a_local_oracle_that_cannot_answer_is_422_and_not_retried(tmp_path):
     assert svc.quotas.left(svc.quotas.account(SECRET)) == 5
 
 
+def test_a_proxy_passes_its_upstreams_422_on_and_the_client_does_not_retry():
+    # kd-serve in front of another server (an http:// oracle) whose model cannot answer: the upstream says 422
+    # ("asking again would give the same"); the proxy answered 502, which its own clients retried with backoff
+    import threading
+
+    from kdtools.serve import make_server
+
+    class FailingLocal(_Failing):
+        free_on_failure = True
+
+    servers, events = [], []
+    try:
+        upstream = make_server(VictimService(FailingLocal(), ["label"], Quotas({SECRET: 50}), max_batch=8))
+        servers.append(upstream)
+        threading.Thread(target=upstream.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        inner = HttpOracle(f"http://127.0.0.1:{upstream.server_address[1]}", RemoteOptions(api_key=SECRET, retries=3),
+                           sleep=lambda d: None)
+        proxy = make_server(VictimService(inner, ["label"], Quotas({SECRET: 50}), max_batch=8, on_request=events.append))
+        servers.append(proxy)
+        threading.Thread(target=proxy.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        client = HttpOracle(f"http://127.0.0.1:{proxy.server_address[1]}", RemoteOptions(api_key=SECRET, retries=3),
+                            sleep=lambda d: None)
+        with pytest.raises(KdError, match=r"cannot answer these queries \(HTTP 422: .*HTTP 422: the proxied oracle is down"):
+            client.answer(torch.full((2, 1, 2, 2), 0.5), "label")
+        assert client.answer(torch.zeros(2, 1, 2, 2), "label")["label"].tolist() == [0, 0]  # the proxy still serves
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert [e["status"] for e in events if e["path"] == "/v1/query"] == [422, 200]  # one request, no retry
+
+
 def test_access_log_never_names_the_previous_requests_account_on_a_kept_alive_connection():
     # one socket, three requests: a keyed query, then one whose header line is too long (431) and one whose
     # request line is too long (414); http.server refuses both before their headers parse, so the log must
