@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -105,7 +106,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     mode = (path.stat().st_mode & 0o7777) if path.exists() else (0o666 & ~_umask())
     made = _make_parents(path.parent)
     try:
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_stale_temporaries(path)
+        handle, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     except BaseException:
         _remove_made(made)
         raise
@@ -125,6 +127,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
         if not done:
             _remove_made(made)
+
+
+def _host() -> str:
+    # only the characters a host name may hold, so the temporary file's name parses back
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "localhost"
+
+
+def _temporary_prefix(path: Path) -> str:
+    """``.NAME.HOST@PID@``: a temporary file names its writer, so a later write can tell a dead writer's leftover
+    (a kill -9, a power cut) from another writer's file in progress."""
+    return f".{path.name}.{_host()}@{os.getpid()}@"
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files a writer of ``path`` on this host left when it was killed before renaming
+    them (its process is gone). Files of a live process, of another host (a shared file system) or of an older
+    kdtools (no writer in the name) are left alone. Returns what was removed."""
+    pattern = re.compile(re.escape(f".{path.name}.{_host()}@") + r"(?P<pid>[0-9]+)@[^/]*\.tmp")
+    removed = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or not _process_is_gone(int(m.group("pid"))):
+            continue
+        try:
+            entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass  # not ours to remove after all (permissions, or removed meanwhile)
+    return removed
+
+
+def _process_is_gone(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, OSError):
+        return False  # alive under another user, or not a pid we can ask about: keep the file
+    return False
 
 
 def _read_only(path: Path) -> bool:

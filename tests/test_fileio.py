@@ -7,6 +7,7 @@ a write that fails are removed again, and a second run on a locked state file is
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -315,3 +316,35 @@ def test_a_full_device_is_one_line_naming_it(tmp_path, which):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [f"error: {full}: No space left on device"]
     assert stat.S_ISCHR(os.lstat(full).st_mode) and stat.S_ISCHR(os.lstat(null).st_mode)
+
+
+def test_a_writer_killed_before_its_rename_leaves_a_temporary_that_the_next_write_removes(tmp_path):
+    import signal
+    import socket
+
+    out = tmp_path / "labels.csv"
+    out.write_text("old\n")
+    # a writer killed with SIGKILL in the middle of its write: its temporary file stays, the output is intact
+    code = ("import sys, time; from kdtools.fileio import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n"
+            "    open(tmp, 'w').write('half')\n    print('writing', flush=True)\n    time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"writing\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    left = [p.name for p in tmp_path.iterdir() if p.name != "labels.csv"]
+    assert len(left) == 1 and left[0].startswith(".labels.csv.") and f"@{child.pid}@" in left[0], left
+    assert out.read_text() == "old\n"
+    # files that are not a dead writer's of this host stay: a live process's (this one), another host's
+    # (a shared file system), an older kdtools's (no writer in the name), and another output's
+    host = left[0][len(".labels.csv."):].split("@")[0]
+    assert host == re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())
+    keep = [f".labels.csv.{host}@{os.getpid()}@abc.tmp", f".labels.csv.otherhost@{child.pid}@abc.tmp",
+            ".labels.csv.abc123.tmp", f".other.csv.{host}@{child.pid}@abc.tmp"]
+    for name in keep:
+        (tmp_path / name).write_text("in progress\n")
+    write(out, "new\n")
+    assert out.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["labels.csv", *keep])
