@@ -163,8 +163,8 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
 
 
 def _process_is_gone(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():
-        return False
+    if os.name != "posix" or pid <= 0 or pid == os.getpid():
+        return False  # (on Windows, os.kill(pid, 0) would terminate the process, not ask about it)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
