@@ -2,7 +2,7 @@
 # recipes.mk. Included from the Makefile after recipes.mk. Outputs go to $(RUNS)/<dataset>/<method>/;
 # rerunning a recipe whose attack was interrupted continues it (--resume: nothing is paid twice).
 # The attacks never see a training image; --eval-data only measures the substitute on the test split.
-EXTRACTION_RECIPES := mnist-tandemgan fmnist-tandemgan mnist-ideal mnist-dfme cifar10-tandemgan
+EXTRACTION_RECIPES := mnist-tandemgan fmnist-tandemgan mnist-ideal fmnist-ideal mnist-dfme cifar10-tandemgan
 RECIPES += $(EXTRACTION_RECIPES)
 .PHONY: $(EXTRACTION_RECIPES)
 
@@ -30,6 +30,19 @@ mnist-ideal: mnist-victim
 	$(KD) kd-distill $(RUNS)/mnist/ideal/queries.h5 --arch lenet5 $(POST_TRAIN) -o $(RUNS)/mnist/ideal/post-trained.safetensors
 	$(KD) kd-eval accuracy $(RUNS)/mnist/ideal/substitute.safetensors --data mnist --reference $(RUNS)/mnist/victim.safetensors
 	$(KD) kd-eval accuracy $(RUNS)/mnist/ideal/post-trained.safetensors --data mnist --reference $(RUNS)/mnist/victim.safetensors
+
+# Fashion-MNIST, hard labels, 100 000 queries (IDEAL's setting), with kdtools' uncertainty sampling: each
+# query the least certain of 4 generated candidates (--select-from 4); then a fresh LeNet-5 twice as wide,
+# trained on the log with class-balanced epochs. CPU: ~20 min attack + ~22 min post-training
+# (docs/extraction-benchmarks.md, session 22).
+fmnist-ideal: fmnist-victim
+	$(KD) kd-gen-queries ideal --oracle $(RUNS)/fmnist/victim.safetensors --mode label --budget 100000 \
+	  --substitute lenet5 $(FMNIST_PIXELS) --g-steps 5 --s-optimizer adam --lr-s 0.001 --pool-epochs 1 --pool-steps 40 \
+	  --balance-pool --select-from 4 --eval-data fashion-mnist -o $(RUNS)/fmnist/ideal $(call resume_if,$(RUNS)/fmnist/ideal)
+	$(KD) kd-distill $(RUNS)/fmnist/ideal/queries.h5 --arch lenet5 --arch-args '{"width": 2}' --class-balance 0.5 \
+	  --epochs 60 --optimizer adam --lr 1e-3 --batch-size 128 -o $(RUNS)/fmnist/ideal/post-trained.safetensors
+	$(KD) kd-eval accuracy $(RUNS)/fmnist/ideal/substitute.safetensors --data fashion-mnist --reference $(RUNS)/fmnist/victim.safetensors
+	$(KD) kd-eval accuracy $(RUNS)/fmnist/ideal/post-trained.safetensors --data fashion-mnist --reference $(RUNS)/fmnist/victim.safetensors --per-class
 
 # MNIST, DFME baseline in probability mode, 200 000 queries, CPU: ~1 h (+ post-training ~40 min)
 mnist-dfme: mnist-victim

@@ -32,7 +32,9 @@ kdtools addition, off by default: ``select_from`` K draws K candidates per query
 (free: no oracle call) and asks only the 1/K on which the student is least certain (highest entropy of its
 softmax): uncertainty sampling, as in ActiveThief (Pal et al., AAAI 2020). The generator makes images the
 student is sure of; the victim's answer teaches most where the student is not. Still one query per asked
-sample; the candidates not asked are thrown away.
+sample; the candidates not asked are thrown away. Measured once (Fashion-MNIST, hard labels, 100 000, K = 4):
+the victim's answers spread over more classes, and a width-2 LeNet-5 post-trained on the log reached 86.08 %
+(mean of four seeds) against 85.39 % (two seeds) on the log of the same run without it.
 """
 
 from __future__ import annotations
