@@ -22,5 +22,6 @@ class BudgetExhausted(KdError):
 
 
 class UnanswerableQueries(KdError):
-    """The oracle cannot answer these queries and would fail the same way if asked again (a server's HTTP 422,
-    a replayed log that does not hold them): callers should not retry, and a server passing it on says 422."""
+    """A server answered HTTP 422: it cannot answer these queries and would fail the same way if asked again.
+    Callers should not retry, and a kd-serve proxying that server passes the 422 on (as it does for its own model
+    file or replayed log failing, which raise plain KdError from oracles marked ``free_on_failure``)."""

@@ -130,8 +130,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _host() -> str:
-    # only the characters a host name may hold, so the temporary file's name parses back
-    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "localhost"
+    """This host's name (only the characters a host name may hold, so the temporary file's name parses back),
+    with the inode of this process's pid namespace where Linux shows it: containers that share a host name
+    (host networking, one Kubernetes pod) have pid namespaces of their own, where a live writer's pid looks dead."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "localhost"
+    try:
+        return f"{host}+{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return host
 
 
 def _temporary_prefix(path: Path) -> str:
@@ -143,8 +149,10 @@ def _temporary_prefix(path: Path) -> str:
 def remove_stale_temporaries(path: Path) -> list[Path]:
     """Remove the temporary files a writer of ``path`` on this host left when it was killed before renaming
     them (its process is gone). Files of a live process, of another host (a shared file system) or of an older
-    kdtools (no writer in the name) are left alone. Returns what was removed."""
-    pattern = re.compile(re.escape(f".{path.name}.{_host()}@") + r"(?P<pid>[0-9]+)@[^/]*\.tmp")
+    kdtools (no writer in the name) are left alone; so are those of another pid namespace (see ``_host``).
+    Returns what was removed."""
+    # mkstemp's random part is letters, digits and '_': another output's temporary never parses as one of ours
+    pattern = re.compile(re.escape(f".{path.name}.{_host()}@") + r"(?P<pid>[0-9]+)@[A-Za-z0-9_]+\.tmp")
     removed = []
     try:
         entries = list(path.parent.iterdir())

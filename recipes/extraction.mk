@@ -33,7 +33,7 @@ mnist-ideal: mnist-victim
 
 # Fashion-MNIST, hard labels, 100 000 queries (IDEAL's setting), with kdtools' uncertainty sampling: each
 # query the least certain of 4 generated candidates (--select-from 4); then a fresh LeNet-5 twice as wide,
-# trained on the log with class-balanced epochs. CPU: ~20 min attack + ~22 min post-training
+# trained on the log with class-balanced epochs. CPU: ~20 min attack + 22-50 min post-training
 # (docs/extraction-benchmarks.md, session 22).
 fmnist-ideal: fmnist-victim
 	$(KD) kd-gen-queries ideal --oracle $(RUNS)/fmnist/victim.safetensors --mode label --budget 100000 \

@@ -340,9 +340,15 @@ def test_a_writer_killed_before_its_rename_leaves_a_temporary_that_the_next_writ
     # files that are not a dead writer's of this host stay: a live process's (this one), another host's
     # (a shared file system), an older kdtools's (no writer in the name), and another output's
     host = left[0][len(".labels.csv."):].split("@")[0]
-    assert host == re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())
+    name = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    assert host == f"{name}+{namespace}"
+    # (another pid namespace under the same host name: a container with host networking, where the pid means
+    # another process; and an output whose name holds ours followed by a writer's part)
     keep = [f".labels.csv.{host}@{os.getpid()}@abc.tmp", f".labels.csv.otherhost@{child.pid}@abc.tmp",
-            ".labels.csv.abc123.tmp", f".other.csv.{host}@{child.pid}@abc.tmp"]
+            ".labels.csv.abc123.tmp", f".other.csv.{host}@{child.pid}@abc.tmp",
+            f".labels.csv.{name}+{namespace + 1}@{child.pid}@abc.tmp", f".labels.csv.{name}@{child.pid}@abc.tmp",
+            f".labels.csv.{host}@{child.pid}@x.{host}@999@abc.tmp"]
     for name in keep:
         (tmp_path / name).write_text("in progress\n")
     write(out, "new\n")
