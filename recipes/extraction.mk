@@ -32,12 +32,13 @@ mnist-ideal: mnist-victim
 	$(KD) kd-eval accuracy $(RUNS)/mnist/ideal/post-trained.safetensors --data mnist --reference $(RUNS)/mnist/victim.safetensors
 
 # Fashion-MNIST, hard labels, 100 000 queries (IDEAL's setting), with kdtools' uncertainty sampling: each
-# query the least certain of 4 generated candidates (--select-from 4); then a fresh LeNet-5 twice as wide,
+# query the least certain of 4 generated candidates (--select-from 4), and 10 generator steps per epoch
+# (IDEAL's E_G for CIFAR-10; 5 for MNIST); then a fresh LeNet-5 twice as wide,
 # trained on the log with class-balanced epochs. CPU: ~20 min attack + 22-50 min post-training
 # (docs/extraction-benchmarks.md, session 22).
 fmnist-ideal: fmnist-victim
 	$(KD) kd-gen-queries ideal --oracle $(RUNS)/fmnist/victim.safetensors --mode label --budget 100000 \
-	  --substitute lenet5 $(FMNIST_PIXELS) --g-steps 5 --s-optimizer adam --lr-s 0.001 --pool-epochs 1 --pool-steps 40 \
+	  --substitute lenet5 $(FMNIST_PIXELS) --g-steps 10 --s-optimizer adam --lr-s 0.001 --pool-epochs 1 --pool-steps 40 \
 	  --balance-pool --select-from 4 --eval-data fashion-mnist -o $(RUNS)/fmnist/ideal $(call resume_if,$(RUNS)/fmnist/ideal)
 	$(KD) kd-distill $(RUNS)/fmnist/ideal/queries.h5 --arch lenet5 --arch-args '{"width": 2}' --class-balance 0.5 \
 	  --epochs 60 --optimizer adam --lr 1e-3 --batch-size 128 -o $(RUNS)/fmnist/ideal/post-trained.safetensors
