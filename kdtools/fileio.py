@@ -177,7 +177,7 @@ def _process_is_gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except (PermissionError, OverflowError, OSError):
+    except (OverflowError, OSError):  # PermissionError among them
         return False  # alive under another user, or not a pid we can ask about: keep the file
     return False
 

@@ -34,7 +34,8 @@ softmax): uncertainty sampling, as in ActiveThief (Pal et al., AAAI 2020). The g
 student is sure of; the victim's answer teaches most where the student is not. Still one query per asked
 sample; the candidates not asked are thrown away. Measured once (Fashion-MNIST, hard labels, 100 000, K = 4):
 the victim's answers spread over more classes, and a width-2 LeNet-5 post-trained on the log reached 86.08 %
-(mean of four seeds) against 85.39 % (two seeds) on the log of the same run without it.
+(mean of four seeds) against 85.39 % (two seeds) on the log of the same run without it; 87.19 % with
+``g_steps`` 10 as well (docs/extraction-benchmarks.md, session 22).
 """
 
 from __future__ import annotations
