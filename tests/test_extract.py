@@ -462,3 +462,52 @@ def test_ideal_select_from_asks_the_candidates_the_substitute_is_least_sure_of(v
     assert sum(oracle.calls) == result.spent == 100 and all(c == 50 for c in oracle.calls)
     info = log_info(tmp_path / "run" / "queries.h5")
     assert info["rows"] == info["spent"] == 100
+
+
+def test_a_resume_with_other_method_settings_is_refused_and_asks_nothing(victim_path, tmp_path):
+    # --resume with another --g-steps or --select-from used to go on silently: one log of two attacks
+    out = tmp_path / "run"
+    base = ["ideal", "--oracle", victim_path, "--mode", "label", "--substitute", "lenet5-half", "--batch-size", 20, "-q",
+            "-o", out, "--g-steps", 1]
+    p = kd("kd-gen-queries", *base, "--budget", 40, "--select-from", 2)
+    assert p.returncode == 0, p.stderr.decode()
+
+    def log_content():
+        with h5py.File(out / "queries.h5") as f:
+            return dict(f.attrs), {k: f[k][()].tobytes() for k in f}
+
+    before = log_content()
+    p = kd("kd-gen-queries", *base, "--budget", 80, "--resume")
+    err = p.stderr.decode().strip()
+    assert p.returncode == 1 and len(err.splitlines()) == 1, err
+    assert "started with --select-from 2 (now 1);" in err and "use a new -o/--log" in err, err
+    p = kd("kd-gen-queries", *base[:-2], "--g-steps", 2, "--batch-size", 10, "--budget", 80, "--resume", "--select-from", 2)
+    err = p.stderr.decode().strip()
+    assert p.returncode == 1 and "--batch-size 20 (now 10), --g-steps 1 (now 2)" in err, err
+    after = log_content()  # nothing asked, the budget not raised
+    assert after[1] == before[1] and after[0]["budget"] == 40 and after[0]["spent"] == 40
+    # the same settings (and a larger budget, which a resume may change) go on
+    p = kd("kd-gen-queries", *base, "--budget", 80, "--resume", "--select-from", 2)
+    assert p.returncode == 0, p.stderr.decode()
+    assert log_info(out / "queries.h5")["spent"] == 80
+
+
+def test_a_setting_missing_from_an_older_log_counts_as_its_default(victim_path, tmp_path):
+    # a log written before --select-from existed records no select_from: the run it holds asked with 1
+    _, attack = _attack(IDEAL, IDEALConfig(g_steps=1), victim_path, tmp_path, "label", 40, 20)
+    recorded = {k: v for k, v in attack.resolved.items() if k != "select_from"}
+    attack._refuse_other_settings(recorded)  # the default now: accepted
+    attack.config.select_from = 4
+    with pytest.raises(KdError, match=r"--select-from 1 \(now 4\)"):
+        attack._refuse_other_settings(recorded)
+    attack._refuse_other_settings(None)  # a log that records no options: nothing to compare
+    attack.log.close()
+
+
+def test_select_from_is_refused_in_generator_mode(tmp_path):
+    g = build_generator("ideal", (1, 28, 28))
+    save_generator(g, tmp_path / "g.safetensors", "ideal", (1, 28, 28), g.z_dim, {}, {})
+    p = kd("kd-gen-queries", "ideal", "--generator", tmp_path / "g.safetensors", "-n", 10, "--select-from", 4, "-o", tmp_path / "q.h5")
+    err = p.stderr.decode().strip()
+    assert p.returncode == 2 and "generator mode (--generator) has none" in err, err
+    assert not (tmp_path / "q.h5").exists()

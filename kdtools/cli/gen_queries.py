@@ -401,6 +401,9 @@ def ideal(
         raise KdUsageError(f"--mix-fraction {mix_fraction}: expected a share between 0 and 1")
     if select_from < 1:
         raise KdUsageError(f"--select-from {select_from}: expected at least 1 candidate per query")
+    if generator and select_from > 1:
+        # the selection ranks candidates by the substitute's uncertainty; generator mode has no substitute
+        raise KdUsageError(f"--select-from {select_from} needs the attack's substitute; generator mode (--generator) has none")
     cfg = IDEALConfig(g_steps, lr_g, lr_s, lambda_info, z_dim, pool_epochs, s_optimizer=s_optimizer, balance_pool=balance_pool,
                       pool_steps=pool_steps, mix_fraction=mix_fraction, select_from=select_from)
     _dispatch("ideal", _common(locals()),

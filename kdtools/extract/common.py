@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -142,6 +142,13 @@ class AttackRun:
         if not isinstance(state, dict) or state.get("schema") != STATE_SCHEMA:
             raise KdError(f"{self.state_path}: not a kdtools attack state (schema {STATE_SCHEMA})")
         return state
+
+
+def _flag_value(value) -> str:
+    """A setting as it is written on the command line, for messages (booleans as on/off: they are switches)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 def _substitute_flags(spec: dict) -> str:
@@ -311,6 +318,8 @@ class Attack:
         try:
             if self.log.header.extra.get("method") not in (None, self.method):
                 raise KdError(f"{run.log_path}: the log was written by {self.log.header.extra.get('method')}, not {self.method}; use a new log")
+            if log_existed:
+                self._refuse_other_settings(self.log.header.extra.get("options"))
             self.oracle = BudgetedOracle(oracle, options.mode, options.budget, self.log, store_uint8=self.log_dtype == "uint8")
             self.substitute = (substitute or ImageClassifier(options.substitute, self.input_shape, self.num_classes, options.substitute_args)).to(device)
             self.pool = AnswerPool(options.mode, self.input_shape, self.num_classes)
@@ -340,6 +349,31 @@ class Attack:
         self.checkpoint_every = every
         self.next_checkpoint = (self.oracle.spent // every + 1) * every
         self.last_state_save = time.monotonic()
+
+    # settings that shape the queries an attack asks: a resume with other values would make one log of two
+    # attacks (the budget, checkpoints, evaluation, device and oracle connection may change between resumes)
+    SHAPING_OPTIONS = ("batch_size", "augment")
+    # config fields not compared: recorded paths (the same prior or start weights may be given by another
+    # path) and counts derived from the budget (AEDM's torchrun rounds), which a resume may extend
+    UNCOMPARED_SETTINGS = ("prior", "substitute_init", "rounds")
+
+    def _refuse_other_settings(self, recorded) -> None:
+        """On a continued log: refuse method settings that differ from those the log was started with.
+        A setting the recording lacks (added to kdtools later) counts as its default, which is what ran."""
+        if not isinstance(recorded, dict):
+            return  # a log from before options were recorded: nothing to compare
+        defaults = {f.name: f.default for f in fields(self.config) if f.default is not MISSING}
+        now = {**{k: getattr(self.options, k) for k in self.SHAPING_OPTIONS}, **asdict(self.config)}
+        differ = []
+        for key, value in now.items():
+            if key in self.UNCOMPARED_SETTINGS:
+                continue
+            was = recorded.get(key, defaults.get(key, value))
+            if json.loads(json.dumps(was)) != json.loads(json.dumps(value)):
+                differ.append(f"--{key.replace('_', '-')} {_flag_value(was)} (now {_flag_value(value)})")
+        if differ:
+            raise KdError(f"{self.run.log_path}: this attack was started with {', '.join(differ)}; resume it with the "
+                          "settings it was started with, or use a new -o/--log for the new settings")
 
     # --- to be provided by each method -------------------------------------------------------------
     def setup(self) -> None:
