@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import socket
@@ -188,14 +189,21 @@ def _read_only(path: Path) -> bool:
     return not os.access(path, os.W_OK) or (path.stat().st_mode & 0o222) == 0
 
 
+# errno values that mean "this file could not be written": full disk or quota, file too large, read-only file
+# system, a device error
+WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO") if hasattr(errno, name))
+
+
 @contextlib.contextmanager
 def _naming_output(path: Path) -> Iterator[None]:
-    """An OSError that names no file (a full disk while writing the output: ``[Errno 28] No space left on
-    device``) is given the output's path, so its one-line report says which file could not be written."""
+    """A write error that names no file (a full disk while writing the output: ``[Errno 28] No space left on
+    device``) is given the output's path, so its one-line report says which file could not be written. Only
+    write errors: the caller's whole computation runs inside, and a dropped connection to an HTTP oracle
+    (``[Errno 104] Connection reset by peer``) is not the output's fault."""
     try:
         yield
     except OSError as e:
-        if e.filename is None and e.errno is not None:
+        if e.filename is None and e.errno in WRITE_ERRNOS:
             e.filename = str(path)
         raise
 

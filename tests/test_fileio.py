@@ -287,6 +287,18 @@ def test_a_write_error_without_a_file_name_gets_the_outputs_path(tmp_path):
     assert out.read_text() == "old\n"
 
 
+def test_an_error_that_is_not_a_write_error_is_not_blamed_on_the_output(tmp_path):
+    # the caller's whole computation runs inside atomic_path: an HTTP oracle's dropped connection is no
+    # fault of the output file, and its report must not name it
+    out = tmp_path / "out.csv"
+    for error in (ConnectionResetError(104, "Connection reset by peer"), OSError(110, "Connection timed out")):
+        with pytest.raises(OSError) as raised:
+            with atomic_path(out):
+                raise error
+        assert raised.value.filename is None and str(out) not in str(raised.value)
+    assert not out.exists()
+
+
 def test_describe_unexpected_is_one_line_naming_the_file():
     from kdtools.cli._common import describe_unexpected
 
