@@ -118,8 +118,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         with _naming_output(path):
             yield tmp_path
-        with open(tmp_path, "rb+") as f:  # make the bytes durable before they become visible
-            os.fsync(f.fileno())
+        with _naming_output(path), open(tmp_path, "rb+") as f:  # make the bytes durable before they become visible
+            os.fsync(f.fileno())  # (a full disk or quota on NFS often shows only here)
         os.chmod(tmp_path, mode)  # mkstemp makes 0600: a new output gets the usual permissions, a replaced one its own
         os.replace(tmp_path, path)
         done = True
@@ -190,8 +190,9 @@ def _read_only(path: Path) -> bool:
 
 
 # errno values that mean "this file could not be written": full disk or quota, file too large, read-only file
-# system, a device error
-WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO") if hasattr(errno, name))
+# system, a device error, a stale NFS handle
+WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO", "ESTALE")
+                         if hasattr(errno, name))
 
 
 @contextlib.contextmanager

@@ -504,6 +504,27 @@ def test_a_setting_missing_from_an_older_log_counts_as_its_default(victim_path, 
     attack.log.close()
 
 
+def test_a_resume_from_the_log_alone_keeps_the_substitute_and_pixel_mapping(victim_path, tmp_path):
+    # killed before its first state save, an attack has only its log: the substitute and the generator's pixel
+    # mapping were not compared then, and a resume took other ones silently
+    out = tmp_path / "run"
+    base = ["ideal", "--oracle", victim_path, "--mode", "label", "--batch-size", 20, "-q", "-o", out, "--g-steps", 1,
+            "--pixel-mean", 0.13, "--pixel-std", 0.31]
+    p = kd("kd-gen-queries", *base, "--budget", 40, "--substitute", "lenet5", "--substitute-args", '{"width": 2}')
+    assert p.returncode == 0, p.stderr.decode()
+    (out / "state.pt").unlink()
+    p = kd("kd-gen-queries", *base, "--budget", 80, "--resume", "--substitute", "lenet5")
+    err = p.stderr.decode().strip()
+    assert p.returncode == 1 and "started with --substitute lenet5 --substitute-args '{\"width\": 2}', not --substitute lenet5;" in err, err
+    p = kd("kd-gen-queries", *base[:-4], "--budget", 80, "--resume", "--substitute", "lenet5", "--substitute-args", '{"width": 2}')
+    err = p.stderr.decode().strip()
+    assert p.returncode == 1 and "--pixel-mean 0.13 (now unset), --pixel-std 0.31 (now unset)" in err, err
+    assert log_info(out / "queries.h5")["spent"] == 40
+    p = kd("kd-gen-queries", *base, "--budget", 80, "--resume", "--substitute", "lenet5", "--substitute-args", '{"width": 2}')
+    assert p.returncode == 0, p.stderr.decode()
+    assert log_info(out / "queries.h5")["spent"] == 80
+
+
 def test_select_from_is_refused_in_generator_mode(tmp_path):
     g = build_generator("ideal", (1, 28, 28))
     save_generator(g, tmp_path / "g.safetensors", "ideal", (1, 28, 28), g.z_dim, {}, {})

@@ -287,6 +287,22 @@ def test_a_write_error_without_a_file_name_gets_the_outputs_path(tmp_path):
     assert out.read_text() == "old\n"
 
 
+def test_a_full_disk_at_fsync_names_the_output_too(tmp_path, monkeypatch):
+    # on NFS or under a quota the write often succeeds and fsync (or close) reports the full disk
+    out = tmp_path / "out.csv"
+    out.write_text("old\n")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as raised:
+        with atomic_path(out) as tmp:
+            tmp.write_text("new\n")
+    assert raised.value.filename == str(out)
+    assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
 def test_an_error_that_is_not_a_write_error_is_not_blamed_on_the_output(tmp_path):
     # the caller's whole computation runs inside atomic_path: an HTTP oracle's dropped connection is no
     # fault of the output file, and its report must not name it

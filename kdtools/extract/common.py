@@ -145,10 +145,11 @@ class AttackRun:
 
 
 def _flag_value(value) -> str:
-    """A setting as it is written on the command line, for messages (booleans as on/off: they are switches)."""
+    """A setting as it is written on the command line, for messages (booleans as on/off: they are switches;
+    an unset one, None, as "unset")."""
     if isinstance(value, bool):
         return "on" if value else "off"
-    return str(value)
+    return "unset" if value is None else str(value)
 
 
 def _substitute_flags(spec: dict) -> str:
@@ -350,27 +351,49 @@ class Attack:
         self.next_checkpoint = (self.oracle.spent // every + 1) * every
         self.last_state_save = time.monotonic()
 
-    # settings that shape the queries an attack asks: a resume with other values would make one log of two
-    # attacks (the budget, checkpoints, evaluation, device and oracle connection may change between resumes)
-    SHAPING_OPTIONS = ("batch_size", "augment")
+    # settings that shape the queries an attack asks and the substitute it trains: a resume with other values
+    # would make one log of two attacks (the budget, checkpoints, evaluation, final epochs, device and oracle
+    # connection may change between resumes)
+    SHAPING_OPTIONS = ("batch_size", "augment", "pixel_mean", "pixel_std")
     # config fields not compared: recorded paths (the same prior or start weights may be given by another
     # path) and counts derived from the budget (AEDM's torchrun rounds), which a resume may extend
     UNCOMPARED_SETTINGS = ("prior", "substitute_init", "rounds")
 
     def _refuse_other_settings(self, recorded) -> None:
-        """On a continued log: refuse method settings that differ from those the log was started with.
-        A setting the recording lacks (added to kdtools later) counts as its default, which is what ran."""
+        """On a continued log: refuse settings that differ from those the log was started with, before anything
+        is asked. A setting the recording lacks (added to kdtools later) counts as its default, which is what ran.
+        The substitute is compared here too, not only against the resume state: a run killed before its first
+        state save has only the log."""
         if not isinstance(recorded, dict):
             return  # a log from before options were recorded: nothing to compare
-        defaults = {f.name: f.default for f in fields(self.config) if f.default is not MISSING}
+
+        def defaults_of(obj) -> dict:
+            out = {}
+            for f in fields(obj):
+                if f.default is not MISSING:
+                    out[f.name] = f.default
+                elif f.default_factory is not MISSING:
+                    out[f.name] = f.default_factory()
+            return out
+
+        def plain(value):  # as the log's header stores it (JSON, anything else as text)
+            return json.loads(json.dumps(value, default=str))
+
+        defaults = {**defaults_of(self.options), **defaults_of(self.config)}
+        was = {k: recorded.get(k, defaults.get(k)) for k in ("substitute", "substitute_args")}
+        if plain(was["substitute"]) != plain(self.options.substitute) or plain(was["substitute_args"] or {}) != plain(self.options.substitute_args or {}):
+            saved = {"arch": was["substitute"], "arch_args": was["substitute_args"] or {}}
+            now = {"arch": self.options.substitute, "arch_args": self.options.substitute_args or {}}
+            raise KdError(f"{self.run.log_path}: this attack was started with {_substitute_flags(saved)}, not "
+                          f"{_substitute_flags(now)}; resume it with the substitute it was started with")
         now = {**{k: getattr(self.options, k) for k in self.SHAPING_OPTIONS}, **asdict(self.config)}
         differ = []
         for key, value in now.items():
             if key in self.UNCOMPARED_SETTINGS:
                 continue
-            was = recorded.get(key, defaults.get(key, value))
-            if json.loads(json.dumps(was)) != json.loads(json.dumps(value)):
-                differ.append(f"--{key.replace('_', '-')} {_flag_value(was)} (now {_flag_value(value)})")
+            before = recorded.get(key, defaults.get(key, value))
+            if plain(before) != plain(value):
+                differ.append(f"--{key.replace('_', '-')} {_flag_value(before)} (now {_flag_value(value)})")
         if differ:
             raise KdError(f"{self.run.log_path}: this attack was started with {', '.join(differ)}; resume it with the "
                           "settings it was started with, or use a new -o/--log for the new settings")
