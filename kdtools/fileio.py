@@ -204,7 +204,9 @@ def _naming_output(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.filename is None and e.errno in WRITE_ERRNOS:
+        # HDF5 names the file inside its message ("filename = '/data/log.h5'"), which may be another file than
+        # this output (a query log written beside it): that name is the right one
+        if e.filename is None and e.errno in WRITE_ERRNOS and "filename = '" not in str(e):
             e.filename = str(path)
         raise
 

@@ -303,6 +303,18 @@ def test_a_full_disk_at_fsync_names_the_output_too(tmp_path, monkeypatch):
     assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["out.csv"]
 
 
+def test_a_full_disk_reported_by_hdf5_for_another_file_keeps_that_files_name(tmp_path):
+    from kdtools.cli._common import describe_unexpected
+
+    out = tmp_path / "out.csv"
+    with pytest.raises(OSError) as raised:
+        with atomic_path(out):  # a query log written beside the output fills the disk
+            raise OSError(28, "Can't write data (file write failed: time = Sun Dec  6 07:00:00 2026\n, "
+                              "filename = '/data/queries.h5', file descriptor = 4, errno = 28)")
+    assert raised.value.filename is None
+    assert describe_unexpected(raised.value) == "/data/queries.h5: No space left on device"
+
+
 def test_an_error_that_is_not_a_write_error_is_not_blamed_on_the_output(tmp_path):
     # the caller's whole computation runs inside atomic_path: an HTTP oracle's dropped connection is no
     # fault of the output file, and its report must not name it
