@@ -312,6 +312,15 @@ def test_torchrun_federation_averages_every_round(prior_dir, victim_path, tmp_pa
     # the averaged substitute records the command's options, not only AEDM's own (budget, oracle, substitute)
     options = json.loads(meta["options"])
     assert options["budget"] == 200 and options["oracle"] == str(victim_path) and options["substitute"] == "lenet5"
+    # resumed by three processes, each client's share and log would change: refused by every rank, nothing asked
+    before = [(out / f"client-{k}" / "queries.h5").read_bytes() for k in (0, 1)]
+    p = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "3", "-m", "kdtools.cli.gen_queries", "aedm",
+                        "--diffusion", str(prior_dir), "--oracle", str(victim_path), "--budget", "300", "-o", str(out),
+                        "--resume", *map(str, FAST)], capture_output=True, env=_torchrun_env(tmp_path))
+    err = p.stderr.decode()
+    assert p.returncode != 0 and "this federated attack was run by 2 clients (torchrun --nproc_per_node 2), not 3" in err, err[-2000:]
+    assert [(out / f"client-{k}" / "queries.h5").read_bytes() for k in (0, 1)] == before
+    assert not (out / "client-2").exists()
 
 
 def test_torchrun_client_that_dies_leaves_the_last_average(prior_dir, victim_path, tmp_path):

@@ -651,6 +651,7 @@ def _aedm_federated_rank(prior, common: dict, cfg, start, world: int) -> None:
         raise KdUsageError("under torchrun every rank is one client: drop --clients")
     if common["budget"] is None or not common["output"] or common["output"] == "-":
         raise KdUsageError("federated attack mode needs --oracle, --budget and -o DIR")
+    _refuse_other_client_count(Path(common["output"]), world, common["resume"])
     device = resolve_device(common["device"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -683,6 +684,29 @@ def _aedm_federated_rank(prior, common: dict, cfg, start, world: int) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _refuse_other_client_count(out: Path, world: int, resume: bool) -> None:
+    """A federated attack resumed by another number of torchrun processes would give each client another
+    share of the budget and pair logs with the wrong clients: refused, on every rank alike (each reads the same
+    files) and before the process group forms, so no rank waits for another that has stopped."""
+    if not resume or not out.is_dir():
+        return
+    from ..weights import read_metadata
+
+    averaged = out / "substitute.safetensors"
+    recorded = None
+    if averaged.is_file():
+        try:
+            recorded = int(read_metadata(averaged).get("clients", 0)) or None
+        except (KdError, OSError, ValueError):
+            recorded = None  # unreadable: the clients' own checks speak for it
+    if recorded is None:  # stopped before the first round's average: count the clients' directories
+        recorded = len([d for d in out.glob("client-*") if d.is_dir()]) or None
+    if recorded is not None and recorded != world:
+        raise KdUsageError(f"{out}: this federated attack was run by {recorded} clients (torchrun --nproc_per_node "
+                           f"{recorded}), not {world}; resume it with {recorded} processes (each client's share of the "
+                           "budget and its log depend on the count)")
 
 
 def _aedm_stream(prior, prior_path: str, substitute: str, follow: bool, n: Optional[int], output: str, seed: int,
