@@ -27,10 +27,11 @@ demo: install
 	bash recipes/demo.sh
 
 # Test files are spread over TEST_WORKERS processes (pytest-xdist), one file per worker at a time so that
-# a file's module fixtures (trained teachers, priors) are built once.
+# a file's module fixtures (trained teachers, priors) are built once. The ten slowest tests are listed at the end,
+# so a suite creeping towards its 15-minute budget shows where the time goes.
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 test-all: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m ''
