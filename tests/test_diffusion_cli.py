@@ -231,7 +231,9 @@ def test_bad_inputs(image_teacher, tabular_teacher, tmp_path):
         (["distill", tabular_teacher, "--steps", 4, "--iters", 5, "-o", tmp_path / "d1"], 2,
          b"d1.ckpt holds a stopped run of this output: add --resume", "d1"),
         (["distill", tabular_teacher, "--steps", 4, "--method", "progressive", "--resume", "-o", tmp_path / "d2"], 2,
-         b"--method progressive keeps no checkpoint", "d2"),
+         b"--resume: there is no", "d2"),
+        (["distill", tabular_teacher, "--steps", 4, "--method", "ddim", "--resume", "-o", tmp_path / "d3"], 2,
+         b"--method ddim trains nothing, so it keeps no checkpoint", "d3"),
     ]
     (tmp_path / "t4.ckpt").write_bytes(b"a stopped run")
     (tmp_path / "d1.ckpt").write_bytes(b"a stopped run")
@@ -318,17 +320,18 @@ def test_a_stopped_train_keeps_its_steps_and_resumes(tmp_path):
     assert (out / "model_index.json").is_file() and not Path(str(out) + ".ckpt").exists()
 
 
-def test_sigterm_stops_a_progressive_distillation_at_once(tabular_teacher, tmp_path):
-    # progressive's folds keep no checkpoint: its stop must not be deferred to a step boundary nobody polls
+def test_sigterm_stops_a_progressive_distillation_in_its_fold_and_resume_finishes_it(tabular_teacher, tmp_path):
+    # progressive's folds kept no checkpoint, so a scheduler's time limit lost every fold; now the stop waits for the
+    # step under way, OUTPUT.ckpt holds the fold and its step, and --resume goes on from there
     import signal
     import time
 
     from conftest import kd_cmd
 
-    err = tmp_path / "err.txt"
+    out, err = tmp_path / "p", tmp_path / "err.txt"
+    args = ["distill", tabular_teacher, "--steps", 5, "--method", "progressive", "--iters", 2000, "-o", out]
     with open(err, "wb") as f:
-        p = subprocess.Popen(kd_cmd("kd-diffstep") + ["distill", str(tabular_teacher), "--steps", "5", "--method", "progressive",
-                             "--iters", "1000000", "-o", str(tmp_path / "p")], stderr=f, env={**os.environ, **FAST})
+        p = subprocess.Popen(kd_cmd("kd-diffstep") + [str(a) for a in args], stderr=f, env={**os.environ, **FAST})
         deadline = time.monotonic() + 120
         while b"progressive fold 1" not in err.read_bytes() and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -338,7 +341,14 @@ def test_sigterm_stops_a_progressive_distillation_at_once(tabular_teacher, tmp_p
         finally:
             p.kill()  # a regressed run that ignores SIGTERM must not train on after the test
             p.wait()
-    assert not (tmp_path / "p").exists() and not (tmp_path / "p.ckpt").exists()
+    assert not out.exists()
+    state = torch.load(Path(str(out) + ".ckpt"), weights_only=True)
+    assert state["fold"] == 0 and 1 <= state["iter"] <= 2000
+    assert f"p.ckpt holds the run after step {state['iter']} of 2000 of progressive fold 1/3".encode() in err.read_bytes(), err.read_bytes()
+    r = run(*args, "--resume")
+    assert r.returncode == 0 and f"resumed at step {state['iter']} of fold 1".encode() in r.stderr, r.stderr
+    assert (out / "model_index.json").is_file() and not Path(str(out) + ".ckpt").exists()
+    assert run("sample", out, "-n", 8, "-o", tmp_path / "s.h5").returncode == 0
 
 
 def test_train_under_torchrun_two_processes(tmp_path):

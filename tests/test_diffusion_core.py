@@ -1,6 +1,8 @@
 """kd-diffstep library pieces in-process (fast): the baselines' training loops on a tiny model, and the
 student's sampler equal to diffusers' DDPMScheduler on the same schedule."""
 
+import json
+
 import torch
 
 from kdtools.diffusion.baselines import ddim_skipping, from_scratch, progressive_distillation
@@ -201,6 +203,43 @@ def test_a_stopped_training_run_resumes_from_its_checkpoint_to_the_uninterrupted
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(KdError, match="not a readable training checkpoint"):
         load_fit_checkpoint(tmp_path / "junk.ckpt", cfg)
+
+
+def test_a_stopped_progressive_distillation_resumes_in_its_fold_to_the_uninterrupted_weights(tmp_path):
+    """Progressive distillation keeps one checkpoint across its folds: a stop inside fold 2 resumes there (fold 1 is
+    not trained again), and so does a kill between two folds; both end with the uninterrupted run's weights."""
+    import pytest
+
+    from kdtools.diffusion.training import TrainingStopped, load_fit_checkpoint
+    from kdtools.progress import ProgressEvent
+
+    t = tiny_teacher()  # 24 steps -> 3: folds 24->12, 12->6, 6->3
+    data, cfg = swiss_roll(300), FitConfig(iters=60, batch_size=16)
+    whole = progressive_distillation(t, data, 3, cfg, CPU)
+
+    tasks = []
+
+    def record(event: ProgressEvent):
+        tasks.append(event.task)
+
+    ckpt = tmp_path / "p.ckpt"
+    stop = {"checkpoint": ckpt, "stop_requested": lambda: any(task.startswith("progressive fold 2/3") for task in tasks)}
+    with pytest.raises(TrainingStopped, match=r"progressive fold 2/3: 12->6: stopped after step 1 of 60"):
+        progressive_distillation(tiny_teacher(), data, 3, cfg, CPU, record, fit_options=stop)
+    state = load_fit_checkpoint(ckpt, cfg)  # fold 2 trains with seed + 1: accepted as the same options
+    assert (state["fold"], state["iter"]) == (1, 1) and len(json.loads(state["fold_stats"])) == 1
+    tasks.clear()
+    resumed = progressive_distillation(tiny_teacher(), data, 3, cfg, CPU, record, fit_options={"checkpoint": ckpt, "resume": state})
+    assert not any(task.startswith("progressive fold 1/3") for task in tasks)  # fold 1 was not trained again
+    for a, b in zip(whole.net.state_dict().values(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.chain.timesteps == whole.chain.timesteps and len(resumed.info["stats"]["folds"]) == 3
+    # the resumed run wrote the state between folds 2 and 3 (a kill there resumes at fold 3, step 0)
+    between = load_fit_checkpoint(ckpt, cfg)
+    assert (between["fold"], between["iter"]) == (2, 0)
+    again = progressive_distillation(tiny_teacher(), data, 3, cfg, CPU, fit_options={"resume": between})
+    for a, b in zip(whole.net.state_dict().values(), again.net.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def _ddp_stop_worker(rank, world, port, stop_after, ckpt, results):

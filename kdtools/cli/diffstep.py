@@ -63,7 +63,8 @@ def _resume_record(options: dict) -> dict:
 def _checkpoint_hint(output: str, ckpt: Path, stopped=None) -> str:
     """What a stop keeps (STOP_HINT): the step the checkpoint holds when the stop came at a step boundary
     (``stopped``: TrainingStopped), else its last periodic save, if there was one."""
-    held = (f"holds the run after step {stopped.done} of {stopped.total}" if stopped is not None
+    held = (f"holds the run after step {stopped.done} of {stopped.total}"
+            + (f" of {stopped.task.split(':')[0]}" if stopped.task.startswith("progressive fold") else "") if stopped is not None
             else "holds the run as of its last save (every minute), if it got that far")
     return f"nothing was written to {output} yet; {ckpt} {held}: rerun with the same options and --resume to continue it"
 
@@ -88,7 +89,8 @@ def _training_checkpoint(out: Path, resume: bool, cfg, record: dict, prog: str =
         differ = ", ".join(f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
                            if theirs.get(k) != ours.get(k))
         raise KdUsageError(f"{ckpt} was made with other options ({differ}): resume with the options it was made with")
-    info(f"{prog}: resuming {ckpt} at step {state['iter']} of {cfg.iters}")
+    fold = f" of fold {state['fold'] + 1}" if isinstance(state.get("fold"), int) else ""  # progressive distillation
+    info(f"{prog}: resuming {ckpt} at step {state['iter']} of {cfg.iters}{fold}")
     return ckpt, state
 
 
@@ -320,10 +322,10 @@ def distill(
     # DDIM step skipping trains nothing: the training flags neither apply nor are checked
     cfg = _fit_config(iters, batch_size, lr, ema, seed, hidden_weight, data_weight) if method != "ddim" else None
     record, ckpt, resume_state = _resume_record(options), None, None
-    if method in ("sfddm", "scratch"):  # one fit: a checkpoint continues it (progressive's folds keep none yet)
+    if method != "ddim":  # a checkpoint continues the fit (progressive: the fold it was in)
         ckpt, resume_state = _training_checkpoint(out, resume, cfg, record, "kd-diffstep distill")
     elif resume:
-        raise KdUsageError(f"--resume: --method {method} keeps no checkpoint (only sfddm and scratch do)")
+        raise KdUsageError(f"--resume: --method {method} trains nothing, so it keeps no checkpoint")
     rank, world, dev = distributed_setup(device)
     options["device"] = str(dev)
     x = None
@@ -342,7 +344,7 @@ def distill(
     if ckpt is not None:
         STOP_HINT["text"] = _checkpoint_hint(output, ckpt)
     # Ctrl-C and SIGTERM wait for the step under way to finish: the checkpoint is then written between two steps
-    # (only where a checkpoint is kept: progressive's folds never ask, and a deferred stop would never come)
+    # (only where a checkpoint is kept: DDIM skipping trains nothing, and a deferred stop would never come)
     with progress_reporter(rank == 0, "kd-diffstep distill") as progress, \
             (StopsAtBoundaries() if ckpt is not None else contextlib.nullcontext()) as stops:
         fit_options = ({"checkpoint": ckpt, "resume": resume_state, "record": record, "stop_requested": stops.requested}
@@ -353,7 +355,7 @@ def distill(
             elif method == "ddim":
                 student = ddim_skipping(t, phi)
             elif method == "progressive":
-                student = progressive_distillation(t, x, steps, cfg, dev, progress, rank, world)
+                student = progressive_distillation(t, x, steps, cfg, dev, progress, rank, world, fit_options)
             else:
                 student = from_scratch(t, x, phi, cfg, dev, progress, rank, world, fit_options)
         except TrainingStopped as stopped:
@@ -376,8 +378,10 @@ def distill(
         if ckpt is not None:
             ckpt.unlink(missing_ok=True)  # the student is complete: nothing left to resume
         secs = student.info.get("stats", {}).get("seconds", 0.0)
+        resumed_fold = (f" of fold {resume_state['fold'] + 1}" if resume_state is not None and isinstance(resume_state.get("fold"), int)
+                        else "")
         info(f"kd-diffstep distill: wrote {out}: {method}, {t.steps} -> {student.steps} steps ({secs:.0f} s of training)"
-             + (f"; resumed at step {resume_state['iter']}" if resume_state is not None else ""))
+             + (f"; resumed at step {resume_state['iter']}{resumed_fold}" if resume_state is not None else ""))
     _finish_distributed(world)
 
 

@@ -29,7 +29,7 @@ from ..progress import ProgressCallback, no_progress
 from .schedules import Chain, check_student_steps, make_subsequence, q_sample
 from .sfddm import student_chain
 from .teachers import DiffusionModel, denoise, fresh_copy, scheduler_config_for, subchain_scheduler_config
-from .training import FitConfig, denoising_loss, fit, rand_steps
+from .training import FitConfig, denoising_loss, fit, rand_steps, save_fit_checkpoint
 
 METHODS = ("sfddm", "ddim", "progressive", "scratch")
 
@@ -96,31 +96,68 @@ def _ddim_rows(x, eps, a_t, a_prev, clip):
 
 def progressive_distillation(teacher: DiffusionModel, data: torch.Tensor, steps: int, cfg: FitConfig,
                              device: torch.device, progress: ProgressCallback = no_progress,
-                             rank: int = 0, world_size: int = 1) -> DiffusionModel:
-    """Halving folds from the teacher down to ``steps``; ``cfg.iters`` optimiser steps per fold."""
+                             rank: int = 0, world_size: int = 1, fit_options: dict | None = None) -> DiffusionModel:
+    """Halving folds from the teacher down to ``steps``; ``cfg.iters`` optimiser steps per fold.
+
+    ``fit_options`` (checkpoint, resume, record, stop_requested) keep one checkpoint for the whole run: inside a
+    fold it is ``fit``'s, with the fold's number, its teacher (the previous fold's student) and the finished folds'
+    statistics added; between two folds it holds the next fold at step 0. ``resume`` (that checkpoint, loaded)
+    continues from there: on one process exactly the uninterrupted run."""
+    import json
+
     n0, folds = progressive_plan(teacher.steps, steps)
     phi0 = make_subsequence(teacher.steps, n0, "uniform")
     chain = teacher.chain.sub(phi0)
     clip = teacher.clip
     net = teacher.net.to(device).eval()
     total = {"seconds": 0.0, "folds": []}
+    options = dict(fit_options or {})
+    resume = options.pop("resume", None)
+    checkpoint = options.get("checkpoint")
+    first = 0
+    if resume is not None:  # the folds finished before the stop are not trained again
+        first = int(resume["fold"])
+        net = copy.deepcopy(teacher.net).to(device)
+        net.load_state_dict(resume["fold_teacher"])
+        net.eval()
+        total["folds"] = json.loads(resume["fold_stats"])
+        total["seconds"] = sum(f["seconds"] for f in total["folds"])
+        for _ in range(first):
+            chain = _halved(chain)
+        if int(resume["iter"]) == 0:
+            resume = None  # stopped between two folds: the next one starts afresh, as it would have
     torch.manual_seed(cfg.seed)
-    for fold in range(folds):
+    for fold in range(first, folds):
         fold_teacher = net.eval().requires_grad_(False)
         student_net = copy.deepcopy(fold_teacher).requires_grad_(True)
         fold_cfg = _with_seed(cfg, cfg.seed + fold)
         n = len(chain)
+        where = {"fold": fold, "fold_teacher": fold_teacher.state_dict(), "fold_stats": json.dumps(total["folds"])}
         net, stats = fit(student_net, progressive_loss(fold_teacher, chain, clip), data, fold_cfg, device, progress,
-                         f"progressive fold {fold + 1}/{folds}: {n}->{n // 2}", rank, world_size)
-        chain = Chain([chain.timesteps[i] for i in range(1, n, 2)], chain.alphas_cumprod[1::2])
+                         f"progressive fold {fold + 1}/{folds}: {n}->{n // 2}", rank, world_size,
+                         resume=resume if fold == first else None, extra_state=where if checkpoint else None, **options)
+        chain = _halved(chain)
         total["seconds"] += stats["seconds"]
         total["folds"].append(stats)
+        if checkpoint is not None and rank == 0 and fold + 1 < folds:
+            # between two folds: a stop now must not train the finished fold again
+            save_fit_checkpoint(checkpoint, {
+                "kind": "kdtools.diffusion.fit", "fit": _with_seed(cfg, cfg.seed + fold + 1).to_json(), "iter": 0,
+                "seconds": 0.0, "world_size": world_size, "fold": fold + 1, "fold_teacher": net.state_dict(),
+                "fold_stats": json.dumps(total["folds"]),
+                "record": json.dumps(options.get("record") or {}, sort_keys=True, default=str)})
     info = {"kind": "student", "method": "progressive", "teacher_steps": teacher.steps, "start_steps": n0, "folds": folds,
             **teacher.inherited(), "default_sampler": "ddim",
             "fit": cfg.to_json(), "stats": total}
     sched = subchain_scheduler_config(teacher.scheduler_config, teacher.chain.alphas_cumprod, info["clip_sample"],
                                       "DDIMScheduler", info["clip_sample_range"])
     return DiffusionModel(net.cpu(), chain, info, sched)
+
+
+def _halved(chain: Chain) -> Chain:
+    """Every other step of a chain (a fold's student does two of its teacher's steps in one)."""
+    n = len(chain)
+    return Chain([chain.timesteps[i] for i in range(1, n, 2)], chain.alphas_cumprod[1::2])
 
 
 def _with_seed(cfg: FitConfig, seed: int) -> FitConfig:

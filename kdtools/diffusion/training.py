@@ -75,7 +75,7 @@ class TrainingStopped(Exception):
 
     def __init__(self, task: str, done: int, total: int):
         super().__init__(f"{task}: stopped after step {done} of {total}")
-        self.done, self.total = done, total
+        self.task, self.done, self.total = task, done, total
 
 
 def save_fit_checkpoint(path, state: dict) -> None:
@@ -96,6 +96,8 @@ def load_fit_checkpoint(path, cfg: FitConfig) -> dict:
     if not isinstance(state, dict) or state.get("kind") != "kdtools.diffusion.fit":
         raise KdError(f"{path}: not a kd-diffstep training checkpoint")
     theirs, ours = state.get("fit") or {}, cfg.to_json()
+    if isinstance(state.get("fold"), int):  # progressive distillation trains fold k with seed + k
+        ours = {**ours, "seed": cfg.seed + state["fold"]}
     if theirs != ours:
         differ = ", ".join(f"{k} {theirs.get(k)!r} -> {ours[k]!r}" for k in ours if theirs.get(k) != ours[k])
         raise KdUsageError(f"{path} was made with other training options ({differ}): resume with the options it was "
@@ -106,10 +108,12 @@ def load_fit_checkpoint(path, cfg: FitConfig) -> dict:
 def fit(net: nn.Module, loss_fn: LossFn, data: torch.Tensor, cfg: FitConfig, device: torch.device,
         progress: ProgressCallback = no_progress, task: str = "training", rank: int = 0, world_size: int = 1,
         checkpoint=None, resume: dict | None = None, save_every_s: float = 60.0,
-        record: dict | None = None, stop_requested: Callable[[], bool] | None = None) -> tuple[nn.Module, dict]:
+        record: dict | None = None, stop_requested: Callable[[], bool] | None = None,
+        extra_state: dict | None = None) -> tuple[nn.Module, dict]:
     """Train ``net`` on ``loss_fn``; returns (the EMA network, stats {loss, seconds, iters}). With ``checkpoint``
     (a path; rank 0 writes it) the run keeps a checkpoint there, with ``record`` (the caller's options, for it
-    to check on resume); ``resume`` continues one (module docstring)."""
+    to check on resume) and ``extra_state`` (what a caller running several fits needs to find its place again,
+    e.g. progressive distillation's fold); ``resume`` continues one (module docstring)."""
     cfg.validate()
     if data.shape[0] == 0:
         raise KdError("no training data")
@@ -139,7 +143,7 @@ def fit(net: nn.Module, loss_fn: LossFn, data: torch.Tensor, cfg: FitConfig, dev
             "kind": "kdtools.diffusion.fit", "fit": cfg.to_json(), "iter": done, "net": net.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "opt": opt.state_dict(), "rng": g.get_state(),
             "running": running, "seconds": before + time.perf_counter() - t0, "world_size": world_size,
-            "record": json.dumps(record or {}, sort_keys=True, default=str)})
+            "record": json.dumps(record or {}, sort_keys=True, default=str), **(extra_state or {})})
 
     saved_at = time.perf_counter()
     for it in range(done, cfg.iters):
