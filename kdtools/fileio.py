@@ -116,9 +116,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     done = False
     try:
-        with _naming_output(path):
+        with _naming_output(path, tmp_path):
             yield tmp_path
-        with _naming_output(path), open(tmp_path, "rb+") as f:  # make the bytes durable before they become visible
+        with _naming_output(path, tmp_path), open(tmp_path, "rb+") as f:  # make the bytes durable before they become visible
             os.fsync(f.fileno())  # (a full disk or quota on NFS often shows only here)
         os.chmod(tmp_path, mode)  # mkstemp makes 0600: a new output gets the usual permissions, a replaced one its own
         os.replace(tmp_path, path)
@@ -196,19 +196,25 @@ WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "
 
 
 @contextlib.contextmanager
-def _naming_output(path: Path) -> Iterator[None]:
+def _naming_output(path: Path, temporary: Optional[Path] = None) -> Iterator[None]:
     """A write error that names no file (a full disk while writing the output: ``[Errno 28] No space left on
     device``) is given the output's path, so its one-line report says which file could not be written. Only
     write errors: the caller's whole computation runs inside, and a dropped connection to an HTTP oracle
-    (``[Errno 104] Connection reset by peer``) is not the output's fault."""
+    (``[Errno 104] Connection reset by peer``) is not the output's fault. HDF5 names the file in its message
+    ("filename = '/data/log.h5'"): another file's name is kept (a query log written beside the output), but the
+    output's ``temporary`` (a hidden name removed at once) is replaced by the output's."""
     try:
         yield
     except OSError as e:
-        # HDF5 names the file inside its message ("filename = '/data/log.h5'"), which may be another file than
-        # this output (a query log written beside it): that name is the right one
-        if e.filename is None and e.errno in WRITE_ERRNOS and "filename = '" not in str(e):
-            e.filename = str(path)
+        if e.filename is None and e.errno in WRITE_ERRNOS:
+            named = _HDF5_FILENAME.search(str(e))
+            if named is None or (temporary is not None and os.path.abspath(named.group(1)) == os.path.abspath(temporary)):
+                e.filename = str(path)
         raise
+
+
+# HDF5's errors carry the file in a multi-line report: "... filename = '/dev/full', file descriptor = 4, ..."
+_HDF5_FILENAME = re.compile(r"filename = '([^']*)'")
 
 
 def _copy_to_descriptor(tmp: Path, fd: int, path: Path) -> None:

@@ -313,6 +313,11 @@ def test_a_full_disk_reported_by_hdf5_for_another_file_keeps_that_files_name(tmp
                               "filename = '/data/queries.h5', file descriptor = 4, errno = 28)")
     assert raised.value.filename is None
     assert describe_unexpected(raised.value) == "/data/queries.h5: No space left on device"
+    # the output's own temporary file named by HDF5 (hidden, and removed at once) reads as the output
+    with pytest.raises(OSError) as raised:
+        with atomic_path(out) as tmp:
+            raise OSError(27, f"Can't write data (file write failed: ..., filename = '{tmp}', file descriptor = 4, errno = 27)")
+    assert describe_unexpected(raised.value) == f"{out}: File too large"
 
 
 def test_an_error_that_is_not_a_write_error_is_not_blamed_on_the_output(tmp_path):
