@@ -119,6 +119,14 @@ def log_info(path) -> dict:
         return _facts(f, _committed_rows(f, _header_from_attrs(f).fields))
 
 
+def log_options(path) -> Optional[dict]:
+    """The resolved options a query log was started with (its header), or None when it records none."""
+    with _open(path, "r") as f:
+        _check_ours(f, path)
+        options = _header_from_attrs(f).extra.get("options")
+    return options if isinstance(options, dict) else None
+
+
 def _facts(f: h5py.File, rows: int) -> dict:
     facts = {"rows": rows, "spent": int(f.attrs["spent"]), "budget": int(f.attrs["budget"]),
              "oracle": str(f.attrs["oracle"]), "mode": str(f.attrs["mode"]), "batches": int(f["batch_start"].shape[0]),

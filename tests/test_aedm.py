@@ -19,6 +19,7 @@ from kdtools.diffusion.teachers import DiffusionModel, build_unet
 from kdtools.errors import KdError, KdUsageError
 from kdtools.extract.aedm import (QuerySteerer, SubstituteFollower, average_state, check_adaptable, client_shares,
                                   negative_entropy, plan_rounds, round_sizes)
+from kdtools.h5store import log_info
 from kdtools.models import ImageClassifier
 from kdtools.weights import load_model, read_metadata, save_model
 
@@ -312,15 +313,26 @@ def test_torchrun_federation_averages_every_round(prior_dir, victim_path, tmp_pa
     # the averaged substitute records the command's options, not only AEDM's own (budget, oracle, substitute)
     options = json.loads(meta["options"])
     assert options["budget"] == 200 and options["oracle"] == str(victim_path) and options["substitute"] == "lenet5"
-    # resumed by three processes, each client's share and log would change: refused by every rank, nothing asked
+    # resumed by three processes, each client's share and log would change: refused by every rank, nothing asked;
+    # the count is read from the averaged substitute, or from the clients' logs when a stop came before the first average
+
+    def resume(processes: int):
+        return subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", str(processes), "-m", "kdtools.cli.gen_queries",
+                               "aedm", "--diffusion", str(prior_dir), "--oracle", str(victim_path), "--budget", "300", "-o",
+                               str(out), "--resume", *map(str, FAST)], capture_output=True, env=_torchrun_env(tmp_path))
+
     before = [(out / f"client-{k}" / "queries.h5").read_bytes() for k in (0, 1)]
-    p = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "3", "-m", "kdtools.cli.gen_queries", "aedm",
-                        "--diffusion", str(prior_dir), "--oracle", str(victim_path), "--budget", "300", "-o", str(out),
-                        "--resume", *map(str, FAST)], capture_output=True, env=_torchrun_env(tmp_path))
-    err = p.stderr.decode()
-    assert p.returncode != 0 and "this federated attack was run by 2 clients (torchrun --nproc_per_node 2), not 3" in err, err[-2000:]
-    assert [(out / f"client-{k}" / "queries.h5").read_bytes() for k in (0, 1)] == before
-    assert not (out / "client-2").exists()
+    for remove_average in (False, True):
+        if remove_average:
+            (out / "substitute.safetensors").unlink()
+        p = resume(3)
+        err = p.stderr.decode()
+        assert p.returncode != 0 and "this federated attack was run by 2 clients (torchrun --nproc_per_node 2), not 3" in err, err[-2000:]
+        assert [(out / f"client-{k}" / "queries.h5").read_bytes() for k in (0, 1)] == before
+        assert not (out / "client-2").exists()
+    p = resume(2)  # the same count goes on: each client its half of the larger budget
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    assert [log_info(out / f"client-{k}" / "queries.h5")["spent"] for k in (0, 1)] == [150, 150]
 
 
 def test_torchrun_client_that_dies_leaves_the_last_average(prior_dir, victim_path, tmp_path):

@@ -595,6 +595,8 @@ def aedm(
         return
     if n is not None or follow:
         raise KdUsageError("-n and --follow belong to stream mode (no --oracle); attack mode stops at --budget")
+    if world > 1 and output:  # before the prior is loaded: a refusal should not wait for it
+        _refuse_other_client_count(Path(output), world, resume)
     prior = load_diffusion(diffusion)
     start = None
     if Path(substitute).is_file():
@@ -651,7 +653,6 @@ def _aedm_federated_rank(prior, common: dict, cfg, start, world: int) -> None:
         raise KdUsageError("under torchrun every rank is one client: drop --clients")
     if common["budget"] is None or not common["output"] or common["output"] == "-":
         raise KdUsageError("federated attack mode needs --oracle, --budget and -o DIR")
-    _refuse_other_client_count(Path(common["output"]), world, common["resume"])
     device = resolve_device(common["device"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -662,6 +663,7 @@ def _aedm_federated_rank(prior, common: dict, cfg, start, world: int) -> None:
     try:
         rank = dist.get_rank()
         cfg.rounds = plan_rounds(common["budget"], world, common["batch_size"])
+        cfg.ranks = world  # recorded in each client's log: a resume with another count is refused
         share = client_shares(common["budget"], world)[rank]
         out = Path(common["output"])
         out.mkdir(parents=True, exist_ok=True)
@@ -689,24 +691,36 @@ def _aedm_federated_rank(prior, common: dict, cfg, start, world: int) -> None:
 def _refuse_other_client_count(out: Path, world: int, resume: bool) -> None:
     """A federated attack resumed by another number of torchrun processes would give each client another
     share of the budget and pair logs with the wrong clients: refused, on every rank alike (each reads the same
-    files) and before the process group forms, so no rank waits for another that has stopped."""
-    if not resume or not out.is_dir():
-        return
+    files) and before the process group forms, so no rank waits for another that has stopped. The count is
+    the averaged substitute's (rank 0 writes it after every round), else any client log's (logs written before the
+    count was recorded say nothing, and then each client's own checks are all there is)."""
+    import re
+
+    from ..h5store import log_options
     from ..weights import read_metadata
 
-    averaged = out / "substitute.safetensors"
+    if not resume or not out.is_dir():
+        return
     recorded = None
+    averaged = out / "substitute.safetensors"
     if averaged.is_file():
         try:
             recorded = int(read_metadata(averaged).get("clients", 0)) or None
         except (KdError, OSError, ValueError):
-            recorded = None  # unreadable: the clients' own checks speak for it
-    if recorded is None:  # stopped before the first round's average: count the clients' directories
-        recorded = len([d for d in out.glob("client-*") if d.is_dir()]) or None
+            recorded = None  # unreadable: the logs below, or the clients' own checks, speak for it
+    if recorded is None:  # stopped before the first round's average
+        for d in sorted(out.iterdir()):
+            if re.fullmatch(r"client-\d+", d.name) and (d / "queries.h5").is_file():
+                try:
+                    recorded = int((log_options(d / "queries.h5") or {}).get("ranks", 0)) or None
+                except (KdError, OSError, ValueError):
+                    recorded = None
+                if recorded is not None:
+                    break
     if recorded is not None and recorded != world:
-        raise KdUsageError(f"{out}: this federated attack was run by {recorded} clients (torchrun --nproc_per_node "
-                           f"{recorded}), not {world}; resume it with {recorded} processes (each client's share of the "
-                           "budget and its log depend on the count)")
+        raise KdError(f"{out}: this federated attack was run by {recorded} clients (torchrun --nproc_per_node "
+                      f"{recorded}), not {world}; resume it with {recorded} processes (each client's share of the "
+                      "budget and its log depend on the count)")
 
 
 def _aedm_stream(prior, prior_path: str, substitute: str, follow: bool, n: Optional[int], output: str, seed: int,

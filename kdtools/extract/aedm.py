@@ -50,6 +50,7 @@ class AEDMConfig:
     clients: int = 1  # Algorithm 4.2: K clients simulated in this process
     rounds: int = 0  # 0: as many as the budget needs; torchrun ranks are all given the same count
     substitute_init: str = ""  # the weights file the substitute started from (recorded), "" for a fresh one
+    ranks: int = 1  # torchrun processes, one client each (recorded, so a resume with another count is refused); 1 otherwise
 
 
 # ----------------------------------------------------------------------------------------------------

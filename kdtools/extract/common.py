@@ -358,6 +358,9 @@ class Attack:
     # config fields not compared: recorded paths (the same prior or start weights may be given by another
     # path) and counts derived from the budget (AEDM's torchrun rounds), which a resume may extend
     UNCOMPARED_SETTINGS = ("prior", "substitute_init", "rounds")
+    # compared only when the log records them (logs from before kdtools recorded them ran with other values)
+    COMPARED_WHEN_RECORDED = ("ranks",)
+    FLAG_NAMES = {"ranks": "torchrun --nproc_per_node"}  # settings that are not a flag of the command
 
     def _refuse_other_settings(self, recorded) -> None:
         """On a continued log: refuse settings that differ from those the log was started with, before anything
@@ -380,20 +383,23 @@ class Attack:
             return json.loads(json.dumps(value, default=str))
 
         defaults = {**defaults_of(self.options), **defaults_of(self.config)}
-        was = {k: recorded.get(k, defaults.get(k)) for k in ("substitute", "substitute_args")}
-        if plain(was["substitute"]) != plain(self.options.substitute) or plain(was["substitute_args"] or {}) != plain(self.options.substitute_args or {}):
-            saved = {"arch": was["substitute"], "arch_args": was["substitute_args"] or {}}
-            now = {"arch": self.options.substitute, "arch_args": self.options.substitute_args or {}}
-            raise KdError(f"{self.run.log_path}: this attack was started with {_substitute_flags(saved)}, not "
-                          f"{_substitute_flags(now)}; resume it with the substitute it was started with")
-        now = {**{k: getattr(self.options, k) for k in self.SHAPING_OPTIONS}, **asdict(self.config)}
         differ = []
+        was = {k: recorded.get(k, defaults.get(k)) for k in ("substitute", "substitute_args", "substitute_init")}
+        now_init = getattr(self.config, "substitute_init", "")
+        if (plain(was["substitute"]) != plain(self.options.substitute)
+                or plain(was["substitute_args"] or {}) != plain(self.options.substitute_args or {})
+                or bool(was["substitute_init"]) != bool(now_init)):  # AEDM: started from a weights file, or fresh
+            saved = {"arch": was["substitute_init"] or was["substitute"], "arch_args": {} if was["substitute_init"] else was["substitute_args"] or {}}
+            now = {"arch": now_init or self.options.substitute, "arch_args": {} if now_init else self.options.substitute_args or {}}
+            differ.append(f"{_substitute_flags(saved)} (now {_substitute_flags(now)})")
+        now = {**{k: getattr(self.options, k) for k in self.SHAPING_OPTIONS}, **asdict(self.config)}
         for key, value in now.items():
-            if key in self.UNCOMPARED_SETTINGS:
+            if key in self.UNCOMPARED_SETTINGS or (key in self.COMPARED_WHEN_RECORDED and key not in recorded):
                 continue
             before = recorded.get(key, defaults.get(key, value))
             if plain(before) != plain(value):
-                differ.append(f"--{key.replace('_', '-')} {_flag_value(before)} (now {_flag_value(value)})")
+                flag = self.FLAG_NAMES.get(key, f"--{key.replace('_', '-')}")
+                differ.append(f"{flag} {_flag_value(before)} (now {_flag_value(value)})")
         if differ:
             raise KdError(f"{self.run.log_path}: this attack was started with {', '.join(differ)}; resume it with the "
                           "settings it was started with, or use a new -o/--log for the new settings")
