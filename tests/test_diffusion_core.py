@@ -211,6 +211,7 @@ def test_a_stopped_progressive_distillation_resumes_in_its_fold_to_the_uninterru
     import pytest
 
     from kdtools.diffusion.training import TrainingStopped, load_fit_checkpoint
+    from kdtools.errors import KdUsageError
     from kdtools.progress import ProgressEvent
 
     t = tiny_teacher()  # 24 steps -> 3: folds 24->12, 12->6, 6->3
@@ -237,6 +238,8 @@ def test_a_stopped_progressive_distillation_resumes_in_its_fold_to_the_uninterru
     # the resumed run wrote the state between folds 2 and 3 (a kill there resumes at fold 3, step 0)
     between = load_fit_checkpoint(ckpt, cfg)
     assert (between["fold"], between["iter"]) == (2, 0)
+    with pytest.raises(KdUsageError, match=r"other training options \(seed 0 -> 5\)"):  # the run's seed, not fold 3's
+        load_fit_checkpoint(ckpt, FitConfig(iters=60, batch_size=16, seed=5))
     again = progressive_distillation(tiny_teacher(), data, 3, cfg, CPU, fit_options={"resume": between})
     for a, b in zip(whole.net.state_dict().values(), again.net.state_dict().values()):
         assert torch.equal(a, b)

@@ -282,15 +282,16 @@ def distill(
     noise_iters: int = typer.Option(100, "--noise-iters"),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
-    resume: bool = typer.Option(False, "--resume", help="sfddm, scratch: continue a stopped run from OUTPUT.ckpt "
-                                "(written every minute and when stopped), with the same options."),
+    resume: bool = typer.Option(False, "--resume", help="sfddm, scratch, progressive: continue a stopped run from "
+                                "OUTPUT.ckpt (written every minute, between progressive's folds, and when stopped), "
+                                "with the same options."),
     data_root_opt: Optional[str] = DataRootOption,
     download: bool = typer.Option(False, "--download"),
     device: str = DeviceOption,
     debug: bool = DebugOption,
 ):
     """Shorten TEACHER to --steps sampling steps: SFDDM in one fold, or a baseline on the same teacher.
-    A stopped sfddm or scratch run continues with --resume."""
+    A stopped sfddm, scratch or progressive run continues with --resume."""
     # the resolved options, taken before the imports below add their names to locals()
     options = {k: v for k, v in locals().items() if k not in ("debug", "resume") and not k.startswith("_")}
     from ..diffusion.baselines import METHODS, ddim_skipping, from_scratch, progressive_distillation

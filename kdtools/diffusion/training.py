@@ -95,9 +95,9 @@ def load_fit_checkpoint(path, cfg: FitConfig) -> dict:
         raise KdError(f"{path}: not a readable training checkpoint ({why})") from None
     if not isinstance(state, dict) or state.get("kind") != "kdtools.diffusion.fit":
         raise KdError(f"{path}: not a kd-diffstep training checkpoint")
-    theirs, ours = state.get("fit") or {}, cfg.to_json()
-    if isinstance(state.get("fold"), int):  # progressive distillation trains fold k with seed + k
-        ours = {**ours, "seed": cfg.seed + state["fold"]}
+    theirs, ours = dict(state.get("fit") or {}), cfg.to_json()
+    if isinstance(state.get("fold"), int) and isinstance(theirs.get("seed"), int):
+        theirs["seed"] -= state["fold"]  # progressive distillation trains fold k with seed + k: compare the run's seed
     if theirs != ours:
         differ = ", ".join(f"{k} {theirs.get(k)!r} -> {ours[k]!r}" for k in ours if theirs.get(k) != ours[k])
         raise KdUsageError(f"{path} was made with other training options ({differ}): resume with the options it was "
