@@ -41,7 +41,7 @@ def compare(run_a: Path, run_b: Path) -> list[tuple[str, str, str, str]]:
         rows.append(("rows answered", str(na), str(nb), f"common prefix {n}"))
         rows.append(("oracle calls spent", str(fa.attrs.get("spent")), str(fb.attrs.get("spent")), ""))
         oa, ob = str(fa.attrs.get("oracle")), str(fb.attrs.get("oracle"))
-        # a log records the model the server names (its hash) since session 12; older HTTP logs recorded the URL
+        # a log records the model the server names (its hash); older HTTP logs recorded the URL
         rows.append(("oracle", oa, ob, "the same model" if oa == ob else "different (an older HTTP log records the URL)"))
         for key in sorted(set(fa.keys()) & set(fb.keys())):
             if key == "batch_time":  # wall-clock times: never equal
