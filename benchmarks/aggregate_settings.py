@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregate import crowdkit_reference  # noqa: E402  (benchmarks/aggregate.py: the same crowd-kit run)
-from aggregate_solver import ALL_SETS, all_tasks, load  # noqa: E402
+from aggregate_solver import ALL_SETS, all_tasks, crowd_root, load  # noqa: E402
 
 from kdtools.aggregate.bila import BilaConfig, bila_loss  # noqa: E402
 from kdtools.aggregate.online import Aggregator  # noqa: E402
@@ -66,10 +66,7 @@ def main() -> None:
     ap.add_argument("--zeta", default="0.25,0.5,2,4", help="zeta values besides the default 1")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    data_root = os.environ.get("KD_DATA")
-    if not data_root:
-        sys.exit("set KD_DATA to the directory holding crowd/<set>/{label.csv,truth.csv}")
-    root = Path(data_root) / "crowd"
+    root = crowd_root()
     default = BilaConfig(seed=0)
     settings = [("default", default)]
     settings += [(f"mu {v:g}", BilaConfig(lr=v, seed=0)) for v in map(float, filter(None, args.lr.split(",")))]

@@ -48,6 +48,14 @@ def all_tasks(agg: Aggregator) -> tuple[Triples, list[int]]:
     return Triples.build(np.asarray(items), np.asarray(workers), np.asarray(labels), len(tasks)), tasks
 
 
+def crowd_root() -> Path:
+    """$KD_DATA/crowd (the benchmarks find shared data only through KD_DATA)."""
+    data_root = os.environ.get("KD_DATA")
+    if not data_root:
+        sys.exit("set KD_DATA to the directory holding crowd/<set>/{label.csv,truth.csv}")
+    return Path(data_root) / "crowd"
+
+
 def load(root: Path, name: str):
     rows = crowdio.read_all([root / name / "label.csv"])
     gold = crowdio.read_gold(root / name / "truth.csv")
@@ -110,10 +118,7 @@ def main() -> None:
     ap.add_argument("--adam-steps", default="300,3000", help="Adam steps at which to score (comma list)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    data_root = os.environ.get("KD_DATA")
-    if not data_root:
-        sys.exit("set KD_DATA to the directory holding crowd/<set>/{label.csv,truth.csv}")
-    root = Path(data_root) / "crowd"
+    root = crowd_root()
     final_lrs = [float(x) for x in args.final_lrs.split(",")]
     sets = [s for s in args.sets.split(",") if s]
     adam_sets = [s for s in args.adam_sets.split(",") if s]

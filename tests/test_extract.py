@@ -407,6 +407,12 @@ def test_pool_reloaded_from_the_log_on_resume_holds_the_same_images():
     assert 2 < len(torch.unique(resumed.x[:6])) and abs(resumed._images(torch.arange(6)) - x).max() <= 0.5 / 255 + 1e-6
 
 
+def _log_content(path):
+    """A query log's attributes and arrays (its bytes change when HDF5 reopens it for appending; what it holds must not)."""
+    with h5py.File(path) as f:
+        return dict(f.attrs), {k: f[k][()].tobytes() for k in f}
+
+
 def test_substitute_args_shape_the_substitute_and_a_resume_must_keep_them(victim_path, tmp_path):
     out = tmp_path / "w2"
     base = ["ideal", "--oracle", victim_path, "--mode", "label", "--substitute", "lenet5", "--batch-size", 20, "-q", "-o", out]
@@ -418,17 +424,13 @@ def test_substitute_args_shape_the_substitute_and_a_resume_must_keep_them(victim
     # twice the channels: a conv layer's weights grow about fourfold (the first layer's twofold)
     assert sum(t.numel() for t in wide.parameters()) > 2 * sum(t.numel() for t in plain.parameters())
 
-    def log_content():  # (the bytes change when HDF5 reopens a file for appending; what it holds must not)
-        with h5py.File(out / "queries.h5") as f:
-            return dict(f.attrs), {k: f[k][()].tobytes() for k in f}
-
-    before = log_content()
+    before = _log_content(out / "queries.h5")
     # resuming without the same arguments would load width-2 weights into another network: refused, nothing asked
     p = kd("kd-gen-queries", *base, "--budget", 80, "--resume")
     err = p.stderr.decode().strip()
     assert p.returncode == 1 and len(err.splitlines()) == 1, err
     assert "started with --substitute lenet5 --substitute-args '{\"width\": 2}' (now --substitute lenet5);" in err, err
-    after = log_content()  # nothing asked, and the log's budget not raised to the refused command's
+    after = _log_content(out / "queries.h5")  # nothing asked, and the log's budget not raised to the refused command's
     assert after[1] == before[1] and after[0]["budget"] == before[0]["budget"] == 40 and after[0]["spent"] == 40
     p = kd("kd-gen-queries", *base, "--budget", 80, "--resume", "--substitute-args", '{"width": 2}')
     assert p.returncode == 0, p.stderr.decode()
@@ -472,11 +474,7 @@ def test_a_resume_with_other_method_settings_is_refused_and_asks_nothing(victim_
     p = kd("kd-gen-queries", *base, "--budget", 40, "--select-from", 2)
     assert p.returncode == 0, p.stderr.decode()
 
-    def log_content():
-        with h5py.File(out / "queries.h5") as f:
-            return dict(f.attrs), {k: f[k][()].tobytes() for k in f}
-
-    before = log_content()
+    before = _log_content(out / "queries.h5")
     p = kd("kd-gen-queries", *base, "--budget", 80, "--resume")
     err = p.stderr.decode().strip()
     assert p.returncode == 1 and len(err.splitlines()) == 1, err
@@ -484,7 +482,7 @@ def test_a_resume_with_other_method_settings_is_refused_and_asks_nothing(victim_
     p = kd("kd-gen-queries", *base[:-2], "--g-steps", 2, "--batch-size", 10, "--budget", 80, "--resume", "--select-from", 2)
     err = p.stderr.decode().strip()
     assert p.returncode == 1 and "--batch-size 20 (now 10), --g-steps 1 (now 2)" in err, err
-    after = log_content()  # nothing asked, the budget not raised
+    after = _log_content(out / "queries.h5")  # nothing asked, the budget not raised
     assert after[1] == before[1] and after[0]["budget"] == 40 and after[0]["spent"] == 40
     # the same settings (and a larger budget, which a resume may change) go on
     p = kd("kd-gen-queries", *base, "--budget", 80, "--resume", "--select-from", 2)
