@@ -137,3 +137,12 @@ def through_fifo(fifo: Path, write) -> bytes:
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode), f"{fifo} is no longer a FIFO"
     assert received, f"nothing was read from {fifo}"
     return received[0]
+
+
+def torchrun_failure(stderr: bytes) -> str:
+    """What a failed torchrun run said, for an assertion message: the ranks' own lines first (a gloo abort's
+    "terminate called ... what(): ..." or a traceback's last line), then the tail of torchrun's summary, which
+    alone says only which rank died of which signal."""
+    text = stderr.decode(errors="replace")
+    own = [line for line in text.splitlines() if "torch/distributed/elastic" not in line and "ChildFailedError" not in line]
+    return "\n".join(own[:40])[-3000:] + "\n...\n" + text[-1200:]

@@ -13,7 +13,7 @@ import h5py
 import pytest
 import torch
 
-from conftest import ROOT, kd, kd_cmd
+from conftest import ROOT, kd, kd_cmd, torchrun_failure
 from kdtools.diffusion.schedules import Chain, alphas_cumprod_from_betas, make_betas
 from kdtools.diffusion.teachers import DiffusionModel, build_unet
 from kdtools.errors import KdError, KdUsageError
@@ -297,7 +297,7 @@ def test_torchrun_federation_averages_every_round(prior_dir, victim_path, tmp_pa
     p = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "kdtools.cli.gen_queries", "aedm",
                         "--diffusion", str(prior_dir), "--oracle", str(victim_path), "--budget", "200", "-o", str(out),
                         *map(str, FAST)], capture_output=True, env=_torchrun_env(tmp_path))
-    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    assert p.returncode == 0, torchrun_failure(p.stderr)
     xs = []
     for k in (0, 1):
         with h5py.File(out / f"client-{k}" / "queries.h5") as f:
@@ -331,7 +331,7 @@ def test_torchrun_federation_averages_every_round(prior_dir, victim_path, tmp_pa
         assert [(out / f"client-{k}" / "queries.h5").read_bytes() for k in (0, 1)] == before
         assert not (out / "client-2").exists()
     p = resume(2)  # the same count goes on: each client its half of the larger budget
-    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    assert p.returncode == 0, torchrun_failure(p.stderr)
     assert [log_info(out / f"client-{k}" / "queries.h5")["spent"] for k in (0, 1)] == [150, 150]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, counting_exec_oracle, kd, kd_cmd, rows_received, sha
+from conftest import ROOT, counting_exec_oracle, kd, kd_cmd, rows_received, sha, torchrun_failure
 from kdtools.h5store import SampleWriter, log_info
 from kdtools.stream import StreamHeader
 
@@ -317,7 +317,7 @@ def test_torchrun_trains_with_two_gloo_processes(victim_path, queries_path, tmp_
     p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kdtools.cli.distill", str(log),
                         "--arch", "lenet5-half", "--epochs", "2", "--device", "cpu", "-q", "-o", str(out)],
                        capture_output=True, env={**ENV, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}, timeout=300)
-    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    assert p.returncode == 0, torchrun_failure(p.stderr)
     from kdtools.weights import load_model, read_metadata
     assert json.loads(read_metadata(out)["options"])["world_size"] == 2
     assert load_model(out).num_classes == 10

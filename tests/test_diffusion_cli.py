@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, kd
+from conftest import ROOT, kd, torchrun_failure
 
 FAST = {"OMP_NUM_THREADS": "1"}
 
@@ -362,7 +362,7 @@ def test_train_under_torchrun_two_processes(tmp_path):
                         "--data", "swissroll", "-n", "500", "--steps", "10", "--hidden-dim", "16", "--num-blocks", "1",
                         "--iters", "20", "--batch-size", "32", "--device", "cpu", "-o", str(out)],
                        capture_output=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    assert p.returncode == 0, torchrun_failure(p.stderr)
     info = json.loads((out / "kdtools.json").read_text())
     assert info["world_size"] == 2
     from kdtools.diffusion.teachers import load_diffusion
