@@ -207,14 +207,14 @@ def _naming_output(path: Path, temporary: Optional[Path] = None) -> Iterator[Non
         yield
     except OSError as e:
         if e.filename is None and e.errno in WRITE_ERRNOS:
-            named = _HDF5_FILENAME.search(str(e))
+            named = HDF5_FILENAME.search(str(e))
             if named is None or (temporary is not None and os.path.abspath(named.group(1)) == os.path.abspath(temporary)):
                 e.filename = str(path)
         raise
 
 
 # HDF5's errors carry the file in a multi-line report: "... filename = '/dev/full', file descriptor = 4, ..."
-_HDF5_FILENAME = re.compile(r"filename = '([^']*)'")
+HDF5_FILENAME = re.compile(r"filename = '([^']*)'")
 
 
 def _copy_to_descriptor(tmp: Path, fd: int, path: Path) -> None:

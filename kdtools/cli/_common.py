@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import signal
 import sys
 import threading
@@ -26,6 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import KdError, KdUsageError
+from ..fileio import HDF5_FILENAME  # HDF5's reports name their file inside the text
 from ..progress import ProgressEvent
 
 stderr = Console(stderr=True)
@@ -190,15 +190,13 @@ def run_app(app: typer.Typer, prog_name: str) -> None:
 # what the machine, not the data or the code, refused: a full disk, a quota, a read-only file system, an I/O error.
 # These are said as the file and the system's reason (no traceback hint: there is no bug to report)
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES, errno.EPERM}
-# HDF5's errors carry the file in a multi-line report: "... filename = '/dev/full', file descriptor = 4, ..."
-_HDF5_FILENAME = re.compile(r"filename = '([^']*)'")
 
 
 def describe_unexpected(e: BaseException, debug: bool = False) -> str:
     """One line for an exception no command anticipated: ``FILE: reason`` for a refusal of the machine (a full
     disk ...), otherwise the exception's type and text with every line break folded into a space."""
     if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
-        found = _HDF5_FILENAME.search(str(e))
+        found = HDF5_FILENAME.search(str(e))
         name = e.filename if e.filename is not None else (found.group(1) if found else None)
         reason = os.strerror(e.errno)
         return f"{name}: {reason}" if name else reason

@@ -389,9 +389,10 @@ class Attack:
         if (plain(was["substitute"]) != plain(self.options.substitute)
                 or plain(was["substitute_args"] or {}) != plain(self.options.substitute_args or {})
                 or bool(was["substitute_init"]) != bool(now_init)):  # AEDM: started from a weights file, or fresh
-            saved = {"arch": was["substitute_init"] or was["substitute"], "arch_args": {} if was["substitute_init"] else was["substitute_args"] or {}}
-            now = {"arch": now_init or self.options.substitute, "arch_args": {} if now_init else self.options.substitute_args or {}}
-            differ.append(f"{_substitute_flags(saved)} (now {_substitute_flags(now)})")
+            saved_spec = {"arch": was["substitute_init"] or was["substitute"],
+                          "arch_args": {} if was["substitute_init"] else was["substitute_args"] or {}}
+            now_spec = {"arch": now_init or self.options.substitute, "arch_args": {} if now_init else self.options.substitute_args or {}}
+            differ.append(f"{_substitute_flags(saved_spec)} (now {_substitute_flags(now_spec)})")
         now = {**{k: getattr(self.options, k) for k in self.SHAPING_OPTIONS}, **asdict(self.config)}
         for key, value in now.items():
             if key in self.UNCOMPARED_SETTINGS or (key in self.COMPARED_WHEN_RECORDED and key not in recorded):
