@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import KdError, KdUsageError
+from .errors import KdError, KdUsageError, counted
 
 TORCHVISION_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "fmnist": "FashionMNIST",
                     "cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN"}
@@ -201,7 +201,7 @@ def check_finite_rows(x: torch.Tensor, what: str) -> None:
     if x.is_floating_point():
         bad = ~torch.isfinite(x).flatten(1).all(1)
         if bad.any():
-            raise KdError(f"{what}: {int(bad.sum())} rows hold NaN or infinite values (first at row {int(bad.nonzero()[0])})")
+            raise KdError(f"{what}: NaN or infinite values in {counted(int(bad.sum()), 'row')} (first at row {int(bad.nonzero()[0])})")
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:

@@ -25,3 +25,9 @@ class UnanswerableQueries(KdError):
     """A server answered HTTP 422: it cannot answer these queries and would fail the same way if asked again.
     Callers should not retry, and a kd-serve proxying that server passes the 422 on (as it does for its own model
     file or replayed log failing, which raise plain KdError from oracles marked ``free_on_failure``)."""
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and the noun in the number it takes, for messages: ``counted(1, "row")`` is "1 row",
+    ``counted(3, "query", "queries")`` is "3 queries" (the plural defaults to the noun plus "s")."""
+    return f"{n} {noun if n == 1 else (plural or noun + 's')}"

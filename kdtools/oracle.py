@@ -79,7 +79,7 @@ from typing import Callable, Optional
 import torch
 
 from . import __version__
-from .errors import KdError, KdUsageError, UnanswerableQueries
+from .errors import KdError, KdUsageError, UnanswerableQueries, counted
 from .weights import LoadedModel, load_classifier, probe_num_classes
 
 STREAM_CONTENT_TYPE = "application/x-kdtools-stream"
@@ -304,7 +304,7 @@ def check_answer(answer: dict, mode: str, n: int, num_classes: Optional[int], wh
             raise KdError(f"{where}: field {name!r} of the answer is not an array")
         if v.ndim == 0 or v.shape[0] != n:
             got = 1 if v.ndim == 0 else v.shape[0]
-            raise KdError(f"{where}: the server answered {got} rows for {n} queries (field {name!r})")
+            raise KdError(f"{where}: the server answered {counted(got, 'row')} for {counted(n, 'query', 'queries')} (field {name!r})")
         want_shape = list(spec["shape"])
         if num_classes is None and want_shape:  # unknown class count: only the rank can be checked
             want_shape = list(v.shape[1:]) if v.ndim == 2 else want_shape
@@ -633,7 +633,7 @@ class HttpOracle(Oracle):
         if rejected is not None:
             rejected = rejected.bool()
             if rejected.shape != (n,):
-                raise KdError(f"{where}: the server flagged {rejected.numel()} rows for {n} queries")
+                raise KdError(f"{where}: the server flagged {counted(rejected.numel(), 'row')} for {counted(n, 'query', 'queries')}")
         answers = check_answer(answers, mode, n, self.num_classes, where, rejected)
         if rejected is None:
             rejected = torch.zeros(n, dtype=torch.bool)
@@ -1059,7 +1059,8 @@ class BudgetedOracle:
             if self.log is not None:
                 self.log.append({"x": stored, **answers})
         if fit < n:
-            err = BudgetExhausted(f"query budget of {self.budget} reached ({self.spent} spent); {n - fit} queries of the last batch unanswered")
+            err = BudgetExhausted(f"query budget of {self.budget} reached ({self.spent} spent); "
+                                  f"{counted(n - fit, 'query', 'queries')} of the last batch unanswered")
             err.partial = answers
             raise err
         return answers

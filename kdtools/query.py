@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from .data import to_float
-from .errors import BudgetExhausted, KdError
+from .errors import BudgetExhausted, KdError, counted
 from .h5store import SampleWriter
 from .oracle import Oracle, QueryStats, answer_rows, response_fields
 from .progress import ProgressCallback, ProgressEvent, no_progress
@@ -40,7 +40,7 @@ def check_queries(x: torch.Tensor, input_shape: Optional[tuple], where: str) -> 
     if x.dtype.is_floating_point:
         bad = ~torch.isfinite(x)
         if bad.any():
-            raise KdError(f"{where}: queries contain NaN or infinite values ({int(bad.flatten(1).any(1).sum())} rows)")
+            raise KdError(f"{where}: queries contain NaN or infinite values ({counted(int(bad.flatten(1).any(1).sum()), 'row')})")
 
 
 def output_header(source_header: StreamHeader, oracle: Oracle, mode: str, options: dict) -> StreamHeader:
@@ -106,7 +106,7 @@ def run_queries(source: SampleSource, oracle: Oracle, mode: str, budget: Optiona
                 error, answer = e, getattr(e, "partial", None) or {}
             got = answer_rows(answer)
             if error is None and got != paid_rows:
-                raise KdError(f"{getattr(oracle, 'url', oracle.identity)}: answered {got} rows for {paid_rows} queries")
+                raise KdError(f"{getattr(oracle, 'url', oracle.identity)}: answered {counted(got, 'row')} for {counted(paid_rows, 'query', 'queries')}")
             if error is not None and oracle.free_on_failure and got < paid_rows:
                 # nothing left this machine: the rows not answered are not spent (the log stays rows == spent)
                 if log:

@@ -33,7 +33,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
-from .errors import KdError
+from .errors import KdError, counted
 
 STREAM_SCHEMA = "1"
 MAX_HEADER_BYTES = 16 << 20  # a JSON header larger than this is not ours
@@ -195,7 +195,7 @@ class StreamReader:
         while True:
             rec = read_record(self.inp, self.where)
             if rec is None:
-                raise KdError(f"{self.where}: truncated kdtools stream after {self.rows} rows "
+                raise KdError(f"{self.where}: truncated kdtools stream after {counted(self.rows, 'row')} "
                               "(no end record: the writing command was killed or failed)")
             meta, tensors = rec
             kind = meta.get("kdtools.record")

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import to_float
-from .errors import KdError, KdUsageError
+from .errors import KdError, KdUsageError, counted
 from .oracle import without_rejected
 from .fileio import atomic_path
 from .progress import ProgressCallback, ProgressEvent, no_progress
@@ -107,7 +107,7 @@ def targets_from(batch: dict, num_classes: int, where: str = "the training data"
         if name in batch:
             bad = ~torch.isfinite(batch[name].float()).flatten(1).all(1)  # flatten: 0 rows too
             if bad.any():
-                raise KdError(f"{where}: {int(bad.sum())} answers hold NaN or infinite {name} "
+                raise KdError(f"{where}: NaN or infinite {name} in {counted(int(bad.sum()), 'answer')} "
                               f"(first at row {int(bad.nonzero()[0])})")
     if "logits" in batch:
         logits = batch["logits"].float()

@@ -380,6 +380,6 @@ def test_a_nan_training_point_is_named(tmp_path):
     data = tmp_path / "pts.h5"
     write_samples(data, StreamHeader("samples", {"x": {"dtype": "float32", "shape": [2]}}), [{"x": x}])
     p = run("train", "--data", data, "--steps", 10, "--iters", 1, "--hidden-dim", 16, "--num-blocks", 1, "-o", tmp_path / "t")
-    assert p.returncode == 1 and b"1 rows hold NaN or infinite values (first at row 7)" in p.stderr
+    assert p.returncode == 1 and b"NaN or infinite values in 1 row (first at row 7)" in p.stderr
     _one_line(p)
     assert not (tmp_path / "t").exists()

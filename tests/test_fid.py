@@ -103,7 +103,7 @@ def test_non_finite_samples_are_named_not_a_linear_algebra_error():
     x = torch.rand(20, 2)
     bad = x.clone()
     bad[5, 0] = float("nan")
-    with pytest.raises(KdError, match=r"the samples: 1 rows hold NaN or infinite values \(first at row 5\)"):
+    with pytest.raises(KdError, match=r"the samples: NaN or infinite values in 1 row \(first at row 5\)"):
         fid(bad, x, RawFeatures())
     with pytest.raises(KdError, match="the reference"):
         fid(x, bad, RawFeatures())

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kdtools.errors import BudgetExhausted, KdError
+from kdtools.errors import BudgetExhausted, KdError, counted
 from kdtools.h5store import SampleWriter, iter_batches, log_info
 from kdtools.oracle import ModelOracle, format_logits, parse_mode, response_fields
 from kdtools.query import output_header, run_queries
@@ -88,7 +88,10 @@ def test_nan_and_wrong_shape_queries_are_refused(victim_path, tmp_path):
     from kdtools.stream import StreamHeader, fields_of
 
     orc = oracle(victim_path)
-    for x, msg in ((torch.full((2, 1, 28, 28), float("nan")), "NaN"), (torch.rand(2, 3, 32, 32), "oracle takes 1x28x28")):
+    one_nan = torch.rand(3, 1, 28, 28)
+    one_nan[1, 0, 5, 5] = float("nan")
+    for x, msg in ((torch.full((2, 1, 28, 28), float("nan")), r"NaN or infinite values \(2 rows\)"),
+                   (one_nan, r"NaN or infinite values \(1 row\)"), (torch.rand(2, 3, 32, 32), "oracle takes 1x28x28")):
         p = tmp_path / "bad.kds"
         sink = SampleSink(StreamHeader("queries", fields_of({"x": x})), path=p)
         sink.write({"x": x})
@@ -170,3 +173,8 @@ def test_a_replay_miss_is_not_charged(victim_path, queries_path, tmp_path):
             run_queries(open_samples(queries_path), replay, "label", 1000, log)
     info = log_info(tmp_path / "new.h5")
     assert info["rows"] == info["spent"] == 100  # the first batch was recorded; the second is not charged
+
+
+def test_counted_puts_the_noun_in_the_number_it_takes():
+    assert [counted(n, "row") for n in (0, 1, 2)] == ["0 rows", "1 row", "2 rows"]
+    assert [counted(n, "query", "queries") for n in (1, 250)] == ["1 query", "250 queries"]

@@ -248,7 +248,7 @@ def test_non_finite_answers_and_bad_labels_are_refused_naming_the_source():
 
     probs = torch.full((4, 3), 1 / 3)
     probs[2, 1] = float("nan")
-    with pytest.raises(KdError, match=r"snan.kds: 1 answers hold NaN or infinite probs \(first at row 2\)"):
+    with pytest.raises(KdError, match=r"snan.kds: NaN or infinite probs in 1 answer \(first at row 2\)"):
         targets_from({"probs": probs}, 3, "snan.kds")
     logits = torch.zeros(3, 3)
     logits[0, 0] = float("inf")
@@ -269,7 +269,7 @@ def test_nan_images_and_a_zero_std_are_named_not_blamed_on_the_learning_rate(tmp
     x = torch.rand(8, 1, 4, 4)
     x[3, 0, 0, 0] = float("nan")
     model = ImageClassifier("mlp", (1, 4, 4), 2)
-    with pytest.raises(KdError, match=r"the training images: 1 rows hold NaN or infinite values \(first at row 3\)"):
+    with pytest.raises(KdError, match=r"the training images: NaN or infinite values in 1 row \(first at row 3\)"):
         train(model, x, targets_from({"label": torch.zeros(8, dtype=torch.long)}, 2), TrainConfig(epochs=1), torch.device("cpu"))
     r = kd("kd-distill", "--data", "digits", "--epochs", 1, "--normalize", "0.5,0", "-o", tmp_path / "w.safetensors")
     assert r.returncode == 2 and b"STD a positive number" in r.stderr and not (tmp_path / "w.safetensors").exists()

@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import KdError, KdUsageError
+from ..errors import KdError, KdUsageError, counted
 from ._common import STOP_HINT, DebugOption, check_paths, file_key, info, make_app, progress_bars, run_app, warn
 
 app = make_app(
@@ -461,7 +461,7 @@ def aggregate(
                         out.flush()
                 n_rows_out += len(res.tasks)
             if verbose:
-                line = f"{name}: {len(res.tasks)} tasks, {res.n_labels} labels"
+                line = f"{name}: {counted(len(res.tasks), 'task')}, {counted(res.n_labels, 'label')}"
                 if res.replaced:
                     line += f", {res.replaced} repeated labels replaced"
                 if gold_map is not None and curves[methods[0]]:

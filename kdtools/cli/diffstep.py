@@ -25,7 +25,7 @@ from rich.table import Table
 
 from .. import __version__
 from ..device import resolve_device
-from ..errors import KdUsageError
+from ..errors import KdUsageError, counted
 from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, StopsAtBoundaries, check_paths, data_root,
                       distributed_setup, info, make_app,
                       open_sink, png_path, progress_reporter, run_app, warn)
@@ -463,7 +463,7 @@ def sample(
         raise
     sink.close()
     if output != "-":
-        info(f"kd-diffstep sample: wrote {n} samples to {output}" + (f" and a grid to {grid}" if grid else ""))
+        info(f"kd-diffstep sample: wrote {counted(n, 'sample')} to {output}" + (f" and a grid to {grid}" if grid else ""))
 
 
 @app.command()

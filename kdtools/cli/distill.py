@@ -14,7 +14,7 @@ import typer
 
 from .. import __version__
 from ..data import load_dataset
-from ..errors import KdError, KdUsageError
+from ..errors import KdError, KdUsageError, counted
 from ..models import ImageClassifier, count_parameters
 from ..sources import collect, open_samples
 from ..oracle import without_rejected
@@ -130,7 +130,7 @@ def distill(
             raise KdError(f"{input or 'stdin'}: the samples carry no answers to learn from (pipe queries through kd-query first)")
         batch, rejected = without_rejected(batch)
         if rejected:
-            warn(f"{input or 'stdin'}: skipped {rejected} rows whose query the oracle refused (a query defence); "
+            warn(f"{input or 'stdin'}: skipped {counted(rejected, 'row')} whose query the oracle refused (a query defence); "
                  f"training on the {batch['x'].shape[0]} answered ones")
         x, num_classes, source = batch["x"], header.num_classes, input or "stdin"
         targets = targets_from(batch, num_classes, source)
@@ -294,11 +294,12 @@ def _online(input, output, init, arch, args, normalize, cfg, save_every, replay_
                               replay_steps, progress)
     if src.end and src.end.get("status", "complete") != "complete":
         warn(f"{src.where}: the input stopped early ({src.end.get('status')}): {src.end.get('message', '')}; "
-             f"trained on the {result.samples} rows it held")
+             f"trained on the {counted(result.samples, 'row')} it held")
     if not quiet:
-        info(f"kd-distill: online on {result.samples} samples in {result.batches} batches, {result.saves} saves of {output} "
+        info(f"kd-distill: online on {counted(result.samples, 'sample')} in {counted(result.batches, 'batch', 'batches')}, "
+             f"{counted(result.saves, 'save')} of {output} "
              f"in {result.seconds:.1f} s; last loss {result.loss:.4f}"
-             + (f"; skipped {result.rejected} rows the oracle refused" if result.rejected else ""))
+             + (f"; skipped {counted(result.rejected, 'row')} the oracle refused" if result.rejected else ""))
 
 
 def main() -> None:

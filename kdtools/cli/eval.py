@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..data import load_dataset
 from ..device import resolve_device
-from ..errors import KdError, KdUsageError
+from ..errors import KdError, KdUsageError, counted
 from ..evaluate import evaluate_accuracy
 from ..figures import image_format
 from ..weights import load_classifier, load_model, parse_shape
@@ -327,7 +327,7 @@ def aggregation(
     sys.stdout.flush()
     for m, pts in curves.items():
         if pts:
-            info(f"{m}: final error {100 * pts[-1][1]:.2f} % after {pts[-1][0]} tasks")
+            info(f"{m}: final error {100 * pts[-1][1]:.2f} % after {counted(pts[-1][0], 'task')}")
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import typer
 
 from .. import __version__
 from ..data import load_dataset
-from ..errors import KdError, KdUsageError
+from ..errors import KdError, KdUsageError, counted
 from ..queries import dataset_batches, noise_batches
 from ..stream import StreamHeader, fields_of
 from ..weights import load_model, parse_shape
@@ -48,7 +48,7 @@ def _write(batches, n: int, source: dict, output: str, inputs=()) -> None:
         sink.abort()
         raise
     sink.close()
-    info(f"kd-gen-queries: wrote {sink.rows} queries {'x'.join(map(str, header.x_shape))}" + ("" if output == "-" else f" to {output}"))
+    info(f"kd-gen-queries: wrote {counted(sink.rows, 'query', 'queries')} {'x'.join(map(str, header.x_shape))}" + ("" if output == "-" else f" to {output}"))
 
 
 def _like_shape(like: Optional[str], shape: Optional[str]) -> Optional[tuple]:
@@ -261,13 +261,13 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
             pending = attack.pending_at_resume
             info(f"kd-gen-queries {method}: resuming {run.dir} at iteration {attack.iterations}: {attack.reused_rows} answers "
                  f"in the log reused, {attack.oracle.spent} of {c['budget']} queries spent"
-                 + (f"; the substitute first learns from the {pending} answers paid after its last saved state"
+                 + (f"; the substitute first learns from the {counted(pending, 'answer')} paid after its last saved state"
                     if pending else ""))
         result = attack.run_attack()
     line = (f"kd-gen-queries {method}: {result.spent} oracle calls spent of {result.budget} ({result.paid_this_run} in this run, "
             f"{result.reused_rows} reused from the log), {result.iterations} iterations in {result.seconds:.1f} s")
     if result.learned_late:
-        line += f"; {result.learned_late} answers learned after their round (interrupted, or cut short by the budget)"
+        line += f"; {counted(result.learned_late, 'answer')} learned after their round (interrupted, or cut short by the budget)"
     line += f"; wrote {run.substitute_path}"
     if attack.generator() is not None:
         line += f" and {run.generator_path}"
@@ -516,7 +516,7 @@ def cake(
         # even when the last set is a short one
         batches = synthesise(loaded.module, shape, classes, n, cfg, dev, progress, start_set=-(-kept // cfg.batch_size))
         rows = write_through_partial(batches, output, source, __version__, cfg.batch_size)
-    info(f"kd-gen-queries: wrote {rows} queries {'x'.join(map(str, shape))} to {output}")
+    info(f"kd-gen-queries: wrote {counted(rows, 'query', 'queries')} {'x'.join(map(str, shape))} to {output}")
 
 
 @app.command()

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from ..device import resolve_device
-from ..errors import BudgetExhausted, KdError, KdUsageError
+from ..errors import BudgetExhausted, KdError, KdUsageError, counted
 from ..h5store import SampleWriter
 from ..oracle import RemoteOptions, open_oracle, parse_mode, safe_spec
 from ..query import output_header, run_queries
@@ -141,10 +141,10 @@ def _run(orc, oracle: str, input, mode, budget, log, output, remote: RemoteOptio
     status = upstream.get("status", "complete")
     if status != "complete":
         warn(f"{source.where}: the input stopped early ({status}): {upstream.get('message', '')}; "
-             f"answered the {stats.answered} queries it held")
+             f"answered the {counted(stats.answered, 'query', 'queries')} it held")
     if sink:
         sink.close(status, upstream.get("message", "") if status != "complete" else "")
-    info(f"kd-query: answered {stats.answered} queries ({stats.paid} paid, {stats.replayed} replayed from the log) "
+    info(f"kd-query: answered {counted(stats.answered, 'query', 'queries')} ({stats.paid} paid, {stats.replayed} replayed from the log) "
          f"in {stats.seconds:.1f} s; spent {stats.spent_total}" + (f" of {stats.budget}" if stats.budget is not None else ""))
     places = ([f"the log {log}"] if writer else []) + ([output if sink.path is not None else "stdout"] if sink else [])
     report_remote(orc, " and ".join(places))
@@ -205,7 +205,7 @@ def _keep_answered(sink, error: BaseException, output: str) -> str:
         why = {"KeyboardInterrupt": "interrupted", "Terminated": "terminated (SIGTERM)"}.get(type(error).__name__, type(error).__name__)
     if sink.path is None:  # stdout: the stream ends with an error record; what was written went downstream
         sink.abort(why)
-        return f"the {sink.rows} queries answered in this run were written to stdout" if sink.rows else ""
+        return f"the {counted(sink.rows, 'query', 'queries')} answered in this run were written to stdout" if sink.rows else ""
     return _finish_early(sink, "error", why, output)
 
 
@@ -232,7 +232,7 @@ def _finish_early(sink, status: str, why: str, output: str) -> str:
         sink.close(status, why)
     except OSError as e:  # the output itself failed (a full disk): say so, the original error stays the one reported
         return f"{sink.path} could not be finished ({e.strerror or e})"
-    return (f"the {sink.rows} queries answered in this run are kept in {sink.path}"
+    return (f"the {counted(sink.rows, 'query', 'queries')} answered in this run are kept in {sink.path}"
             + (" (its end record says why it stopped)" if sink.path.suffix.lower() not in (".h5", ".hdf5")
                else " (its end_status attribute says why it stopped)")
             + (f"; {output}, from before, is left as it was" if previous else ""))
@@ -284,10 +284,10 @@ def report_remote(orc, where: str) -> None:
         warn(f"{getattr(orc, 'url', orc.identity)}: {orc.retried_rows} query rows were re-sent after transient errors "
              "(counted once in the budget; a server that bills failed requests may have charged them)")
     if getattr(orc, "rejected_total", 0):
-        warn(f"{getattr(orc, 'url', orc.identity)}: the server's defence rejected {orc.rejected_total} queries "
+        warn(f"{getattr(orc, 'url', orc.identity)}: the server's defence rejected {counted(orc.rejected_total, 'query', 'queries')} "
              f"(written as label -1 / empty scores to {where})")
     if getattr(orc, "relayed_rejected", 0):
-        warn(f"{getattr(orc, 'url', orc.identity)}: the oracle process answered {orc.relayed_rejected} queries as refused "
+        warn(f"{getattr(orc, 'url', orc.identity)}: the oracle process answered {counted(orc.relayed_rejected, 'query', 'queries')} as refused "
              f"(written as label -1 / empty scores to {where})")
     if getattr(orc, "replayed_rejected", 0):
         warn(f"replay:{orc.path}: {orc.replayed_rejected} of the replayed queries were refused by the recorded server's defence "

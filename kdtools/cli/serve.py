@@ -10,7 +10,7 @@ import typer
 
 from .. import __version__
 from ..device import resolve_device
-from ..errors import KdUsageError
+from ..errors import KdUsageError, counted
 from ..fileio import atomic_path
 from ..oracle import open_oracle, parse_mode
 from ..weights import parse_shape
@@ -89,7 +89,7 @@ def serve(
         who = event.get("account") or "-"
         if "rows" in event:  # an answered query
             left = "unlimited" if event["quota_left"] is None else event["quota_left"]
-            info(f"kd-serve: {who}: {event['rows']} queries ({event['mode']}), {event['rejected']} rejected, quota left {left}")
+            info(f"kd-serve: {who}: {counted(event['rows'], 'query', 'queries')} ({event['mode']}), {event['rejected']} rejected, quota left {left}")
             return
         why = f": {event['error']}" if event.get("error") else ""
         info(f"kd-serve: {who}: {event.get('method', '-')} {event.get('path', '-')}: HTTP {event.get('status')}{why}")
@@ -122,7 +122,7 @@ def serve(
         server.server_close()
         oracle.close()
     used = ", ".join(f"{a}: {u}" for a, u in zip(service.quotas.accounts, service.quotas.used))
-    info(f"kd-serve: stopped after answering {service.answered} queries ({service.rejected} rejected; {used})")
+    info(f"kd-serve: stopped after answering {counted(service.answered, 'query', 'queries')} ({service.rejected} rejected; {used})")
 
 
 def main() -> None:
