@@ -585,7 +585,7 @@ class HttpOracle(Oracle):
                 continue
             error = UnanswerableQueries if status == 422 else KdError
             raise error(self._scrub(f"{self.url}: {_describe_status(status, message, self._key_source())}"))
-        raise KdError(self._scrub(f"{self.url}: {problem} (gave up after {attempts} attempt{'s' if attempts > 1 else ''})"))
+        raise KdError(self._scrub(f"{self.url}: {problem} (gave up after {counted(attempts, 'attempt')})"))
 
     def _json(self, reply: tuple, what: str) -> dict:
         _, data = reply

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
 from . import __version__
-from .errors import KdError, KdUsageError
+from .errors import KdError, KdUsageError, counted
 from .fileio import atomic_path, sniff
 from .models import ImageClassifier
 
@@ -227,7 +227,7 @@ def model_from_metadata(meta: dict, where: str | Path = "the weights file") -> I
             v = norm.get(key)
             if v is not None and not (isinstance(v, list) and len(v) == shape[0]
                                       and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v)):
-                raise ValueError(f"its {key} {v!r} is not {shape[0]} number{'s' if shape[0] > 1 else ''}, one per channel")
+                raise ValueError(f"its {key} {v!r} is not {counted(shape[0], 'number')}, one per channel")
         field = "arch with its arch_args"
         return ImageClassifier(arch, shape, num_classes, args, norm.get("mean"), norm.get("std"))
     except KeyError as e:
