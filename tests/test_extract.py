@@ -246,31 +246,65 @@ def test_resume_from_a_state_saved_at_the_stop_is_the_uninterrupted_run(victim_p
     assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
 
 
-def test_sigterm_stops_an_attack_with_one_line_and_resume_finishes_it(victim_path, tmp_path):
-    # what a batch scheduler does at its time limit: SIGTERM, then (later) SIGKILL
+@pytest.mark.parametrize("signum, code, what", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                 (signal.SIGINT, 130, "interrupted")])
+def test_a_stop_waits_for_the_iteration_and_resume_is_the_uninterrupted_run(victim_path, tmp_path, signum, code, what):
+    # what a batch scheduler does at its time limit (SIGTERM), or a user's Ctrl-C: the iteration under way finishes,
+    # the state is saved there, one line says so; --resume then writes the very log and substitute the
+    # uninterrupted attack writes (before, a stop left a state up to --state-every old and the answers after it
+    # were learned out of turn on resume)
     out, budget = tmp_path / "att", 1000
     args = ["ideal", "--oracle", str(victim_path), "--budget", str(budget), "--batch-size", "100", "--g-steps", "3",
-            "--substitute", "lenet5-half", "-o", str(out), "--checkpoint-every", "100", "--state-every", "0", "-q"]
+            "--substitute", "lenet5-half", "--checkpoint-every", "100", "--state-every", "60", "-q"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*kd_cmd("kd-gen-queries"), *args], env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*kd_cmd("kd-gen-queries"), *args, "-o", str(out)], env=env, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not list((out / "checkpoints").glob("*.safetensors")):
         time.sleep(0.1)
     assert proc.poll() is None, "the attack ended before it could be stopped: " + proc.stderr.read().decode()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == 143
+    assert proc.wait(timeout=60) == code
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0] == (f"error: terminated (SIGTERM); every answer paid for is in {out / 'queries.h5'}; the same command "
-                        "with --resume continues without paying twice")
-    assert not list(out.glob(".*.tmp")) and not list((out / "checkpoints").glob(".*.tmp"))
     stopped = log_info(out / "queries.h5")
-    assert 0 < stopped["rows"] < budget
-    p = subprocess.run([*kd_cmd("kd-gen-queries"), *args, "--resume"], env=env, capture_output=True)
+    assert 0 < stopped["rows"] < budget and stopped["rows"] % 100 == 0  # at an iteration's end, not inside one
+    iterations = stopped["rows"] // 100
+    assert lines[0] == (f"error: {what}; stopped after iteration {iterations}, {stopped['rows']} of {budget} queries "
+                        f"spent, state saved in {out}: the same command with --resume continues exactly where it "
+                        "stopped, without paying twice")
+    assert not list(out.glob(".*.tmp")) and not list((out / "checkpoints").glob(".*.tmp"))
+    p = subprocess.run([*kd_cmd("kd-gen-queries"), *args, "-o", str(out), "--resume"], env=env, capture_output=True)
     assert p.returncode == 0, p.stderr.decode()
     after = log_info(out / "queries.h5")
-    assert after["spent"] <= budget and after["spent"] - stopped["spent"] == after["rows"] - stopped["rows"]
+    assert after["spent"] == budget and after["spent"] - stopped["spent"] == after["rows"] - stopped["rows"]
+    p = subprocess.run([*kd_cmd("kd-gen-queries"), *args, "-o", str(tmp_path / "whole")], env=env, capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()
+    with h5py.File(tmp_path / "whole" / "queries.h5", "r") as a, h5py.File(out / "queries.h5", "r") as b:
+        for name in ("x", "label", "batch_rows"):
+            assert np.array_equal(a[name][:], b[name][:]), name
+    whole, resumed = (load_model(d / "substitute.safetensors").module.state_dict() for d in (tmp_path / "whole", out))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_stop_inside_the_final_epochs_resumes_from_before_them(victim_path, tmp_path):
+    # --final-epochs 3: a stop after the first one keeps the state saved before them; the resume trains all three
+    # again and ends with the substitute of the uninterrupted run
+    def attack(out, resume=False, progress=lambda e: None):
+        opts = AttackOptions("ideal", "probs", 150, "lenet5-half", batch_size=50, state_every=0, final_epochs=3)
+        return IDEAL(open_oracle(str(victim_path), torch.device("cpu")), opts, IDEALConfig(g_steps=1), AttackRun(out),
+                     torch.device("cpu"), progress=progress, resume=resume)
+
+    whole = attack(tmp_path / "whole").run_attack()
+    seen = []
+    stopped = attack(tmp_path / "parts", progress=lambda e: seen.append(e.task)).run_attack(
+        stop_requested=lambda: "final training" in seen)
+    assert stopped.status == "stopped" and stopped.spent == 150 and seen.count("final training") == 1
+    assert not (tmp_path / "parts" / "substitute.safetensors").exists()  # nothing half-trained is kept
+    resumed = attack(tmp_path / "parts", resume=True).run_attack()
+    assert whole.status == resumed.status == "budget_spent" and resumed.paid_this_run == 0
+    a, b = (load_model(d / "substitute.safetensors").module.state_dict() for d in (tmp_path / "whole", tmp_path / "parts"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_generator_mode_pipes_into_kd_query_and_kd_distill(victim_path, tmp_path):

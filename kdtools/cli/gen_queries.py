@@ -15,8 +15,8 @@ from ..queries import dataset_batches, noise_batches
 from ..stream import StreamHeader, fields_of
 from ..weights import load_model, parse_shape
 from .query import ApiKeyEnvOption, MaxBatchOption, RateLimitOption, RetriesOption, TimeoutOption, WireOption, remote_options, warn_http_only
-from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, check_paths, data_root, info, make_app, open_sink,
-                      oracle_files, parse_arch_args, run_app, stderr, warn)
+from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, StopsAtBoundaries, check_paths, data_root, info,
+                      make_app, open_sink, oracle_files, parse_arch_args, run_app, stderr, warn)
 
 app = make_app("Synthesise queries: noise, public data, the data-free attacks TandemGAN, DFME and IDEAL, AEDM (a steered diffusion "
                "prior), or CAKE (white-box: samples diffused towards a teacher's decision boundaries).\n\n"
@@ -263,7 +263,19 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
                  f"in the log reused, {attack.oracle.spent} of {c['budget']} queries spent"
                  + (f"; the substitute first learns from the {counted(pending, 'answer')} paid after its last saved state"
                     if pending else ""))
-        result = attack.run_attack()
+        if client is None:
+            # Ctrl-C and SIGTERM wait for the iteration under way: the state is then saved between two iterations,
+            # and a --resume from it is query for query the uninterrupted run. A second Ctrl-C stops at once (the
+            # answers paid are kept either way). Not under torchrun: the clients would stop at different rounds.
+            with StopsAtBoundaries() as stops:
+                result = attack.run_attack(stop_requested=stops.requested)
+                if result.status == "stopped":
+                    STOP_HINT["text"] = (f"stopped after iteration {result.iterations}, {result.spent} of {result.budget} "
+                                         f"queries spent, state saved in {run.dir}: the same command with --resume "
+                                         "continues exactly where it stopped, without paying twice")
+                    stops.stop()
+        else:
+            result = attack.run_attack()
     line = (f"kd-gen-queries {method}: {result.spent} oracle calls spent of {result.budget} ({result.paid_this_run} in this run, "
             f"{result.reused_rows} reused from the log), {result.iterations} iterations in {result.seconds:.1f} s")
     if result.learned_late:

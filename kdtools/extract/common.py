@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -78,7 +78,7 @@ class AttackResult:
     paid_this_run: int
     reused_rows: int  # answers from the log reused on --resume (paid earlier, not asked again)
     iterations: int
-    status: str  # "budget_spent" | "already_finished" (a --resume of a finished attack)
+    status: str  # "budget_spent" | "already_finished" (a --resume of a finished attack) | "stopped" (stop_requested)
     seconds: float
     final_loss: float = float("nan")
     accuracy: Optional[float] = None  # on --eval-data, measured in this run (None without --eval-data)
@@ -454,13 +454,24 @@ class Attack:
         return answer["label"] if "label" in answer else answer["probs"]
 
     # --- the loop -----------------------------------------------------------------------------------
-    def run_attack(self) -> AttackResult:
+    def run_attack(self, stop_requested: Optional[Callable[[], bool]] = None) -> AttackResult:
+        """Run until the budget is spent. ``stop_requested`` (a caller that defers Ctrl-C and SIGTERM, e.g. the CLI's
+        StopsAtBoundaries) is polled between two iterations: when it says stop, the state is saved right there and
+        the result's status is "stopped". A state saved between iterations holds everything the next one needs
+        (learned_rows == rows), so a --resume from it continues query for query as the uninterrupted run. It is
+        polled between the final epochs too (--final-epochs): a stop there keeps the state saved before them, and
+        the resume trains them all again."""
         t0 = time.perf_counter()
         status = "budget_spent"
         ran = False
         # answers of the log that the saved substitute never learned from (paid after its last state): first
         caught_up = self.catch_up()
+        stop = stop_requested or (lambda: False)
         while self.oracle.remaining > 0:
+            if stop():
+                self._save_state()
+                self.log.close()
+                return self._stopped(t0)
             ran = True
             try:
                 self.iteration()
@@ -476,7 +487,11 @@ class Attack:
         try:
             if status != "already_finished":
                 if self.options.final_epochs > 0 and len(self.pool):
-                    self.final_training()
+                    # the state before the final epochs: a stop inside them resumes from here and trains them again
+                    # (the substitute they leave half-trained is not saved)
+                    self._save_state()
+                    if stop() or not self.final_training(stop):
+                        return self._stopped(t0)
                 self._checkpoint(final=True, changed=bool(caught_up))
                 self.save_outputs()
                 self._save_state(finished=True)
@@ -486,6 +501,12 @@ class Attack:
         return AttackResult(self.method, self.options.mode, self.options.budget, self.log_spent, self.pool.n,
                             self.paid_this_run, self.reused_rows, self.iterations, status, time.perf_counter() - t0,
                             self.last_loss, acc, self.history, learned_late=self.learned_late)
+
+    def _stopped(self, t0: float) -> AttackResult:
+        """The result of a run that stop_requested ended (its state already saved; run_attack closes the log)."""
+        return AttackResult(self.method, self.options.mode, self.options.budget, self.log_spent, self.pool.n,
+                            self.paid_this_run, self.reused_rows, self.iterations, "stopped", time.perf_counter() - t0,
+                            self.last_loss, self.measured_accuracy, self.history, learned_late=self.learned_late)
 
     # --- answers not yet learned from -----------------------------------------------------------------
     def substitute_optimizer(self):
@@ -557,8 +578,9 @@ class Attack:
         optimizer.step()
         return loss.item()
 
-    def final_training(self) -> None:
-        """Epochs over every paid answer after the budget is spent (no queries), cosine-decayed learning rate."""
+    def final_training(self, stop_requested: Callable[[], bool] = lambda: False) -> bool:
+        """Epochs over every paid answer after the budget is spent (no queries), cosine-decayed learning rate.
+        Returns False when ``stop_requested`` ended it between two epochs (True when all were trained)."""
         opts = self.options
         opt = make_optimizer(opts.final_optimizer, self.substitute.parameters(), opts.final_lr)
         steps = opts.final_epochs * math.ceil(self.pool.n / opts.batch_size)
@@ -572,6 +594,9 @@ class Attack:
                 sched.step()
             self.last_loss = total / max(1, count)
             self.progress(ProgressEvent("final training", epoch + 1, opts.final_epochs, {"loss": self.last_loss}))
+            if epoch + 1 < opts.final_epochs and stop_requested():
+                return False
+        return True
 
     def evaluate(self) -> Optional[float]:
         if self.eval_set is None:
