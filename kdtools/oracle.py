@@ -752,7 +752,11 @@ class ExecOracle(Oracle):
         self.input_shape = tuple(int(v) for v in input_shape)
         self.stderr_tail: deque = deque(maxlen=20)
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            # a session of its own: a Ctrl-C at the terminal reaches only our process, which finishes the batch or
+            # iteration under way with this oracle still answering, then closes it (its input ends); a child in
+            # our process group would die with the Ctrl-C and fail that batch
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                         start_new_session=True)
         except FileNotFoundError:
             raise KdError(f"{self.where}: command not found") from None
         except OSError as e:

@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import h5py
@@ -253,26 +254,15 @@ def test_a_stop_waits_for_the_iteration_and_resume_is_the_uninterrupted_run(vict
     # the state is saved there, one line says so; --resume then writes the very log and substitute the
     # uninterrupted attack writes (before, a stop left a state up to --state-every old and the answers after it
     # were learned out of turn on resume)
-    out, budget = tmp_path / "att", 1000
+    out, budget = tmp_path / "att", 2000
     args = ["ideal", "--oracle", str(victim_path), "--budget", str(budget), "--batch-size", "100", "--g-steps", "3",
             "--substitute", "lenet5-half", "--checkpoint-every", "100", "--state-every", "60", "-q"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*kd_cmd("kd-gen-queries"), *args, "-o", str(out)], env=env, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list((out / "checkpoints").glob("*.safetensors")):
-        time.sleep(0.1)
-    assert proc.poll() is None, "the attack ended before it could be stopped: " + proc.stderr.read().decode()
-    proc.send_signal(signum)
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=60) == code
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    stopped = log_info(out / "queries.h5")
+    stopped = _stop_after_first_checkpoint([*kd_cmd("kd-gen-queries"), *args, "-o", str(out)], env, out, signum, code)
     assert 0 < stopped["rows"] < budget and stopped["rows"] % 100 == 0  # at an iteration's end, not inside one
-    iterations = stopped["rows"] // 100
-    assert lines[0] == (f"error: {what}; stopped after iteration {iterations}, {stopped['rows']} of {budget} queries "
-                        f"spent, state saved in {out}: the same command with --resume continues exactly where it "
-                        "stopped, without paying twice")
+    assert stopped["line"] == (f"error: {what}; stopped after iteration {stopped['rows'] // 100} ({stopped['rows']} of "
+                               f"{budget} queries spent, every answer in {out / 'queries.h5'}), its state saved in {out}: "
+                               "the same command with --resume continues from there without paying twice")
     assert not list(out.glob(".*.tmp")) and not list((out / "checkpoints").glob(".*.tmp"))
     p = subprocess.run([*kd_cmd("kd-gen-queries"), *args, "-o", str(out), "--resume"], env=env, capture_output=True)
     assert p.returncode == 0, p.stderr.decode()
@@ -287,11 +277,43 @@ def test_a_stop_waits_for_the_iteration_and_resume_is_the_uninterrupted_run(vict
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def _stop_after_first_checkpoint(cmd, env, out, signum, code, group=False) -> dict:
+    """Start an attack, send it ``signum`` once its first checkpoint exists (to its whole process group, as a
+    terminal's Ctrl-C does, with ``group``), and return its log's figures and its one stderr line."""
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=group)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list((out / "checkpoints").glob("*.safetensors")):
+        time.sleep(0.1)
+    assert proc.poll() is None, "the attack ended before it could be stopped: " + proc.stderr.read().decode()
+    os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return {**log_info(out / "queries.h5"), "line": lines[0]}
+
+
+def test_ctrl_c_at_the_terminal_leaves_an_exec_oracle_answering_until_the_iteration_ends(victim_path, tmp_path):
+    # a terminal's Ctrl-C goes to the whole foreground process group: the exec: oracle's command runs in a session
+    # of its own, so it does not die with it and the iteration under way still gets its answers
+    out = tmp_path / "att"
+    oracle = f"exec:{sys.executable} -m kdtools.cli.query {victim_path} --mode label -q"
+    cmd = [*kd_cmd("kd-gen-queries"), "ideal", "--oracle", oracle, "--input-shape", "1x28x28", "--mode", "label",
+           "--budget", "2000", "--batch-size", "100", "--g-steps", "3", "--substitute", "lenet5-half",
+           "--checkpoint-every", "100", "-q", "-o", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    stopped = _stop_after_first_checkpoint(cmd, env, out, signal.SIGINT, 130, group=True)
+    assert stopped["line"].startswith("error: interrupted; stopped after iteration "), stopped["line"]
+    assert stopped["rows"] % 100 == 0 and stopped["rows"] == stopped["spent"]
+
+
 def test_a_stop_inside_the_final_epochs_resumes_from_before_them(victim_path, tmp_path):
-    # --final-epochs 3: a stop after the first one keeps the state saved before them; the resume trains all three
-    # again and ends with the substitute of the uninterrupted run
+    # --final-epochs 3: a stop after the first one keeps the state saved just before them (no other state is saved
+    # here: --state-every and --checkpoint-every are out of reach); the resume trains all three again and ends with
+    # the substitute of the uninterrupted run
     def attack(out, resume=False, progress=lambda e: None):
-        opts = AttackOptions("ideal", "probs", 150, "lenet5-half", batch_size=50, state_every=0, final_epochs=3)
+        opts = AttackOptions("ideal", "probs", 150, "lenet5-half", batch_size=50, state_every=1e9,
+                             checkpoint_every=10 ** 6, final_epochs=3)
         return IDEAL(open_oracle(str(victim_path), torch.device("cpu")), opts, IDEALConfig(g_steps=1), AttackRun(out),
                      torch.device("cpu"), progress=progress, resume=resume)
 
@@ -299,7 +321,7 @@ def test_a_stop_inside_the_final_epochs_resumes_from_before_them(victim_path, tm
     seen = []
     stopped = attack(tmp_path / "parts", progress=lambda e: seen.append(e.task)).run_attack(
         stop_requested=lambda: "final training" in seen)
-    assert stopped.status == "stopped" and stopped.spent == 150 and seen.count("final training") == 1
+    assert stopped.status == "stopped_in_final_epochs" and stopped.spent == 150 and seen.count("final training") == 1
     assert not (tmp_path / "parts" / "substitute.safetensors").exists()  # nothing half-trained is kept
     resumed = attack(tmp_path / "parts", resume=True).run_attack()
     assert whole.status == resumed.status == "budget_spent" and resumed.paid_this_run == 0

@@ -269,10 +269,16 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
             # answers paid are kept either way). Not under torchrun: the clients would stop at different rounds.
             with StopsAtBoundaries() as stops:
                 result = attack.run_attack(stop_requested=stops.requested)
+                unit = "round" if method == "aedm" else "iteration"
                 if result.status == "stopped":
-                    STOP_HINT["text"] = (f"stopped after iteration {result.iterations}, {result.spent} of {result.budget} "
-                                         f"queries spent, state saved in {run.dir}: the same command with --resume "
-                                         "continues exactly where it stopped, without paying twice")
+                    STOP_HINT["text"] = (f"stopped after {unit} {result.iterations} ({result.spent} of {result.budget} queries "
+                                         f"spent, every answer in {run.log_path}), its state saved in {run.dir}: the same "
+                                         "command with --resume continues from there without paying twice")
+                    stops.stop()
+                elif result.status == "stopped_in_final_epochs":
+                    STOP_HINT["text"] = (f"stopped in the final epochs (all {result.spent} queries spent, every answer in "
+                                         f"{run.log_path}), its state from before them saved in {run.dir}: the same command "
+                                         "with --resume trains the final epochs again, without a query")
                     stops.stop()
         else:
             result = attack.run_attack()

@@ -78,7 +78,9 @@ class AttackResult:
     paid_this_run: int
     reused_rows: int  # answers from the log reused on --resume (paid earlier, not asked again)
     iterations: int
-    status: str  # "budget_spent" | "already_finished" (a --resume of a finished attack) | "stopped" (stop_requested)
+    # "budget_spent" | "already_finished" (a --resume of a finished attack) | "stopped" (stop_requested, between two
+    # iterations) | "stopped_in_final_epochs" (stop_requested, between two final epochs; the state is from before them)
+    status: str
     seconds: float
     final_loss: float = float("nan")
     accuracy: Optional[float] = None  # on --eval-data, measured in this run (None without --eval-data)
@@ -469,8 +471,10 @@ class Attack:
         stop = stop_requested or (lambda: False)
         while self.oracle.remaining > 0:
             if stop():
-                self._save_state()
-                self.log.close()
+                try:
+                    self._save_state()
+                finally:
+                    self.log.close()
                 return self._stopped(t0)
             ran = True
             try:
@@ -490,8 +494,10 @@ class Attack:
                     # the state before the final epochs: a stop inside them resumes from here and trains them again
                     # (the substitute they leave half-trained is not saved)
                     self._save_state()
-                    if stop() or not self.final_training(stop):
+                    if stop():
                         return self._stopped(t0)
+                    if not self.final_training(stop):
+                        return self._stopped(t0, "stopped_in_final_epochs")
                 self._checkpoint(final=True, changed=bool(caught_up))
                 self.save_outputs()
                 self._save_state(finished=True)
@@ -502,10 +508,10 @@ class Attack:
                             self.paid_this_run, self.reused_rows, self.iterations, status, time.perf_counter() - t0,
                             self.last_loss, acc, self.history, learned_late=self.learned_late)
 
-    def _stopped(self, t0: float) -> AttackResult:
-        """The result of a run that stop_requested ended (its state already saved; run_attack closes the log)."""
+    def _stopped(self, t0: float, status: str = "stopped") -> AttackResult:
+        """The result of a run that stop_requested ended (its state already saved; the log is closed by the caller)."""
         return AttackResult(self.method, self.options.mode, self.options.budget, self.log_spent, self.pool.n,
-                            self.paid_this_run, self.reused_rows, self.iterations, "stopped", time.perf_counter() - t0,
+                            self.paid_this_run, self.reused_rows, self.iterations, status, time.perf_counter() - t0,
                             self.last_loss, self.measured_accuracy, self.history, learned_late=self.learned_late)
 
     # --- answers not yet learned from -----------------------------------------------------------------
@@ -645,6 +651,9 @@ class Attack:
             "iterations": self.iterations, "spent": self.oracle.spent, "rows": self.pool.n,
             "learned_rows": self.learned_rows,
             "substitute": self.substitute.state_dict(), "substitute_spec": self._substitute_spec(), "rng": torch.get_rng_state(),
+            # the methods draw their noise on the device: on a GPU that is the CUDA generator, which torch.manual_seed
+            # resets on resume (without it a resumed run would draw the noise of its first iterations again)
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "history": self.history, "last_loss": float(self.last_loss), "method_state": self.state(),
         }
         self.run.save_state(state)
@@ -677,6 +686,8 @@ class Attack:
             self.history = list(state["history"])
             self.last_loss = float(state["last_loss"])
             torch.set_rng_state(state["rng"])
+            if state.get("cuda_rng") is not None and self.device.type == "cuda":  # (a state saved on the CPU has none)
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
             self.finished_before = bool(state.get("finished"))
         # the log, not the state, says what was paid: rows logged after the last state are reused too, and
         # since the saved substitute never learned from them, run_attack trains on them first (catch_up)
