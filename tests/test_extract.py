@@ -329,6 +329,27 @@ def test_a_stop_inside_the_final_epochs_resumes_from_before_them(victim_path, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_resume_on_a_gpu_continues_the_cuda_generator(victim_path, tmp_path):
+    # the methods draw their noise on the device; torch.manual_seed (every start) resets the CUDA generator, so
+    # the resume state carries it, or a resumed run would draw its first iterations' noise again
+    cuda = torch.device("cuda")
+
+    def attack(budget, resume=False):
+        opts = AttackOptions("ideal", "probs", budget, "lenet5-half", batch_size=50, state_every=0)
+        return IDEAL(open_oracle(str(victim_path), cuda), opts, IDEALConfig(g_steps=1), AttackRun(tmp_path / "run"), cuda,
+                     resume=resume)
+
+    attack(100).run_attack()
+    saved = torch.load(tmp_path / "run" / "state.pt", weights_only=True)["cuda_rng"]
+    fresh = torch.cuda.get_rng_state(cuda)
+    torch.manual_seed(0)
+    assert not torch.equal(saved, torch.cuda.get_rng_state(cuda)) and torch.equal(saved, fresh)
+    resumed = attack(200, resume=True)
+    assert torch.equal(torch.cuda.get_rng_state(cuda), saved)
+    resumed.log.close()
+
+
 def test_generator_mode_pipes_into_kd_query_and_kd_distill(victim_path, tmp_path):
     out = tmp_path / "att"
     kd("kd-gen-queries", "ideal", "--oracle", victim_path, "--budget", 100, "--batch-size", 50, "--g-steps", 1,
