@@ -35,6 +35,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# kdtools is imported here, at the start, and the attacks run with PYTHONPATH set to this checkout: a benchmark runs
+# for hours, and a module imported late, or a subprocess started from another directory, could come from a checkout
+# edited meanwhile, next to this process's old copies (session 24's record step failed so, with an ImportError)
+import torch  # noqa: E402
+
+from kdtools.data import load_dataset  # noqa: E402
+from kdtools.evaluate import evaluate_accuracy  # noqa: E402
+from kdtools.h5store import log_info  # noqa: E402
+from kdtools.weights import load_model, read_metadata  # noqa: E402
+
+# the environment of every command this benchmark starts: this checkout's kdtools first
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+
 TARGETS = {
     # name: (dataset, mode, budget, goal %, paper figure)
     "mnist-label": ("mnist", "label", 25_000, 97.0, "IDEAL 96.32 / DFME 62.86 @ 25 K"),
@@ -71,8 +84,6 @@ POST_TRAIN_ARGS = ["--epochs", "30", "--optimizer", "adam", "--lr", "1e-3", "--b
 
 def finished(weights: Path) -> bool:
     """kd-distill rewrites its output after every epoch: only a file with every epoch done is a result."""
-    from kdtools.weights import read_metadata
-
     if not weights.exists():
         return False
     meta = read_metadata(weights)
@@ -91,7 +102,7 @@ def sh(cmd: list[str], log: Path) -> float:
         f.write(("$ " + shlex.join(cmd) + "\n").encode())
         f.flush()
         p = subprocess.run(["nice", "-n", "10", *cmd], stdout=f, stderr=subprocess.STDOUT,
-                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+                           env={**CHILD_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     if p.returncode != 0:
         raise SystemExit(f"failed ({p.returncode}): {shlex.join(cmd)}; see {log}")
     return time.time() - t0
@@ -112,11 +123,6 @@ def victim(dataset: str, given: str | None, work: Path, epochs: int) -> Path:
 
 
 def test_accuracy(weights: Path, dataset: str) -> float:
-    from kdtools.data import load_dataset
-    from kdtools.evaluate import evaluate_accuracy
-    from kdtools.weights import load_model
-    import torch
-
     loaded = load_model(weights)
     ds = load_dataset(dataset, "test", Path(os.environ["KD_DATA"]) / "vision")
     return evaluate_accuracy(loaded.module, str(weights), loaded.input_shape, ds, torch.device("cpu")).accuracy
@@ -124,8 +130,6 @@ def test_accuracy(weights: Path, dataset: str) -> float:
 
 def record(results: Path, row: dict, weights: Path, out: Path) -> None:
     """Score ``weights`` on the test split, count the log's real oracle calls, append the row, say it."""
-    from kdtools.h5store import log_info
-
     acc = test_accuracy(weights, row["dataset"])
     li = log_info(out / "queries.h5")
     row = {**row, "oracle_calls": li["spent"], "rows": li["rows"], "accuracy": acc, "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -196,7 +200,7 @@ def main() -> None:
                 (work / "serve" / "port").unlink(missing_ok=True)
                 # a fixed port: the log records the oracle by its URL, so a resumed or repeated run must find
                 # the victim at the same address
-                server, oracle = start_server(vpath, work / "serve", dict(os.environ), args.http_port)
+                server, oracle = start_server(vpath, work / "serve", dict(CHILD_ENV), args.http_port)
                 atexit.register(server.terminate)  # also when an attack fails part-way
             for method in [m for m in METHODS_FOR[mode] if m in args.methods]:
                 out = work / (f"{name}-{method}-{budget}" + "".join(f"-{t}" for t in tags))
