@@ -131,12 +131,12 @@ def run_queries(source: SampleSource, oracle: Oracle, mode: str, budget: Optiona
             stats.spent_total = spent
             stats.seconds = time.perf_counter() - t0
             if budget == 0:
-                raise BudgetExhausted(f"--budget 0 pays for nothing: answered {stats.answered} queries from the log; the other "
+                raise BudgetExhausted(f"--budget 0 pays for nothing: answered {counted(stats.answered, 'query', 'queries')} from the log; the other "
                                       f"{rest - paid_rows} of the current batch and any input after it are not in the log "
                                       "(in this order) and were not asked; everything answered is kept; a --budget above the "
                                       f"{spent} queries the log spent pays for them")
             where = f" (recorded in {log.path}; --budget N sets a new one)" if budget_from_log else ""
-            raise BudgetExhausted(f"query budget of {budget}{where} reached: answered {stats.answered} queries in this run "
+            raise BudgetExhausted(f"query budget of {budget}{where} reached: answered {counted(stats.answered, 'query', 'queries')} in this run "
                                   f"({stats.paid} paid, {stats.replayed} from the log); the other {rest - paid_rows} of the "
                                   "current batch and any input after it are unanswered; everything answered is kept"
                                   + ("; a larger --budget with the same --log goes on without paying twice" if log else ""))

@@ -16,7 +16,7 @@ from typing import BinaryIO, Iterator, Optional
 import torch
 
 from . import h5store
-from .errors import KdError, KdUsageError
+from .errors import KdError, KdUsageError, counted
 from .fileio import sniff
 from .stream import StreamHeader, StreamReader, fields_of
 
@@ -208,7 +208,7 @@ def partial_rows(partial: Path, generator: dict, resume: bool, ignore: tuple = (
         return 0
     rows = h5store.log_info(partial)["rows"]
     if not resume:
-        raise KdUsageError(f"{partial} holds {rows} samples of a run that was stopped: the same command with --resume "
+        raise KdUsageError(f"{partial} holds {counted(rows, 'sample')} of a run that was stopped: the same command with --resume "
                            "continues it; delete the file to start over")
     made = h5store.read_header(partial).extra.get("generator") or {}
     wanted = json.loads(json.dumps(generator, default=str))  # as the header stores it: tuples become lists

@@ -465,10 +465,13 @@ def test_state_method_is_used_when_method_is_not_given(crowd, tmp_path, agg):
     one_error_line(agg(crowd / "labels.csv", "--state", state, "--method", "bila"), 1, "holds a ds state")
 
 
-def test_summary_counts_task_labels_and_crowd_labels(crowd, agg):
+def test_summary_counts_task_labels_and_crowd_labels(crowd, agg, tmp_path):
     r = agg(crowd / "labels.csv", "--method", "mv")
     assert r.returncode == 0
-    assert "kd-aggregate: 1 chunk(s), 40 task labels written from 200 crowd labels" in r.stderr, r.stderr
+    assert "kd-aggregate: 1 chunk, 40 task labels written from 200 crowd labels" in r.stderr, r.stderr
+    # the counts take the number they need: one chunk in the state, not "1 chunks"
+    r = agg(crowd / "labels.csv", "--method", "mv", "--state", tmp_path / "s.state")
+    assert r.returncode == 0 and "; state: 1 chunk, 40 tasks, " in r.stderr, r.stderr
 
 
 def test_a_bad_input_error_is_raised_as_kderror():

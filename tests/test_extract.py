@@ -352,8 +352,9 @@ def test_resume_on_a_gpu_continues_the_cuda_generator(victim_path, tmp_path):
 
 def test_generator_mode_pipes_into_kd_query_and_kd_distill(victim_path, tmp_path):
     out = tmp_path / "att"
-    kd("kd-gen-queries", "ideal", "--oracle", victim_path, "--budget", 100, "--batch-size", 50, "--g-steps", 1,
-       "--substitute", "lenet5-half", "-o", out, "-q", check=True)
+    p = kd("kd-gen-queries", "ideal", "--oracle", victim_path, "--budget", 100, "--batch-size", 100, "--g-steps", 1,
+           "--substitute", "lenet5-half", "-o", out, "-q", check=True)
+    assert b"(100 in this run, 0 reused from the log), 1 iteration in " in p.stderr, p.stderr.decode()
     gen = subprocess.Popen([*kd_cmd("kd-gen-queries"), "ideal", "--generator", str(out / "generator.safetensors"), "-n", "70",
                             "--batch-size", "32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -517,12 +517,13 @@ def aggregate(
     STOP_HINT["text"] = ""
     if not quiet:
         # "state:" only when there is one; otherwise the counts are this run's alone
-        written = (f"{n_rows_out} task labels written (every task seen so far)" if relabel_all and not n_chunks else
-                   f"{n_rows_out} task labels written" + (" (every task seen so far)" if relabel_all else "")
-                   + f" from {n_crowd} crowd labels")
-        msg = (f"kd-aggregate: {n_chunks} chunk(s), {written}; "
-               + (f"state: {main_agg.chunks} chunks, " if state else "")
-               + f"{len(main_agg.tasks)} tasks, {len(main_agg.workers)} workers, {len(main_agg.classes)} classes")
+        labels = counted(n_rows_out, "task label") + " written"
+        written = (f"{labels} (every task seen so far)" if relabel_all and not n_chunks else
+                   labels + (" (every task seen so far)" if relabel_all else "") + f" from {counted(n_crowd, 'crowd label')}")
+        msg = (f"kd-aggregate: {counted(n_chunks, 'chunk')}, {written}; "
+               + (f"state: {counted(main_agg.chunks, 'chunk')}, " if state else "")
+               + f"{counted(len(main_agg.tasks), 'task')}, {counted(len(main_agg.workers), 'worker')}, "
+               + counted(len(main_agg.classes), "class", "classes"))
         if replaced:
             msg += f"; {replaced} repeated (task, worker) labels replaced by the later one"
         info(msg)

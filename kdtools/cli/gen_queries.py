@@ -259,7 +259,7 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
                                  f"substitute is kept in {Path(c['output']) / 'substitute.safetensors'}")
         if c["resume"] and attack.reused_rows:
             pending = attack.pending_at_resume
-            info(f"kd-gen-queries {method}: resuming {run.dir} at iteration {attack.iterations}: {attack.reused_rows} answers "
+            info(f"kd-gen-queries {method}: resuming {run.dir} at iteration {attack.iterations}: {counted(attack.reused_rows, 'answer')} "
                  f"in the log reused, {attack.oracle.spent} of {c['budget']} queries spent"
                  + (f"; the substitute first learns from the {counted(pending, 'answer')} paid after its last saved state"
                     if pending else ""))
@@ -283,7 +283,7 @@ def _attack(method: str, common: dict, config, make=None, substitute=None, clien
         else:
             result = attack.run_attack()
     line = (f"kd-gen-queries {method}: {result.spent} oracle calls spent of {result.budget} ({result.paid_this_run} in this run, "
-            f"{result.reused_rows} reused from the log), {result.iterations} iterations in {result.seconds:.1f} s")
+            f"{result.reused_rows} reused from the log), {counted(result.iterations, 'iteration')} in {result.seconds:.1f} s")
     if result.learned_late:
         line += f"; {counted(result.learned_late, 'answer')} learned after their round (interrupted, or cut short by the budget)"
     line += f"; wrote {run.substitute_path}"

@@ -103,7 +103,7 @@ def _run(orc, oracle: str, input, mode, budget, log, output, remote: RemoteOptio
         _close_log(writer, log, new_log, failed=True)
         raise
     if writer and writer.spent:
-        info(f"kd-query: resuming {log}: {writer.rows} answers logged, {writer.spent} queries spent"
+        info(f"kd-query: resuming {log}: {counted(writer.rows, 'answer')} logged, {counted(writer.spent, 'query', 'queries')} spent"
              + (f" of {limit}" if limit is not None else "")
              + (" (the budget recorded in the log)" if budget is None and limit is not None else ""))
     if writer:
