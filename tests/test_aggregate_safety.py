@@ -33,6 +33,7 @@ from test_aggregate_edges import ROOT, agg, keval, run_sub
 
 __all__ = ["agg", "keval"]  # the fixtures of test_aggregate_edges.py, used here by name
 
+from kdtools.errors import counted
 from kdtools.fileio import exclusive_use
 
 
@@ -125,7 +126,7 @@ def test_two_processes_on_one_state_never_lose_a_chunk(chunks, tmp_path):
         if code == 1:
             assert "another kd-aggregate run is using it" in err, err
     done = run_sub("kdtools.cli.aggregate", ["--state", state, "--relabel-all", "-o", tmp_path / "all.csv"])
-    assert f"state: {codes.count(0)} chunks" in done.stderr, (codes, done.stderr)
+    assert f"state: {counted(codes.count(0), 'chunk')}," in done.stderr, (codes, done.stderr)
 
 
 def test_a_diverging_zeta_is_an_error_before_anything_is_saved(agg, chunks, tmp_path):

@@ -217,17 +217,22 @@ def test_sigterm_during_sampling_says_what_is_kept(prior_dir, tmp_path):
     import os
     import signal
     import subprocess
-    import time
 
     from conftest import ROOT, kd_cmd
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([*kd_cmd("kd-diffstep"), "sample", str(prior_dir), "-n", "200000", "--batch-size", "20000",
                           "-o", str(tmp_path / "s.h5")], env=env, stderr=subprocess.PIPE)
-    time.sleep(10)  # started, past the imports, into sampling (the first batch alone takes longer)
+    # its first progress line says sampling has begun (the first batch alone takes longer); waiting for it, not
+    # for a fixed time, keeps the test right on a loaded machine, where the imports alone can take 10 s
+    seen = b""
+    while b"sampling" not in seen:
+        line = p.stderr.readline()
+        assert line, f"ended before sampling: {seen.decode()}"
+        seen += line
     assert p.poll() is None
     p.send_signal(signal.SIGTERM)
-    err = p.communicate(timeout=60)[1].decode()
+    err = (seen + p.communicate(timeout=60)[1]).decode()
     assert p.returncode == 143 and "nothing was written" in err and "run the command again" in err, err
     assert not (tmp_path / "s.h5").exists()
 
