@@ -27,23 +27,13 @@ from .. import __version__
 from ..device import resolve_device
 from ..errors import KdUsageError, counted
 from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, StopsAtBoundaries, check_paths, data_root,
-                      distributed_setup, info, make_app,
+                      distributed_setup, finish_distributed, info, make_app,
                       open_sink, png_path, progress_reporter, run_app, warn)
 
 app = make_app("Diffusion step distillation: train a teacher, distill it to any number of steps (SFDDM) or "
                "with a baseline, sample, compare.")
 
 TABULAR = ("swissroll",)
-
-
-
-
-def _finish_distributed(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _output_dir(output: str, force: bool, inputs=()):
@@ -252,7 +242,7 @@ def train(
         ckpt.unlink(missing_ok=True)  # the model is complete: nothing left to resume
         info(f"kd-diffstep train: wrote {out} ({steps} steps, loss {stats['loss']:.4f}, {stats['seconds']:.0f} s)"
              + (f"; resumed at step {resume_state['iter']}" if resume_state is not None else ""))
-    _finish_distributed(world)
+    finish_distributed(world)
 
 
 @app.command()
@@ -383,7 +373,7 @@ def distill(
                         else "")
         info(f"kd-diffstep distill: wrote {out}: {method}, {t.steps} -> {student.steps} steps ({secs:.0f} s of training)"
              + (f"; resumed at step {resume_state['iter']}{resumed_fold}" if resume_state is not None else ""))
-    _finish_distributed(world)
+    finish_distributed(world)
 
 
 @app.command()

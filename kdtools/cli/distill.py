@@ -21,7 +21,7 @@ from ..oracle import without_rejected
 from ..train import TrainConfig, data_normalization, load_checkpoint, targets_from, train
 from ..fileio import stream_descriptor
 from ..weights import load_model, save_model
-from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, check_paths, data_root, distributed_setup, info, make_app,
+from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, check_paths, data_root, distributed_setup, finish_distributed, info, make_app,
                       parse_arch_args, progress_bars, run_app, stdin_if, warn)
 
 app = make_app("Train a student from a query log / stream (default: stdin) or a classifier from --data.")
@@ -229,10 +229,7 @@ def distill(
             if last.eval_accuracy is not None:
                 line += f", test acc {100 * last.eval_accuracy:.2f} %"
         info(line)
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_distributed(world)
 
 
 def _same_file(a: Path, b: Optional[Path]) -> bool:

@@ -703,6 +703,9 @@ def _aedm_federated_rank(prior, common: dict, cfg, start, world: int) -> None:
                 client={"rank": rank, "budget": share, "log": log})
     finally:
         if dist.is_initialized():
+            import gc
+
+            gc.collect()  # as finish_distributed: free what holds the group while the interpreter is whole
             dist.destroy_process_group()
 
 
