@@ -15,8 +15,8 @@ from ..queries import dataset_batches, noise_batches
 from ..stream import StreamHeader, fields_of
 from ..weights import load_model, parse_shape
 from .query import ApiKeyEnvOption, MaxBatchOption, RateLimitOption, RetriesOption, TimeoutOption, WireOption, remote_options, warn_http_only
-from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, StopsAtBoundaries, check_paths, data_root, info,
-                      make_app, open_sink, oracle_files, parse_arch_args, run_app, stderr, warn)
+from ._common import (STOP_HINT, DataRootOption, DebugOption, DeviceOption, StopsAtBoundaries, check_paths, data_root,
+                      finish_distributed, info, make_app, open_sink, oracle_files, parse_arch_args, run_app, stderr, warn)
 
 app = make_app("Synthesise queries: noise, public data, the data-free attacks TandemGAN, DFME and IDEAL, AEDM (a steered diffusion "
                "prior), or CAKE (white-box: samples diffused towards a teacher's decision boundaries).\n\n"
@@ -702,11 +702,8 @@ def _aedm_federated_rank(prior, common: dict, cfg, start, world: int) -> None:
                 lambda **kw: _noted(make_aedm(prior, sync=DistributedAverage(str(out / "substitute.safetensors")), on_round=on_round, **kw), common["quiet"] or rank != 0), start,
                 client={"rank": rank, "budget": share, "log": log})
     finally:
-        if dist.is_initialized():
-            import gc
-
-            gc.collect()  # as finish_distributed: free what holds the group while the interpreter is whole
-            dist.destroy_process_group()
+        # no barrier: after a failure here another rank may never reach it (each rank stops on its own errors)
+        finish_distributed(world, wait=False)
 
 
 def _refuse_other_client_count(out: Path, world: int, resume: bool) -> None:
