@@ -567,6 +567,34 @@ def test_work_that_stops_at_step_boundaries_holds_signals_then_ignores_a_second_
         signal.signal(signal.SIGTERM, before)
 
 
+def test_work_that_stops_at_step_boundaries_reports_the_first_signal_and_stops_at_a_second_ctrl_c():
+    import os
+    import signal
+
+    from kdtools.cli._common import StopsAtBoundaries, Terminated, _raise_terminated
+
+    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        # SIGTERM (a scheduler) then one Ctrl-C: still a stop at the boundary, reported as the SIGTERM (exit 143),
+        # not as the Ctrl-C that came while waiting (it exited 130)
+        with pytest.raises(Terminated):
+            with StopsAtBoundaries() as stops:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+                assert stops.requested()
+                stops.stop()
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        # ... and a second Ctrl-C still stops at once, whatever came first
+        with pytest.raises(KeyboardInterrupt):
+            with StopsAtBoundaries():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+                raise AssertionError("the second Ctrl-C did not stop at once")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_help_into_a_reader_that_stops_early_exits_quietly():
     # `kd-query --help | head -1` printed "stdout was closed by the reader" and exited 1
     p = subprocess.Popen(kd_cmd("kd-query") + ["--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -67,15 +67,19 @@ class StopsAtBoundaries:
     while waiting stops at once, for work whose step never ends."""
 
     def __init__(self):
-        self.signum = None
+        self.signum = None  # the first signal: it says how the stop is reported (SIGTERM: exit 143, Ctrl-C: 130)
+        self.interrupts = 0
 
     def requested(self) -> bool:
         return self.signum is not None
 
     def _note(self, signum, frame) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts >= 2:
+                raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
 
     def __enter__(self):
         self.active = threading.current_thread() is threading.main_thread()
