@@ -189,6 +189,35 @@ def test_quota_exhaustion_keeps_the_log_and_never_writes_the_key(victim_path, qu
     assert SECRET.encode() not in p.stderr
 
 
+def test_same_answers_benchmark_finds_every_answer_of_an_http_log_in_the_model_file(victim_path, queries_path, tmp_path):
+    # benchmarks/same_answers.py is the check behind "the run through kd-serve is the file's run": it asks a log's
+    # queries again from the file, in the log's batches, and counts the answers that differ in any bit
+    import sys
+
+    from kdtools.weights import save_model
+
+    log = tmp_path / "http.h5"
+    with kd_serve(tmp_path, victim_path, "--mode", "probs") as (url, err):
+        kd("kd-query", url, queries_path, "--mode", "probs", "--log", log, "-o", tmp_path / "http.kds", check=True)
+
+    def check(model_file) -> list[str]:
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "same_answers.py"), str(log), str(model_file)],
+                           capture_output=True, text=True, env=ENV)
+        assert r.returncode == 0, r.stderr
+        return [c.strip() for c in r.stdout.splitlines()[-1].strip("|").split("|")]
+
+    row = check(victim_path)
+    assert row[3:6] == ["600", "6", "0"]  # rows asked again, batches (the query file's 100 each), answers different
+    # it can fail: a victim whose class-0 output bias moved by 0.01 gives other probabilities for every row
+    loaded = load_model(victim_path)
+    with torch.no_grad():
+        list(loaded.module.parameters())[-1][0] += 0.01
+    other = tmp_path / "other.safetensors"
+    save_model(loaded.module, other, {"made_by": "tests"})
+    row = check(other)
+    assert row[3] == "600" and row[5] == "600" and 0 < float(row[6]) < 0.01
+
+
 def test_entropy_defence_over_http(victim_path, tmp_path):
     write_queries(tmp_path / "noise.kds", (torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 255).round().to(torch.uint8))
     digits = load_dataset("digits", "test").x[:200]
