@@ -200,22 +200,23 @@ def test_same_answers_benchmark_finds_every_answer_of_an_http_log_in_the_model_f
     with kd_serve(tmp_path, victim_path, "--mode", "probs") as (url, err):
         kd("kd-query", url, queries_path, "--mode", "probs", "--log", log, "-o", tmp_path / "http.kds", check=True)
 
-    def check(model_file) -> list[str]:
+    def check(model_file, code: int) -> list[str]:
         r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "same_answers.py"), str(log), str(model_file)],
                            capture_output=True, text=True, env=ENV)
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == code, r.stderr
         return [c.strip() for c in r.stdout.splitlines()[-1].strip("|").split("|")]
 
-    row = check(victim_path)
-    assert row[3:6] == ["600", "6", "0"]  # rows asked again, batches (the query file's 100 each), answers different
+    # rows in the log, rows asked again, batches (the query file's 100 each), answers different
+    row = check(victim_path, 0)
+    assert row[3:7] == ["600", "600", "6", "0"]
     # it can fail: a victim whose class-0 output bias moved by 0.01 gives other probabilities for every row
     loaded = load_model(victim_path)
     with torch.no_grad():
         list(loaded.module.parameters())[-1][0] += 0.01
     other = tmp_path / "other.safetensors"
     save_model(loaded.module, other, {"made_by": "tests"})
-    row = check(other)
-    assert row[3] == "600" and row[5] == "600" and 0 < float(row[6]) < 0.01
+    row = check(other, 1)
+    assert row[4] == "600" and row[6] == "600" and 0 < float(row[7]) < 0.01
 
 
 def test_entropy_defence_over_http(victim_path, tmp_path):

@@ -68,12 +68,15 @@ class StopsAtBoundaries:
 
     def __init__(self):
         self.signum = None  # the first signal: it says how the stop is reported (SIGTERM: exit 143, Ctrl-C: 130)
-        self.interrupts = 0
+        self.interrupts = 0  # a second Ctrl-C stops at once (130), whatever came first
+        self.terminated = False  # a SIGTERM came (first or not): another one is then ignored
 
     def requested(self) -> bool:
         return self.signum is not None
 
     def _note(self, signum, frame) -> None:
+        if signum == signal.SIGTERM:
+            self.terminated = True
         if signum == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts >= 2:
@@ -91,7 +94,7 @@ class StopsAtBoundaries:
         if self.active:
             for s, handler in self.previous.items():
                 signal.signal(s, handler)
-            if self.signum == signal.SIGTERM:
+            if self.terminated:
                 # as _raise_terminated: one is enough; a second (a scheduler and torchrun both forwarding one) must
                 # not interrupt the one-line report of the first
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
